@@ -1,0 +1,117 @@
+"""Flags that every experiment shares (same names everywhere), and the one-line-error entry point.
+
+Importing this module defines the flags; experiments add their own beside them and turn the parsed
+values into typed configs with the `*_config()` helpers.
+"""
+
+import ast
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+
+from bigjax import metrics
+from bigjax import optim
+from bigjax import train
+from bigjax.errors import UserError
+
+# What and where.
+MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
+MODEL_OVERRIDES = flags.DEFINE_multi_string(
+    "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
+DATASET = flags.DEFINE_string("dataset", None, "TFDS data set name.")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and metrics.jsonl. "
+                              "Rerunning with the same workdir resumes.")
+# How long and how much.
+NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Optimizer steps.", lower_bound=1)
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size (over all devices and processes).",
+                                  lower_bound=1)
+SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and data order.")
+MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1",
+                           "Device mesh as axis:size pairs over data, fsdp, tensor; -1 takes the rest.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+# Optimizer.
+OPTIMIZER = flags.DEFINE_enum("optimizer", "adamw", list(optim.OPTIMIZERS), "Optimizer.")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+SCHEDULE = flags.DEFINE_enum("schedule", "warmup_cosine", list(optim.SCHEDULES), "Learning-rate schedule.")
+WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.", lower_bound=0)
+WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (matrices only).")
+GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Clip gradients to this global norm; 0 disables.")
+MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum; first-moment decay b1 of adamw and lion.")
+NESTEROV = flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
+# Logging, evaluation, checkpoints.
+LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Log train metrics every N steps.", lower_bound=1)
+EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Evaluate every N steps (and at the end).", lower_bound=1)
+EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "Batches per evaluation (a fixed random sample); "
+                                    "0 evaluates the whole split.", lower_bound=0)
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every N steps (and at the end); "
+                                        "0 saves only at the end.", lower_bound=0)
+KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.", lower_bound=1)
+
+
+def train_config() -> train.TrainConfig:
+  return train.TrainConfig(
+      workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
+      log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
+      keep_checkpoints=KEEP_CHECKPOINTS.value)
+
+
+def optim_config() -> optim.OptimConfig:
+  return optim.OptimConfig(
+      optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value, schedule=SCHEDULE.value,
+      warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value,
+      momentum=MOMENTUM.value, nesterov=NESTEROV.value)
+
+
+def model_overrides() -> dict:
+  """--model_override name=value pairs, values parsed as Python literals where they are one,
+  plus --dtype and --param_dtype."""
+  overrides = {"dtype": DTYPE.value, "param_dtype": PARAM_DTYPE.value}
+  for item in MODEL_OVERRIDES.value:
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise UserError(f"--model_override={item!r} must look like name=value")
+    try:
+      overrides[name.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      overrides[name.strip()] = value.strip()
+  return overrides
+
+
+def require(*required: flags.FlagHolder) -> None:
+  missing = [f"--{holder.name}" for holder in required if holder.value in (None, "")]
+  if missing:
+    raise UserError(f"missing required flag(s) {', '.join(missing)}")
+
+
+def log_devices() -> None:
+  metrics.console(f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
+                  f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+                  f"({jax.devices()[0].device_kind})")
+
+
+def _parse_flags_or_exit(argv):
+  """absl's parser, but a bad flag or flagfile is one line on stderr and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
+def run(main) -> None:
+  """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1."""
+  def guarded(argv):
+    # Orbax and TFDS log every action at INFO; show warnings and up unless --verbosity asks for more.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      main(argv)
+    except UserError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(1)
+  app.run(guarded, flags_parser=_parse_flags_or_exit)

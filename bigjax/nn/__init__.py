@@ -1,0 +1,1 @@
+"""Pure Flax Linen modules, one family per file; no training code lives here."""

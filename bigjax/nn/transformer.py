@@ -1,0 +1,161 @@
+"""Pre-LayerNorm Transformer blocks and the decoder-only language model."""
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigjax.nn import attention
+from bigjax.nn import position
+
+_ACTIVATIONS = {
+    "gelu": nn.gelu,  # tanh approximation, as GPT-2 uses
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Everything that shapes a Transformer; one instance configures every layer."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  num_kv_heads: int | None = None  # None: as many as num_heads (plain multi-head attention)
+  head_dim: int | None = None  # None: embed_dim // num_heads
+  position: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
+  rotary_base: float = 10_000.0
+  activation: str = "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-5
+  dtype: str = "float32"  # compute
+  param_dtype: str = "float32"  # storage
+
+  def __post_init__(self):
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                       "set head_dim explicitly")
+    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if self.position not in ("learned", "sinusoidal", "rotary", "none"):
+      raise ValueError(f"unknown position {self.position!r}: use learned, sinusoidal, rotary or none")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(_ACTIVATIONS)}")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def storage_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: Dense(mlp_dim), activation, Dense(embed_dim)."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, *, deterministic: bool = True):
+    cfg = self.config
+    init = nn.initializers.normal(stddev=0.02)
+    h_BTF = nn.Dense(
+        cfg.mlp_dim, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="wi",
+        kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BTD)
+    h_BTF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BTF), ("batch", "length", "act_mlp"))
+    return nn.Dense(
+        x_BTD.shape[-1], use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="wo",
+        kernel_init=nn.with_logical_partitioning(_residual_init(cfg), ("mlp", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BTF)
+
+
+def _residual_init(cfg: TransformerConfig):
+  # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers), so the
+  # stream's variance does not grow with depth.
+  return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * cfg.num_layers))
+
+
+def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class DecoderBlock(nn.Module):
+  """x + Attention(LN(x)), then x + Mlp(LN(x)): the pre-LayerNorm block of GPT-2."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, deterministic: bool = True):
+    cfg = self.config
+    h_BTD = attention.MultiHeadAttention(
+        num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
+        use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
+        rotary_base=cfg.rotary_base if cfg.position == "rotary" else None,
+        dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, out_kernel_init=_residual_init(cfg), name="attn",
+    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, deterministic=deterministic)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=deterministic)
+    h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD), deterministic=deterministic)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only language model: token (+ position) embedding, causal blocks, final LN, logits.
+
+  Returns float32 logits [B, T, vocab]. `valid_BT` (True for real tokens) masks padding keys.
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, deterministic: bool = True):
+    cfg = self.config
+    length = tokens_BT.shape[1]
+    if length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds the model's max_len={cfg.max_len}")
+    if positions_BT is None:
+      positions_BT = jnp.arange(length)[None, :]
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="token_embed",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+    x_BTD = embed(tokens_BT)
+    if cfg.position == "learned":
+      x_BTD += position.LearnedPositions(
+          cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+          name="position_embed")(positions_BT)
+    elif cfg.position == "sinusoidal":
+      x_BTD += position.SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(positions_BT)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+
+    mask = attention.causal_mask(length)
+    if valid_BT is not None:
+      mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
+    for i in range(cfg.num_layers):
+      x_BTD = DecoderBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, deterministic=deterministic)
+    x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
+
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(x_BTD.dtype),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=cfg.storage_dtype, name="head",
+          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
+      )(x_BTD)
+    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+

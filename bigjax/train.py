@@ -1,0 +1,218 @@
+"""The train state, the pure train and eval steps, and the `fit` loop around them."""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigjax import checkpoint
+from bigjax import metrics as metrics_lib
+from bigjax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # mutable collections besides params (e.g. batch_stats); {} when there are none
+  rng: jax.Array  # base key; step t uses fold_in(rng, t), so a resumed run draws the same dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  workdir: str
+  num_steps: int
+  batch_size: int
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+  """The mesh and logical-axis rules that tracing needs for the modules' sharding constraints."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    yield
+
+
+def _split_variables(variables):
+  variables = dict(variables)
+  return variables.pop("params"), variables
+
+
+def create_state(rng, *, model, tx, task, example_batch) -> TrainState:
+  """A fresh state: initialised parameters, optimizer state at zero, step 0."""
+  init_rng, state_rng = jax.random.split(rng)
+  params, model_state = _split_variables(nn.unbox(task.init(model, init_rng, example_batch)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    model_state=model_state, rng=state_rng)
+
+
+def state_shardings(*, model, tx, task, example_batch, mesh, rng):
+  """Shardings of every state leaf: parameters by their logical names, optimizer state following
+  the parameter it belongs to, everything else replicated. Also checks that every sharded
+  dimension divides over its mesh axes."""
+  abstract_vars = jax.eval_shape(functools.partial(task.init, model), rng, example_batch)
+  boxed_params, boxed_model_state = _split_variables(abstract_vars)
+  param_shardings = sharding.logical_shardings(boxed_params, mesh)
+  model_state_shardings = sharding.logical_shardings(boxed_model_state, mesh)
+  sharding.check_divisible(boxed_params, param_shardings)
+  abstract_state = jax.eval_shape(
+      functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch), rng)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                    model_state=model_state_shardings, rng=replicated)
+
+
+def train_step(state: TrainState, batch, *, model, tx, task):
+  """One optimizer update. Returns the new state and the step's summed metrics."""
+  rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+
+  def loss_fn(params):
+    sums, new_model_state = task.loss_sums(model, {"params": params, **state.model_state}, batch,
+                                           rngs=rngs, train=True)
+    return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, new_model_state)
+
+  (_, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, model_state={**state.model_state, **new_model_state})
+  return new_state, {"sums": sums, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch, *, model, task):
+  sums, _ = task.loss_sums(model, {"params": state.params, **state.model_state}, batch, train=False)
+  return sums
+
+
+def evaluate(eval_fn, state, batches: Iterable, mesh, task) -> dict[str, float]:
+  """Task metrics over every batch, prefixed with eval_."""
+  total = None
+  for batch in batches:
+    total = metrics_lib.add_sums(total, jax.device_get(eval_fn(state, sharding.host_to_global(batch, mesh))))
+  return {f"eval_{k}": v for k, v in task.metrics(total).items()}
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """The jitted functions of one (model, optimizer, task, mesh): each runs under `mesh_context`."""
+  shardings: TrainState
+  init: Callable  # rng -> TrainState, created already sharded
+  train_step: Callable  # (state, global batch) -> (state, metrics); donates the state
+  eval_step: Callable  # (state, global batch) -> sums
+
+
+def compile_steps(*, model, tx, task, example_batch, mesh, rng) -> Compiled:
+  """Shardings and jitted init / train / eval for this model on this mesh (call in mesh_context)."""
+  shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return Compiled(
+      shardings=shardings,
+      init=jax.jit(functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
+                   out_shardings=shardings),
+      train_step=jax.jit(functools.partial(train_step, model=model, tx=tx, task=task),
+                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                         donate_argnums=0),
+      eval_step=jax.jit(functools.partial(eval_step, model=model, task=task),
+                        in_shardings=(shardings, batch_sharding)))
+
+
+def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: TrainConfig, mesh,
+        learning_rate: Callable[[int], float] | None = None) -> dict:
+  """Trains `model` on `train_data` (a grain dataset of host batches) until `config.num_steps`.
+
+  Resumes from the newest checkpoint in `config.workdir` if there is one. Returns the last logged
+  record (with the final evaluation, when `eval_data` is given).
+  """
+  sharding.check_batch_size(config.batch_size, mesh)
+  train_iter = iter(train_data)
+  example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
+  rng = jax.random.PRNGKey(config.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"),
+                                 every=config.checkpoint_every, keep=config.keep_checkpoints)
+  with mesh_context(mesh):
+    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+    start = ckpt.latest_step()
+    if start is None:
+      state, start = steps.init(rng), 0
+    else:
+      abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
+      state = ckpt.restore(start, abstract, train_iter)
+      metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
+    metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}")
+    log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
+    record = _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config, mesh,
+                         task, ckpt, log, learning_rate)
+  ckpt.wait()
+  ckpt.close()
+  return record
+
+
+def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, mesh, task, ckpt, log,
+                learning_rate):
+  """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
+  waits for the device except at evaluation and checkpoint steps."""
+  is_log_step = lambda s: s % config.log_every == 0 or s == config.num_steps
+  is_eval_step = lambda s: eval_data is not None and (s % config.eval_every == 0 or s == config.num_steps)
+  pending, interval_sums, evals, record = None, None, {}, {}
+  speed = metrics_lib.Throughput()
+  compile_start = time.perf_counter()
+
+  def collect(step, step_metrics):
+    nonlocal interval_sums, record, speed
+    step_metrics = jax.device_get(step_metrics)
+    if step == start + 1:  # the first step includes compilation: keep it out of the speed figures
+      speed = metrics_lib.Throughput()
+    else:
+      speed.add(1, float(step_metrics["sums"]["count"]))
+    interval_sums = metrics_lib.add_sums(interval_sums, step_metrics["sums"])
+    if not (is_log_step(step) or step in evals):
+      return
+    steps_per_sec, units_per_sec = speed.rate()
+    record = {"step": step, **{f"train_{k}": v for k, v in task.metrics(interval_sums).items()
+                               if k == "loss"}}
+    record["grad_norm"] = float(step_metrics["grad_norm"])
+    if learning_rate is not None:
+      record["learning_rate"] = float(learning_rate(step - 1))
+    record.update(steps_per_sec=steps_per_sec, **{f"{task.unit}_per_sec": units_per_sec})
+    record.update(evals.pop(step, {}))
+    log.write(record)
+    interval_sums = None
+
+  for step in range(start + 1, config.num_steps + 1):
+    batch = sharding.host_to_global(next(train_iter), mesh)
+    state, step_metrics = step_fn(state, batch)
+    if step == start + 1:
+      metrics_lib.console(f"first step (compile + run) dispatched after {time.perf_counter() - compile_start:.1f}s")
+    if pending is not None:
+      collect(*pending)
+    pending = (step, step_metrics)
+    if is_eval_step(step) or ckpt.should_save(step) or step == config.num_steps:
+      speed.pause()
+      if is_eval_step(step):
+        evals[step] = evaluate(eval_fn, state, eval_data, mesh, task)
+      if ckpt.should_save(step) or step == config.num_steps:
+        ckpt.save(step, state, train_iter)
+      speed.resume()
+  if pending is not None:
+    collect(*pending)
+  return record

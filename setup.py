@@ -1,0 +1,30 @@
+"""bigjax: a small, hackable JAX research framework."""
+
+import setuptools
+
+setuptools.setup(
+    name="bigjax",
+    version="0.1.0",
+    description="Pure-functional Flax modules, sharded jit training, Optax, Orbax and TFDS/grain data.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["bigjax", "bigjax.*", "experiments", "experiments.*"]),
+    package_data={"experiments": ["configs/*.flags"]},
+    # Ranges tested together on Python 3.11 (CPU): jax 0.10.2, flax 0.12.8, optax 0.2.8,
+    # orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10, grain 0.2.18, absl-py 2.5.1.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=6",  # tensorflow-datasets needs it without TensorFlow but does not declare it
+        "grain>=0.2.18,<0.3",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+    },
+)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from bigjax.data import lm
+from bigjax.data import python_text
+from bigjax.data import sources
+from bigjax.errors import UserError
+
+
+def test_corpus_splits_are_disjoint_and_hold_every_stdlib_file(data_dir):
+  train = sources.load_source("python_stdlib_text", "train", data_dir)
+  validation = sources.load_source("python_stdlib_text", "validation", data_dir)
+  train_names = {train[i]["name"].decode() for i in range(len(train))}
+  validation_names = {validation[i]["name"].decode() for i in range(len(validation))}
+  assert not train_names & validation_names
+  assert train_names | validation_names == {p.name for p in python_text.stdlib_sources()}
+  assert len(validation_names) >= 3 and len(train_names) > 10 * len(validation_names)
+
+
+def test_examples_are_the_files_bytes(data_dir):
+  validation = sources.load_source("python_stdlib_text", "validation", data_dir)
+  by_name = {p.name: p for p in python_text.stdlib_sources()}
+  example = validation[0]
+  assert example["bytes"].tobytes() == by_name[example["name"].decode()].read_bytes()
+
+
+def test_byte_stream_separates_documents():
+  source = [{"bytes": np.frombuffer(b"ab", np.uint8)}, {"bytes": np.frombuffer(b"cde", np.uint8)}]
+  np.testing.assert_array_equal(lm.byte_stream(source), [97, 98, 0, 99, 100, 101, 0])
+
+
+def test_windows_overlap_by_one_token_so_every_target_appears_once():
+  windows = lm.TokenWindows(np.arange(11, dtype=np.uint8), seq_len=3)
+  assert len(windows) == 3
+  got = [windows[i]["tokens"].tolist() for i in range(len(windows))]
+  assert got == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+
+
+def test_train_batches_are_seeded_and_resume_from_iterator_state():
+  windows = lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=7)
+  a = iter(lm.train_batches(windows, 4, seed=1))
+  first = [next(a)["tokens"] for _ in range(5)]
+  state = a.get_state()
+  expected_next = [next(a)["tokens"] for _ in range(3)]
+  b = iter(lm.train_batches(windows, 4, seed=1))
+  b.set_state(state)
+  for want in expected_next:
+    np.testing.assert_array_equal(next(b)["tokens"], want)
+  c = iter(lm.train_batches(windows, 4, seed=2))
+  assert not np.array_equal(next(c)["tokens"], first[0])
+  assert first[0].shape == (4, 8) and first[0].dtype == np.int32
+
+
+def test_eval_batches_cover_every_window_once_with_padding_weights():
+  windows = lm.TokenWindows(np.arange(100, dtype=np.uint8), seq_len=9)  # 11 windows
+  batches = lm.eval_batches(windows, 4, max_batches=0)
+  assert len(batches) == 3
+  weights = np.concatenate([b["weights"] for b in batches])
+  assert weights.sum() == 11 * 9
+  starts = [int(t[0]) for b in batches for t, w in zip(b["tokens"], b["weights"]) if w[0] == 1]
+  assert sorted(starts) == [9 * i for i in range(11)]
+
+
+def test_eval_sample_is_fixed():
+  windows = lm.TokenWindows(np.arange(250, dtype=np.uint8), seq_len=4)
+  a = lm.eval_batches(windows, 4, max_batches=2)
+  b = lm.eval_batches(windows, 4, max_batches=2)
+  assert len(a) == 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_missing_dataset_names_the_directory_and_the_build_command(tmp_path):
+  with pytest.raises(UserError, match=rf"'mnist' is not prepared in {tmp_path}.*tfds build mnist"):
+    sources.load_source("mnist", "train", str(tmp_path))
+
+
+def test_unknown_dataset_lists_the_offline_ones(tmp_path):
+  with pytest.raises(UserError, match="unknown data set 'no_such_set'.*python_stdlib_text"):
+    sources.load_source("no_such_set", "train", str(tmp_path))
+
+
+def test_too_long_windows_are_a_user_error(data_dir):
+  with pytest.raises(UserError, match="too few for one window"):
+    lm.open_windows("python_stdlib_text", "validation", 10_000_000, data_dir)

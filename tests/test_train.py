@@ -1,0 +1,70 @@
+import json
+import os
+
+import jax
+import numpy as np
+
+from bigjax import metrics
+from bigjax import models
+from bigjax import optim
+from bigjax import sharding
+from bigjax import tasks
+from bigjax import train
+from bigjax.data import lm
+
+
+def _fit(workdir, data_dir, num_steps, *, mesh_spec="data:-1,fsdp:2,tensor:2", schedule="constant",
+         eval_every=4, checkpoint_every=3):
+  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32)
+  cfg = train.TrainConfig(workdir=str(workdir), num_steps=num_steps, batch_size=8, seed=3, log_every=1,
+                          eval_every=eval_every, checkpoint_every=checkpoint_every)
+  optim_cfg = optim.OptimConfig(learning_rate=3e-3, schedule=schedule, warmup_steps=0)
+  train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
+  eval_windows = lm.open_windows("python_stdlib_text", "validation", 32, data_dir)
+  mesh = sharding.make_mesh(mesh_spec)
+  record = train.fit(
+      model=model, task=tasks.LanguageModelling(), tx=optim.make_optimizer(optim_cfg, num_steps),
+      learning_rate=optim.make_schedule(optim_cfg, num_steps),
+      train_data=lm.train_batches(train_windows, 8, seed=3),
+      eval_data=lm.eval_batches(eval_windows, 8, max_batches=3), config=cfg, mesh=mesh)
+  return record
+
+
+def _final_params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+def test_fit_trains_logs_and_checkpoints(tmp_path, data_dir):
+  record = _fit(tmp_path, data_dir, num_steps=8)
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+  assert rows[0]["train_loss"] > 5.0  # near ln(256) = 5.55 at the start
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [4, 8]
+  np.testing.assert_allclose(evals[-1]["eval_bits_per_byte"], evals[-1]["eval_loss"] / np.log(2))
+  assert record == rows[-1]
+  assert {"grad_norm", "learning_rate", "steps_per_sec", "tokens_per_sec"} <= set(rows[-1])
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "8"]
+
+
+def test_rerun_resumes_at_the_next_step_and_matches_an_unbroken_run(tmp_path, data_dir):
+  _fit(tmp_path / "unbroken", data_dir, num_steps=7)
+  _fit(tmp_path / "broken", data_dir, num_steps=3)  # stops right after its step-3 checkpoint
+  _fit(tmp_path / "broken", data_dir, num_steps=7)
+  rows = metrics.read_jsonl(tmp_path / "broken" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 8))
+  unbroken_rows = metrics.read_jsonl(tmp_path / "unbroken" / "metrics.jsonl")
+  assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken_rows]
+  for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "broken", 7)),
+                  jax.tree.leaves(_final_params(tmp_path / "unbroken", 7))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_after_the_restored_step_are_dropped(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 6)))
+  metrics.MetricsLog(str(tmp_path), unit="tokens", num_steps=10, resumed_step=3)
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
