@@ -23,6 +23,8 @@ setuptools.setup(
         "grain>=0.2.18,<0.3",
         "absl-py>=2.1,<3",
         "numpy>=1.26",
+        "pillow>=10",  # TFDS decodes PNG/JPEG image features with it
+        "scikit-learn>=1.3",  # the offline digits data set ships inside it
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],

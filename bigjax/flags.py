@@ -5,7 +5,9 @@ values into typed configs with the `*_config()` helpers.
 """
 
 import ast
+import dataclasses
 import sys
+from typing import Any
 
 import jax
 from absl import app
@@ -13,7 +15,9 @@ from absl import flags
 from absl import logging
 
 from bigjax import metrics
+from bigjax import models
 from bigjax import optim
+from bigjax import sharding
 from bigjax import train
 from bigjax.errors import UserError
 
@@ -80,6 +84,30 @@ def model_overrides() -> dict:
     except (ValueError, SyntaxError):
       overrides[name.strip()] = value.strip()
   return overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What every experiment builds the same way from the shared flags."""
+  model: Any
+  mesh: jax.sharding.Mesh
+  config: train.TrainConfig
+  optim: optim.OptimConfig
+  dataset: str
+  data_dir: str | None
+
+  def fit(self, *, task, train_data, eval_data) -> dict:
+    return train.fit(model=self.model, task=task, tx=optim.make_optimizer(self.optim, self.config.num_steps),
+                     learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
+                     train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh)
+
+
+def experiment() -> Experiment:
+  """Checks the required flags, logs the devices, and builds the model, mesh and configs."""
+  require(MODEL, DATASET, WORKDIR)
+  log_devices()
+  return Experiment(model=models.create(MODEL.value, **model_overrides()), mesh=sharding.make_mesh(MESH.value),
+                    config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
 
 
 def require(*required: flags.FlagHolder) -> None:

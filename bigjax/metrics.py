@@ -94,7 +94,10 @@ class Throughput:
     self._steps += steps
     self._units += units
 
-  def rate(self) -> tuple[float, float]:
+  def rate(self) -> tuple[float, float] | None:
+    """(steps/s, units/s) since the last call; None when no step was counted."""
+    if not self._steps:
+      return None
     now = time.perf_counter()
     elapsed = max(now - self._time, 1e-9)
     rates = (self._steps / elapsed, self._units / elapsed)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from bigjax.errors import UserError
+from bigjax.nn import conv
+from bigjax.nn import mlp
 from bigjax.nn import transformer
 
 _PRESETS: dict[str, Callable[..., nn.Module]] = {}
@@ -55,10 +57,14 @@ def _config(cls, defaults: dict, overrides: dict):
     raise UserError(f"{cls.__name__}: {e}") from None
 
 
-def _transformer_lm(defaults: dict):
-  def preset(**overrides) -> transformer.TransformerLM:
-    return transformer.TransformerLM(_config(transformer.TransformerConfig, defaults, overrides))
+def _preset(module_cls, config_cls, defaults: dict):
+  def preset(**overrides) -> nn.Module:
+    return module_cls(_config(config_cls, defaults, overrides))
   return preset
+
+
+def _transformer_lm(defaults: dict):
+  return _preset(transformer.TransformerLM, transformer.TransformerConfig, defaults)
 
 
 # Byte-level LM that trains in minutes on a 2-core CPU (experiments/configs/transformer_tiny.flags).
@@ -74,3 +80,24 @@ register("gpt2-small")(_transformer_lm(dict(
 register("gpt2-medium")(_transformer_lm(dict(
     vocab_size=50257, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096, max_len=1024,
     position="learned", activation="gelu", use_bias=True, tie_embeddings=True)))
+
+# Image classifiers. CPU presets default to scikit-learn's 8x8 digits; the published architectures
+# default to ImageNet (224x224x3, 1000 classes), where their parameter counts are the papers'.
+register("mlp")(_preset(mlp.MLP, mlp.MLPConfig, dict(num_classes=10, input_shape=(8, 8, 1), hidden=(256, 256))))
+
+register("cnn-small")(_preset(conv.CNN, conv.CNNConfig, dict(
+    num_classes=10, input_shape=(8, 8, 1), features=(32, 64), convs_per_stage=2, dense=(128,))))
+
+_RESNET_DEPTHS = {18: ([2, 2, 2, 2], "basic"), 34: ([3, 4, 6, 3], "basic"), 50: ([3, 4, 6, 3], "bottleneck"),
+                  101: ([3, 4, 23, 3], "bottleneck"), 152: ([3, 8, 36, 3], "bottleneck")}
+for _depth, (_stages, _block) in _RESNET_DEPTHS.items():
+  # torchvision resnet18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808.
+  register(f"resnet{_depth}")(_preset(conv.ResNet, conv.ResNetConfig, dict(
+      num_classes=1000, stage_sizes=tuple(_stages), block=_block, input_shape=(224, 224, 3))))
+
+_VIT_SIZES = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}
+for _size, (_width, _heads) in _VIT_SIZES.items():
+  # timm vit_tiny/small/base_patch16_224: 5,717,416 / 22,050,664 / 86,567,656 parameters.
+  register(f"vit-{_size}16")(_preset(transformer.ViT, transformer.ViTConfig, dict(
+      num_classes=1000, input_shape=(224, 224, 3), patch_size=16, num_layers=12, embed_dim=_width,
+      num_heads=_heads, mlp_dim=4 * _width, pool="cls", position="learned")))

@@ -26,15 +26,18 @@ class OptimConfig:
 
 
 def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
-  """Learning rate per step. Cosine and linear decay to zero at num_steps; inverse_sqrt has no end."""
+  """Learning rate per step. Warmup rises linearly from peak / warmup_steps (so the first step
+  already learns) to the peak; cosine and linear then decay to zero at num_steps; inverse_sqrt has
+  no end."""
   peak, warmup = cfg.learning_rate, min(cfg.warmup_steps, num_steps)
+  start = peak / max(warmup, 1)
   if cfg.schedule == "constant":
     return optax.constant_schedule(peak)
   if cfg.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(start, peak, warmup, max(num_steps, warmup + 1), end_value=0.0)
   if cfg.schedule == "warmup_linear":
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup),
+        [optax.linear_schedule(start, peak, warmup),
          optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1))], [warmup])
   if cfg.schedule == "inverse_sqrt":
     # Linear warmup, then peak * sqrt(warmup / step) (Vaswani et al. 2017, normalised at the peak).

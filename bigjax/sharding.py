@@ -26,6 +26,7 @@ LOGICAL_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("conv_out", ("fsdp", "tensor")),  # conv kernels: input channels (often 1 or 3) stay whole
 )
 
 

@@ -14,7 +14,8 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelling:
-  """Next-token prediction on {"tokens": [B, T+1]} with optional {"weights": [B, T]} (0 = padding).
+  """Next-token prediction on {"tokens": [B, T+1]}, with optional per-example {"weights": [B]}
+  (0 for the padding examples that fill the last eval batch).
 
   Attributes:
     bytes_per_token: when set, evaluation also reports bits per byte (1.0 for byte-level models).
@@ -29,8 +30,9 @@ class LanguageModelling:
   def loss_sums(self, model, variables, batch, *, rngs=None, train: bool = False):
     tokens_BT = batch["tokens"]
     inputs_BT, targets_BT = tokens_BT[:, :-1], tokens_BT[:, 1:]
-    weights_BT = batch.get("weights", jnp.ones(targets_BT.shape, jnp.float32))
-    logits_BTV = model.apply(variables, inputs_BT, deterministic=not train, rngs=rngs)
+    weights_BT = jnp.broadcast_to(batch.get("weights", jnp.ones(targets_BT.shape[:1]))[:, None],
+                                  targets_BT.shape).astype(jnp.float32)
+    logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     sums = {"loss": jnp.sum(losses_BT * weights_BT), "count": jnp.sum(weights_BT)}
     return sums, {}
@@ -42,3 +44,32 @@ class LanguageModelling:
     if self.bytes_per_token:
       out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+  """Softmax cross-entropy on {"image": [B, ...], "label": [B]}, optional {"weights": [B]}.
+
+  Models with batch normalisation update their `batch_stats` in training and use the running
+  averages in evaluation.
+  """
+  unit: str = "images"
+
+  def init(self, model, rng, batch):
+    return model.init({"params": rng, "dropout": rng}, batch["image"], train=False)
+
+  def loss_sums(self, model, variables, batch, *, rngs=None, train: bool = False):
+    mutable = ["batch_stats"] if train and "batch_stats" in variables else False
+    outputs = model.apply(variables, batch["image"], train=train, rngs=rngs, mutable=mutable)
+    logits_BC, new_model_state = outputs if mutable else (outputs, {})
+    labels_B = batch["label"]
+    weights_B = batch.get("weights", jnp.ones(labels_B.shape, jnp.float32)).astype(jnp.float32)
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC.astype(jnp.float32), labels_B)
+    correct_B = (jnp.argmax(logits_BC, axis=-1) == labels_B).astype(jnp.float32)
+    sums = {"loss": jnp.sum(losses_B * weights_B), "correct": jnp.sum(correct_B * weights_B),
+            "count": jnp.sum(weights_B)}
+    return sums, dict(new_model_state)
+
+  def metrics(self, sums) -> dict[str, float]:
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}

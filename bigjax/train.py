@@ -187,13 +187,13 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     interval_sums = metrics_lib.add_sums(interval_sums, step_metrics["sums"])
     if not (is_log_step(step) or step in evals):
       return
-    steps_per_sec, units_per_sec = speed.rate()
-    record = {"step": step, **{f"train_{k}": v for k, v in task.metrics(interval_sums).items()
-                               if k == "loss"}}
+    rates = speed.rate()
+    record = {"step": step, **{f"train_{k}": v for k, v in task.metrics(interval_sums).items()}}
     record["grad_norm"] = float(step_metrics["grad_norm"])
     if learning_rate is not None:
       record["learning_rate"] = float(learning_rate(step - 1))
-    record.update(steps_per_sec=steps_per_sec, **{f"{task.unit}_per_sec": units_per_sec})
+    if rates is not None:  # the first step (compilation) is not timed
+      record.update(steps_per_sec=rates[0], **{f"{task.unit}_per_sec": rates[1]})
     record.update(evals.pop(step, {}))
     log.write(record)
     interval_sums = None
@@ -202,7 +202,8 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     batch = sharding.host_to_global(next(train_iter), mesh)
     state, step_metrics = step_fn(state, batch)
     if step == start + 1:
-      metrics_lib.console(f"first step (compile + run) dispatched after {time.perf_counter() - compile_start:.1f}s")
+      # jit compiles synchronously on the first call; the step itself then runs asynchronously.
+      metrics_lib.console(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
     if pending is not None:
       collect(*pending)
     pending = (step, step_metrics)

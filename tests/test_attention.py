@@ -73,7 +73,7 @@ def test_decoder_blocks_are_causal_by_gradient(position):
   cfg = transformer.TransformerConfig(vocab_size=16, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32,
                                       max_len=8, position=position)
   length = 6
-  block_stack = transformer.DecoderBlock(cfg)
+  block_stack = transformer.TransformerBlock(cfg)
   x = jax.random.normal(jax.random.key(0), (1, length, 16))
   mask = attention.causal_mask(length)
   positions = jnp.arange(length)[None]

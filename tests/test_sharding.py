@@ -55,13 +55,13 @@ def _batch(batch_size=8, length=16):
                                np.int32)}
 
 
-def _run(spec, devices, num_steps=3, model=None):
+def run_steps(spec, devices, num_steps=3, model=None, task=None, batch=None):
   """Losses of `num_steps` AdamW steps on a fixed batch, and the final state, on the given mesh."""
   mesh = sharding.make_mesh(spec, devices)
   model = model or _tiny_model()
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1), 10)
-  task = tasks.LanguageModelling()
-  batch = _batch()
+  task = task or tasks.LanguageModelling()
+  batch = _batch() if batch is None else batch
   with train.mesh_context(mesh):
     steps = train.compile_steps(model=model, tx=tx, task=task, example_batch=batch, mesh=mesh,
                                 rng=jax.random.PRNGKey(0))
@@ -75,14 +75,14 @@ def _run(spec, devices, num_steps=3, model=None):
 
 @pytest.mark.parametrize("spec", ["data:2,fsdp:4,tensor:1", "data:2,fsdp:1,tensor:4", "data:2,fsdp:2,tensor:2"])
 def test_sharded_steps_match_one_device(spec):
-  want, _ = _run("data:1,fsdp:1,tensor:1", jax.devices()[:1])
-  got, state = _run(spec, jax.devices())
+  want, _ = run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1])
+  got, state = run_steps(spec, jax.devices())
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert want[-1] < want[0]  # the steps really trained
 
 
 def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
-  _, state = _run("data:2,fsdp:2,tensor:2", jax.devices(), num_steps=1)
+  _, state = run_steps("data:2,fsdp:2,tensor:2", jax.devices(), num_steps=1)
   block = state.params["block_0"]
   assert block["attn"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
   assert block["attn"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")

@@ -2,10 +2,9 @@
 
 import dataclasses
 
-import grain
-import jax
 import numpy as np
 
+from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.errors import UserError
 
@@ -49,43 +48,11 @@ def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None) -
   return windows
 
 
-def _per_process_batch(global_batch_size: int) -> int:
-  processes = jax.process_count()
-  if global_batch_size % processes:
-    raise UserError(f"--batch_size={global_batch_size} does not divide over {processes} processes")
-  return global_batch_size // processes
-
-
-def train_batches(windows: TokenWindows, global_batch_size: int, seed: int) -> grain.MapDataset:
-  """Endless shuffled batches of this process's share of the windows (a new order every epoch).
-
-  Iterating gives a checkpointable grain iterator (get_state / set_state), so a resumed run sees
-  the same batches in the same order.
-  """
-  batch_size = _per_process_batch(global_batch_size)
-  shard = grain.MapDataset.source(windows)[jax.process_index()::jax.process_count()]
-  if len(shard) < batch_size:
-    raise UserError(f"only {len(shard)} training windows per process, fewer than one batch of "
-                    f"{batch_size}; lower --batch_size or --seq_len")
-  return shard.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+def train_batches(windows: TokenWindows, global_batch_size: int, seed: int):
+  """Endless shuffled {"tokens": [B, T+1]} batches of this process's windows (see pipeline)."""
+  return pipeline.train_batches(windows, global_batch_size, seed)
 
 
 def eval_batches(windows: TokenWindows, global_batch_size: int, max_batches: int) -> list[dict]:
-  """Fixed evaluation batches: all windows, or a fixed random sample of `max_batches` batches.
-
-  The last batch is padded with weight-0 windows so that no window is dropped and every batch
-  keeps one shape (one compilation).
-  """
-  batch_size = _per_process_batch(global_batch_size)
-  ds = grain.MapDataset.source(windows)
-  if max_batches > 0 and max_batches * global_batch_size < len(ds):
-    # A random sample rather than the first windows: the split is ordered by file name.
-    ds = ds.shuffle(seed=0)[:max_batches * global_batch_size]
-  # Every process must run the same number of eval steps, so all pad to the largest share.
-  num_batches = -(-len(ds) // global_batch_size)
-  ds = ds[jax.process_index()::jax.process_count()]
-  examples = [dict(ex, weights=np.ones(windows.seq_len, np.float32)) for ex in ds]
-  pad = {"tokens": np.zeros(windows.seq_len + 1, np.int32), "weights": np.zeros(windows.seq_len, np.float32)}
-  examples += [pad] * (num_batches * batch_size - len(examples))
-  return [{key: np.stack([ex[key] for ex in examples[i * batch_size:(i + 1) * batch_size]])
-           for key in pad} for i in range(num_batches)]
+  """Fixed evaluation batches over every window (or a fixed sample), with per-window weights."""
+  return pipeline.eval_batches(windows, global_batch_size, max_batches)

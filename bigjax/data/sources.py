@@ -5,12 +5,14 @@ import threading
 
 import tensorflow_datasets as tfds
 
+from bigjax.data import digits
 from bigjax.data import python_text
 from bigjax.errors import UserError
 
 # Builders that ship with bigjax and prepare themselves from files already on the machine.
 LOCAL_BUILDERS = {
     "python_stdlib_text": python_text.PythonStdlibText,
+    "sklearn_digits": digits.SklearnDigits,
 }
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")

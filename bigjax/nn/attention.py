@@ -104,7 +104,7 @@ class MultiHeadAttention(nn.Module):
   out_kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, deterministic: bool = True):
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False):
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
@@ -129,7 +129,7 @@ class MultiHeadAttention(nn.Module):
     k_BGSK = nn.with_logical_constraint(k_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
-    probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=deterministic)
+    probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=not train)
     out_BTHK = attend(probs_BGRTS, v_BGSK, self.dtype).transpose(0, 2, 1, 3)
     return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, x_BTD.shape[-1]),
                    ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,

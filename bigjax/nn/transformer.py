@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigjax.nn import attention
+from bigjax.nn import conv
 from bigjax.nn import position
 
 _ACTIVATIONS = {
@@ -67,7 +68,7 @@ class Mlp(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BTD, *, deterministic: bool = True):
+  def __call__(self, x_BTD):
     cfg = self.config
     init = nn.initializers.normal(stddev=0.02)
     h_BTF = nn.Dense(
@@ -95,22 +96,25 @@ def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
-class DecoderBlock(nn.Module):
-  """x + Attention(LN(x)), then x + Mlp(LN(x)): the pre-LayerNorm block of GPT-2."""
+class TransformerBlock(nn.Module):
+  """x + Attention(LN(x)), then x + Mlp(LN(x)): GPT-2's pre-LayerNorm block.
+
+  A decoder block under a causal mask, an encoder (ViT) block with no mask.
+  """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, deterministic: bool = True):
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False):
     cfg = self.config
     h_BTD = attention.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
         use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
         rotary_base=cfg.rotary_base if cfg.position == "rotary" else None,
         dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, out_kernel_init=_residual_init(cfg), name="attn",
-    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, deterministic=deterministic)
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=deterministic)
-    h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD), deterministic=deterministic)
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=deterministic)
+    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, train=train)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
+    h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD))
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
 
@@ -122,7 +126,7 @@ class TransformerLM(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, deterministic: bool = True):
+  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, train: bool = False):
     cfg = self.config
     length = tokens_BT.shape[1]
     if length > cfg.max_len:
@@ -139,14 +143,14 @@ class TransformerLM(nn.Module):
           name="position_embed")(positions_BT)
     elif cfg.position == "sinusoidal":
       x_BTD += position.SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(positions_BT)
-    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
     mask = attention.causal_mask(length)
     if valid_BT is not None:
       mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
     for i in range(cfg.num_layers):
-      x_BTD = DecoderBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, deterministic=deterministic)
+      x_BTD = TransformerBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, train=train)
     x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:
@@ -159,3 +163,81 @@ class TransformerLM(nn.Module):
       )(x_BTD)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Vision Transformer (Dosovitskiy et al. 2021): patches by a strided convolution, pre-LN encoder
+  blocks (no causal mask), a class token or mean pooling, and a linear head."""
+  num_classes: int
+  input_shape: tuple[int, int, int]  # height, width, channels
+  patch_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  mlp_dim: int
+  pool: Literal["cls", "mean"] = "cls"
+  position: Literal["learned", "sinusoidal_2d"] = "learned"
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    height, width, _ = self.input_shape
+    if height % self.patch_size or width % self.patch_size:
+      raise ValueError(f"image {height}x{width} does not split into {self.patch_size}x{self.patch_size} patches")
+    if self.pool not in ("cls", "mean"):
+      raise ValueError(f"unknown pool {self.pool!r}: use cls or mean")
+    if self.position not in ("learned", "sinusoidal_2d"):
+      raise ValueError(f"unknown position {self.position!r}: use learned or sinusoidal_2d")
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.input_shape[0] // self.patch_size, self.input_shape[1] // self.patch_size
+
+  def block_config(self) -> TransformerConfig:
+    """The encoder blocks' settings, in the decoder's config type (vocabulary and length unused)."""
+    return TransformerConfig(
+        vocab_size=0, num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, max_len=self.grid[0] * self.grid[1] + 1, position="none",
+        activation="gelu_exact", dropout_rate=self.dropout_rate, layer_norm_epsilon=1e-6,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class ViT(nn.Module):
+  """Image classifier; returns float32 logits [B, num_classes]."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images_BHWC, *, train: bool = False):
+    cfg = self.config
+    conv.check_image_shape(images_BHWC, cfg.input_shape)
+    block_cfg = cfg.block_config()
+    dtype = block_cfg.compute_dtype
+    p = cfg.patch_size
+    x = nn.Conv(cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                param_dtype=block_cfg.storage_dtype, name="patch_embed",
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                         (None, None, "conv_in", "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(images_BHWC.astype(dtype))
+    batch = x.shape[0]
+    x_BTD = x.reshape(batch, -1, cfg.embed_dim)
+    num_patches = x_BTD.shape[1]
+    if cfg.position == "learned":
+      pos_TD = self.param("position_embed",
+                          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+                          (num_patches + (cfg.pool == "cls"), cfg.embed_dim), block_cfg.storage_dtype)
+    else:
+      table = jnp.asarray(position.sinusoidal_2d(*cfg.grid, cfg.embed_dim))
+      pos_TD = jnp.concatenate([jnp.zeros((1, cfg.embed_dim)), table]) if cfg.pool == "cls" else table
+    if cfg.pool == "cls":
+      cls_11D = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                           (1, 1, cfg.embed_dim), block_cfg.storage_dtype)
+      x_BTD = jnp.concatenate([jnp.broadcast_to(cls_11D.astype(dtype), (batch, 1, cfg.embed_dim)), x_BTD], axis=1)
+    x_BTD = x_BTD + pos_TD.astype(dtype)[None]
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
+    for i in range(cfg.num_layers):
+      x_BTD = TransformerBlock(block_cfg, name=f"block_{i}")(x_BTD, None, None, train=train)
+    x_BTD = _layer_norm(block_cfg, "ln_final")(x_BTD)
+    pooled_BD = x_BTD[:, 0] if cfg.pool == "cls" else jnp.mean(x_BTD, axis=1)
+    return conv.classifier_head(pooled_BD, cfg.num_classes, block_cfg.storage_dtype)

@@ -1,0 +1,102 @@
+"""The experiment as a user runs it: a subprocess, flags, exit codes, one-line errors, resume."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bigjax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = os.path.join(REPO, "experiments", "configs", "transformer_tiny.flags")
+
+
+def _run(*flags, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.transformer", *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _assert_one_line_error(result, code, message):
+  assert result.returncode == code, result.stderr
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, result.stderr
+
+
+@pytest.fixture
+def tiny(tmp_path, data_dir):
+  """The tiny flagfile shrunk to seconds, with its own workdir and the shared data dir."""
+  return [f"--flagfile={TINY_FLAGS}", f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--seq_len=32",
+          "--batch_size=8", "--model_override=num_layers=1", "--model_override=embed_dim=32",
+          "--model_override=mlp_dim=64", "--eval_batches=2", "--log_every=1"]
+
+
+def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tiny):
+  first = _run(*tiny, "--num_steps=4", "--checkpoint_every=2", "--eval_every=2")
+  assert first.returncode == 0, first.stderr
+  assert "step 4/4" in first.stdout and "tokens/s" in first.stdout
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  second = _run(*tiny, "--num_steps=6", "--checkpoint_every=2", "--eval_every=2")
+  assert second.returncode == 0, second.stderr
+  assert "resumed from step 4" in second.stdout
+  assert "step 1/6" not in second.stdout and "step 5/6" in second.stdout
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert all("eval_bits_per_byte" in r for r in rows if r["step"] % 2 == 0)
+
+
+def test_unknown_model_lists_the_known_ones(tiny):
+  _assert_one_line_error(_run(*tiny, "--model=gpt5"), 1, "unknown model 'gpt5'; known models: cnn-small, gpt2-medium, gpt2-small")
+
+
+def test_mesh_that_does_not_fit_the_devices(tiny):
+  _assert_one_line_error(_run(*tiny, "--mesh=data:3,fsdp:1,tensor:1", devices=8), 1,
+                         "the axes multiply to 3 but there are 8 devices")
+
+
+def test_batch_that_does_not_divide(tiny):
+  _assert_one_line_error(_run(*tiny, "--batch_size=6", "--mesh=data:-1,fsdp:2", devices=8), 1,
+                         "--batch_size=6 does not divide over the 8 data-parallel devices")
+
+
+def test_unreadable_flagfile(tmp_path):
+  _assert_one_line_error(_run(f"--flagfile={tmp_path}/missing.flags"), 2, "missing.flags")
+
+
+def test_bad_flag_value(tiny):
+  _assert_one_line_error(_run(*tiny, "--optimizer=adamx"), 2, "adamx")
+
+
+def test_missing_required_flag(tmp_path):
+  _assert_one_line_error(_run(f"--workdir={tmp_path}"), 1, "missing required flag(s) --model, --dataset")
+
+
+def _run_experiment(module, *flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_cnn_experiment_reports_accuracy(tmp_path, data_dir):
+  result = _run_experiment("experiments.cnn", f"--flagfile={REPO}/experiments/configs/cnn_tiny.flags",
+                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=30",
+                           "--eval_every=30", "--log_every=10")
+  assert result.returncode == 0, result.stderr
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert rows[-1]["step"] == 30 and rows[-1]["eval_accuracy"] > 0.5
+  assert {"train_loss", "train_accuracy", "eval_loss", "images_per_sec"} <= set(rows[-1])
+
+
+def test_mlp_experiment_defaults_to_the_mlp(tmp_path, data_dir):
+  result = _run_experiment("experiments.mlp", "--dataset=sklearn_digits", f"--workdir={tmp_path}",
+                           f"--data_dir={data_dir}", "--num_steps=5", "--log_every=5")
+  assert result.returncode == 0, result.stderr
+  assert "model: 85,002 parameters" in result.stdout
+
+
+def test_image_of_the_wrong_shape_is_a_one_line_error(tmp_path, data_dir):
+  result = _run_experiment("experiments.cnn", "--model=resnet18", "--dataset=sklearn_digits",
+                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=1")
+  _assert_one_line_error(result, 1, "images have shape (1, 8, 8, 1) but the model expects [batch, 224, 224, 3]")

@@ -1,0 +1,118 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigjax import models
+from bigjax import tasks
+from bigjax.errors import UserError
+from bigjax.nn import conv
+from tests.test_sharding import run_steps
+
+# Published parameter counts (torchvision resnets, timm ViTs at 224x224, 1000 classes).
+PUBLISHED = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+             "resnet101": 44_549_160, "resnet152": 60_192_808,
+             "vit-ti16": 5_717_416, "vit-s16": 22_050_664, "vit-b16": 86_567_656}
+
+
+def _naive_conv(x, kernel, bias, stride, pad):
+  """Cross-correlation by explicit loops over output pixels, as every framework defines convolution."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  batch, height, width, _ = x.shape
+  k = kernel.shape[0]
+  out_h, out_w = (height - k) // stride + 1, (width - k) // stride + 1
+  out = np.zeros((batch, out_h, out_w, kernel.shape[-1]))
+  for i in range(out_h):
+    for j in range(out_w):
+      patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+      out[:, i, j, :] = np.einsum("bhwc,hwco->bo", patch, kernel) + bias
+  return out
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 2), (7, 2)])
+def test_conv_matches_naive_reference(kernel, stride):
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 9, 9, 3)), np.float64)
+  layer = conv.conv(5, kernel, stride, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, name="c")
+  variables = nn.unbox(layer.init(jax.random.key(1), jnp.asarray(x, jnp.float32)))
+  params = jax.tree.map(lambda p: p + 0.1, variables["params"])
+  got = layer.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  want = _naive_conv(x, np.asarray(params["kernel"]), np.asarray(params["bias"]), stride, kernel // 2)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_architectures_have_the_published_parameter_counts(name):
+  model = models.create(name)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  assert sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)["params"])) == PUBLISHED[name]
+
+
+TINY = {
+    "mlp": {},
+    "cnn-small": {},
+    "resnet18": dict(input_shape=(16, 16, 3), num_classes=10, width=8, stem="small"),
+    "resnet34": dict(input_shape=(16, 16, 3), num_classes=10, width=8, stem="small"),
+    "resnet50": dict(input_shape=(32, 32, 3), num_classes=10, width=8),
+    "resnet101": dict(input_shape=(16, 16, 3), num_classes=10, width=4, stem="small"),
+    "resnet152": dict(input_shape=(16, 16, 3), num_classes=10, width=4, stem="small"),
+    "vit-ti16": dict(input_shape=(16, 16, 3), num_classes=10, patch_size=4, num_layers=2),
+    "vit-s16": dict(input_shape=(16, 16, 3), num_classes=10, patch_size=8, num_layers=1, pool="mean",
+                    position="sinusoidal_2d"),
+    "vit-b16": dict(input_shape=(16, 16, 3), num_classes=10, patch_size=8, num_layers=1, embed_dim=32,
+                    num_heads=2, mlp_dim=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_image_preset_runs_at_tiny_size(name):
+  model = models.create(name, **TINY[name])
+  images = jax.random.normal(jax.random.key(0), (2, *model.config.input_shape))
+  variables = model.init(jax.random.key(1), images, train=False)
+  logits = model.apply(variables, images, train=False)
+  assert logits.shape == (2, model.config.num_classes) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_every_image_preset_is_listed():
+  image_presets = {n for n in models.names() if not n.startswith(("gpt2", "transformer"))}
+  assert image_presets == set(TINY)
+
+
+def _digits_batch(batch_size=8):
+  images = jax.random.normal(jax.random.key(3), (batch_size, 8, 8, 1))
+  return {"image": np.asarray(images), "label": np.arange(batch_size, dtype=np.int32) % 10}
+
+
+def test_batch_norm_statistics_change_in_training_and_are_used_at_eval():
+  _, state = run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1], num_steps=2,
+                       model=models.create("cnn-small"), task=tasks.Classification(), batch=_digits_batch())
+  model = models.create("cnn-small")
+  fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))["batch_stats"]
+  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.model_state["batch_stats"])):
+    assert not np.allclose(a, b)
+  # Eval uses the running averages: an image's logits do not depend on the rest of its batch.
+  variables = {"params": state.params, **state.model_state}
+  images = _digits_batch()["image"]
+  alone = model.apply(variables, images[:1], train=False)
+  together = model.apply(variables, images, train=False)[:1]
+  np.testing.assert_allclose(alone, together, atol=1e-5)
+  sums, new_state = tasks.Classification().loss_sums(model, variables, _digits_batch(), train=False)
+  assert new_state == {}
+
+
+@pytest.mark.parametrize("spec", ["data:2,fsdp:4,tensor:1", "data:2,fsdp:1,tensor:4"])
+def test_sharded_cnn_step_matches_one_device(spec):
+  kwargs = dict(num_steps=3, task=tasks.Classification(), batch=_digits_batch())
+  want, _ = run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1], model=models.create("cnn-small"), **kwargs)
+  got, _ = run_steps(spec, jax.devices(), model=models.create("cnn-small"), **kwargs)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert want[-1] < want[0]
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "mlp", "resnet18", "vit-ti16"])
+def test_wrong_image_shape_names_the_expected_shape(name):
+  model = models.create(name)
+  expected = ", ".join(map(str, model.config.input_shape))
+  with pytest.raises(UserError, match=rf"images have shape \(1, 28, 28, 3\) but the model expects \[batch, {expected}\]"):
+    model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
