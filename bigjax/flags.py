@@ -22,6 +22,9 @@ from bigjax import train
 from bigjax.errors import UserError
 
 # What and where.
+MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                         "train (resuming from --workdir), eval (the newest checkpoint), or sample "
+                         "(language models: generate from --prompt).")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 MODEL_OVERRIDES = flags.DEFINE_multi_string(
     "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
@@ -96,8 +99,21 @@ class Experiment:
   dataset: str
   data_dir: str | None
 
-  def fit(self, *, task, train_data, eval_data) -> dict:
-    return train.fit(model=self.model, task=task, tx=optim.make_optimizer(self.optim, self.config.num_steps),
+  @property
+  def tx(self):
+    return optim.make_optimizer(self.optim, self.config.num_steps)
+
+  def run(self, *, task, train_data, eval_data) -> dict:
+    """--mode=train: fit (resuming if the workdir has a checkpoint); --mode=eval: evaluate the
+    newest checkpoint. Returns the last record."""
+    if MODE.value == "eval":
+      record = train.evaluate_checkpoint(model=self.model, task=task, tx=self.tx, eval_data=eval_data,
+                                         config=self.config, mesh=self.mesh)
+      metrics.console(metrics.format_record(record, record["step"], task.unit))
+      return record
+    if MODE.value != "train":
+      raise UserError(f"--mode={MODE.value} is not available for this experiment")
+    return train.fit(model=self.model, task=task, tx=self.tx,
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
                      train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh)
 

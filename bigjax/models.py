@@ -16,6 +16,7 @@ import flax.linen as nn
 from bigjax.errors import UserError
 from bigjax.nn import conv
 from bigjax.nn import mlp
+from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
 _PRESETS: dict[str, Callable[..., nn.Module]] = {}
@@ -101,3 +102,14 @@ for _size, (_width, _heads) in _VIT_SIZES.items():
   register(f"vit-{_size}16")(_preset(transformer.ViT, transformer.ViTConfig, dict(
       num_classes=1000, input_shape=(224, 224, 3), patch_size=16, num_layers=12, embed_dim=_width,
       num_heads=_heads, mlp_dim=4 * _width, pool="cls", position="learned")))
+
+# Recurrent models: byte-level language models and the digits read row by row (8 steps of 8 pixels).
+register("lstm-lm")(_preset(recurrent.RNNLM, recurrent.RNNLMConfig, dict(
+    cell="lstm", vocab_size=256, embed_dim=128, hidden_size=512, num_layers=1)))
+register("gru-lm")(_preset(recurrent.RNNLM, recurrent.RNNLMConfig, dict(
+    cell="gru", vocab_size=256, embed_dim=128, hidden_size=512, num_layers=1)))
+register("lstm-classifier")(_preset(recurrent.RNNClassifier, recurrent.RNNClassifierConfig, dict(
+    cell="lstm", num_classes=10, input_shape=(8, 8, 1), hidden_size=128, num_layers=1, pool="last")))
+register("bilstm-classifier")(_preset(recurrent.RNNClassifier, recurrent.RNNClassifierConfig, dict(
+    cell="lstm", num_classes=10, input_shape=(8, 8, 1), hidden_size=128, num_layers=1, bidirectional=True,
+    pool="last")))

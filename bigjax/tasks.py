@@ -30,19 +30,30 @@ class LanguageModelling:
   def loss_sums(self, model, variables, batch, *, rngs=None, train: bool = False):
     tokens_BT = batch["tokens"]
     inputs_BT, targets_BT = tokens_BT[:, :-1], tokens_BT[:, 1:]
-    weights_BT = jnp.broadcast_to(batch.get("weights", jnp.ones(targets_BT.shape[:1]))[:, None],
-                                  targets_BT.shape).astype(jnp.float32)
+    weights_B = batch.get("weights", jnp.ones(targets_BT.shape[:1])).astype(jnp.float32)
+    loss_mask_BT = batch.get("loss_mask", jnp.ones(targets_BT.shape)).astype(jnp.float32)
+    weights_BT = weights_B[:, None] * loss_mask_BT
     logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-    sums = {"loss": jnp.sum(losses_BT * weights_BT), "count": jnp.sum(weights_BT)}
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    sums = {"loss": jnp.sum(losses_BT * weights_BT), "correct": jnp.sum(correct_BT * weights_BT),
+            "count": jnp.sum(weights_BT)}
+    if "loss_mask" in batch:
+      # Exact match: every target token right, which is also what greedy decoding would produce.
+      all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
+      sums.update(exact=jnp.sum(all_right_B * weights_B), examples=jnp.sum(weights_B))
     return sums, {}
 
   def metrics(self, sums) -> dict[str, float]:
-    """Means from summed values: loss per token, and bits per byte for byte-level data."""
-    loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
-    out = {"loss": loss}
+    """Means from summed values: loss and accuracy per target token, bits per byte for byte-level
+    data, and the fraction of examples whose targets are all right when the batch has a loss mask."""
+    count = max(float(sums["count"]), 1.0)
+    loss = float(sums["loss"]) / count
+    out = {"loss": loss, "accuracy": float(sums["correct"]) / count}
     if self.bytes_per_token:
       out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
+    if "exact" in sums:
+      out["exact_match"] = float(sums["exact"]) / max(float(sums["examples"]), 1.0)
     return out
 
 

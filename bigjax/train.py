@@ -17,6 +17,7 @@ import optax
 from bigjax import checkpoint
 from bigjax import metrics as metrics_lib
 from bigjax import sharding
+from bigjax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -165,6 +166,29 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
   ckpt.wait()
   ckpt.close()
   return record
+
+
+def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh):
+  """The newest checkpoint's (state, step), placed on `mesh` (call in mesh_context), and the
+  compiled steps. Fails with a one-line error when `config.workdir` holds no checkpoint."""
+  ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"), every=0)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f"no checkpoint in {ckpt.directory}; train first with the same --workdir")
+  rng = jax.random.PRNGKey(config.seed)
+  steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+  state = ckpt.restore(step, checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings))
+  ckpt.close()
+  return state, step, steps
+
+
+def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainConfig, mesh) -> dict:
+  """Evaluates the newest checkpoint in `config.workdir` on every eval batch."""
+  example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
+  with mesh_context(mesh):
+    state, step, steps = load_checkpoint(model=model, task=task, tx=tx, example_batch=example_batch,
+                                         config=config, mesh=mesh)
+    return {"step": step, **evaluate(steps.eval_step, state, eval_data, mesh, task)}
 
 
 def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, mesh, task, ckpt, log,

@@ -17,16 +17,20 @@ CROP_PADDING = flags.DEFINE_integer("augment_crop_padding", 0, "Random crops fro
                                     "many pixels in training; 0 disables.", lower_bound=0)
 
 
-def main(argv):
-  del argv
-  exp = bigjax_flags.experiment()
+def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
+  """Image classification on the experiment's data set."""
   train_source = images.open_split(exp.dataset, TRAIN_SPLIT.value, exp.data_dir)
   eval_source = images.open_split(exp.dataset, EVAL_SPLIT.value, exp.data_dir)
   metrics.console(f"{exp.dataset}: {len(train_source):,} train / {len(eval_source):,} eval images")
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
-  exp.fit(task=tasks.Classification(),
+  return exp.run(task=tasks.Classification(),
           train_data=images.train_batches(train_source, exp.config.batch_size, exp.config.seed, augment),
           eval_data=images.eval_batches(eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+
+
+def main(argv):
+  del argv
+  fit_classifier(bigjax_flags.experiment())
 
 
 if __name__ == "__main__":

@@ -83,3 +83,38 @@ def test_unknown_dataset_lists_the_offline_ones(tmp_path):
 def test_too_long_windows_are_a_user_error(data_dir):
   with pytest.raises(UserError, match="too few for one window"):
     lm.open_windows("python_stdlib_text", "validation", 10_000_000, data_dir)
+
+
+@pytest.mark.parametrize("task,inputs,targets", [("copy", b"kqz", b"kqz"), ("reverse", b"kqz", b"zqk"),
+                                                 ("sort", b"kqz", b"kqz")])
+def test_synthetic_letter_tasks_have_the_known_answers(task, inputs, targets, data_dir):
+  source = sources.load_source(f"synthetic_sequences/{task}", "test", data_dir)
+  assert len(source) == 1_000
+  for i in range(50):
+    example = source[i]
+    x, y = example["inputs"], example["targets"]
+    assert 1 <= len(x) <= 16 and set(x) <= set(b"abcdefghijklmnopqrstuvwxyz")
+    want = {"copy": x, "reverse": x[::-1], "sort": bytes(sorted(x))}[task]
+    assert y == want
+
+
+def test_synthetic_addition_is_correct(data_dir):
+  source = sources.load_source("synthetic_sequences/add", "train", data_dir)
+  for i in range(100):
+    a, b = source[i]["inputs"].decode().split("+")
+    assert int(source[i]["targets"]) == int(a) + int(b)
+
+
+def test_synthetic_data_set_needs_a_task(data_dir):
+  with pytest.raises(UserError, match="synthetic_sequences/copy, synthetic_sequences/reverse"):
+    sources.load_source("synthetic_sequences", "train", data_dir)
+
+
+def test_prompt_targets_mask_only_the_answer():
+  pairs = lm.PromptTargets([{"inputs": b"ab", "targets": b"ba"}], seq_len=8)
+  example = pairs[0]
+  assert example["tokens"].tolist() == [97, 98, 61, 98, 97, 0, 0, 0, 0]
+  # Positions 2, 3, 4 predict "b", "a" and the end marker.
+  assert example["loss_mask"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+  with pytest.raises(UserError, match="needs 5 tokens but --seq_len=4"):
+    lm.PromptTargets([{"inputs": b"ab", "targets": b"ba"}], seq_len=4)[0]

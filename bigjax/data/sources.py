@@ -7,12 +7,14 @@ import tensorflow_datasets as tfds
 
 from bigjax.data import digits
 from bigjax.data import python_text
+from bigjax.data import synthetic
 from bigjax.errors import UserError
 
 # Builders that ship with bigjax and prepare themselves from files already on the machine.
 LOCAL_BUILDERS = {
     "python_stdlib_text": python_text.PythonStdlibText,
     "sklearn_digits": digits.SklearnDigits,
+    "synthetic_sequences": synthetic.SyntheticSequences,
 }
 
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
@@ -25,18 +27,32 @@ def load_source(name: str, split: str, data_dir: str | None = None):
   Local builders are prepared into `data_dir` on first use (seconds). Any other name must already
   be prepared there in ArrayRecord form; nothing is downloaded.
   """
-  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
-  if name in LOCAL_BUILDERS:
-    builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format="array_record")
-    with _prepare_lock:
-      if not builder.is_prepared():
-        tfds.disable_progress_bar()
-        builder.download_and_prepare()
-  else:
-    builder = _prepared_builder(name, data_dir)
+  builder = open_builder(name, data_dir)
   if split not in builder.info.splits:
     raise UserError(f"data set {name!r} has no split {split!r}; it has {', '.join(builder.info.splits)}")
   return builder.as_data_source(split=split)
+
+
+def open_builder(name: str, data_dir: str | None = None):
+  """The TFDS builder of `name` (`name/config` for a builder config), prepared in `data_dir`."""
+  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  base, _, config = name.partition("/")
+  if base not in LOCAL_BUILDERS:
+    return _prepared_builder(name, data_dir)
+  builder_cls = LOCAL_BUILDERS[base]
+  configs = [c.name for c in builder_cls.BUILDER_CONFIGS]
+  if configs and config not in configs:
+    raise UserError(f"data set {base!r} needs a config: use {', '.join(f'{base}/{c}' for c in configs)}")
+  builder = builder_cls(data_dir=data_dir, file_format="array_record", **({"config": config} if config else {}))
+  with _prepare_lock:
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
+  return builder
+
+
+def feature_names(name: str, data_dir: str | None = None) -> set[str]:
+  return set(open_builder(name, data_dir).info.features.keys())
 
 
 def _prepared_builder(name: str, data_dir: str):

@@ -5,6 +5,7 @@ G key/value heads (groups), R = H / G query heads per group, K head dim.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bigjax.nn import position
@@ -91,6 +92,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: width K of each head.
     num_kv_heads: key/value heads G; must divide num_heads. None means G = H.
     rotary_base: apply rotary position embeddings to q and k with this base; None for no rotation.
+    cache_len: keys and values the KV cache holds when called with `decode=True`.
   """
   num_heads: int
   head_dim: int
@@ -98,13 +100,16 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   dropout_rate: float = 0.0
   rotary_base: float | None = None
+  cache_len: int = 2048
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
   out_kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False):
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False, decode: bool = False):
+    """With `decode=True` the new keys and values are appended to the `cache` collection and the
+    queries attend causally to everything cached so far (`mask_B1TS` is then ignored)."""
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
@@ -128,9 +133,30 @@ class MultiHeadAttention(nn.Module):
     q_BHTK = nn.with_logical_constraint(q_BTHK.transpose(0, 2, 1, 3), ("batch", "act_heads", "length", None))
     k_BGSK = nn.with_logical_constraint(k_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
+    if decode:
+      k_BGSK, v_BGSK, mask_B1TS = self._extend_cache(k_BGSK, v_BGSK)
     probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
     probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=not train)
     out_BTHK = attend(probs_BGRTS, v_BGSK, self.dtype).transpose(0, 2, 1, 3)
     return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, x_BTD.shape[-1]),
                    ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
+
+  def _extend_cache(self, k_BGTK, v_BGTK):
+    """Writes this call's T keys and values at the cache index; returns the whole cache and the mask
+    under which query t (at position index + t) sees the cached positions up to its own."""
+    batch, groups, length, head_dim = k_BGTK.shape
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, groups, self.cache_len, head_dim), k_BGTK.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, groups, self.cache_len, head_dim),
+                                 v_BGTK.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # creating the empty cache (model.init): plain causal attention
+      return k_BGTK, v_BGTK, causal_mask(length)
+    start = index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BGTK, (0, 0, start, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BGTK, (0, 0, start, 0))
+    index.value = start + length
+    query_pos_T1 = start + jnp.arange(length)[:, None]
+    mask_11TS = (jnp.arange(self.cache_len)[None, :] <= query_pos_T1)[None, None]
+    return cached_key.value, cached_value.value, mask_11TS

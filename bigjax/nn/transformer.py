@@ -104,14 +104,14 @@ class TransformerBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False):
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False, decode: bool = False):
     cfg = self.config
     h_BTD = attention.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
         use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
-        rotary_base=cfg.rotary_base if cfg.position == "rotary" else None,
+        rotary_base=cfg.rotary_base if cfg.position == "rotary" else None, cache_len=cfg.max_len,
         dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, out_kernel_init=_residual_init(cfg), name="attn",
-    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, train=train)
+    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, train=train, decode=decode)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
@@ -122,11 +122,13 @@ class TransformerLM(nn.Module):
   """Decoder-only language model: token (+ position) embedding, causal blocks, final LN, logits.
 
   Returns float32 logits [B, T, vocab]. `valid_BT` (True for real tokens) masks padding keys.
+  `decode=True` runs with a KV cache (the `cache` collection, see bigjax.sample): pass the new
+  tokens and their absolute `positions_BT`.
   """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, train: bool = False):
+  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, train: bool = False, decode: bool = False):
     cfg = self.config
     length = tokens_BT.shape[1]
     if length > cfg.max_len:
@@ -150,7 +152,7 @@ class TransformerLM(nn.Module):
     if valid_BT is not None:
       mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
     for i in range(cfg.num_layers):
-      x_BTD = TransformerBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, train=train)
+      x_BTD = TransformerBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, train=train, decode=decode)
     x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:

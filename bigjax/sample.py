@@ -1,0 +1,94 @@
+"""Autoregressive sampling from a language model: a KV cache for Transformers, the carried state for
+RNNs, one jitted loop for both. Temperature, top-k and top-p (nucleus) filtering."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigjax.errors import UserError
+from bigjax.nn import recurrent
+from bigjax.nn import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0  # 0 is greedy (argmax)
+  top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+  top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 keeps all
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise UserError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+def filter_logits(logits_BV, cfg: SamplingConfig):
+  """Logits with everything outside the top-k and the top-p nucleus set to -inf."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if cfg.top_k:
+    kth_largest = jax.lax.top_k(logits_BV, min(cfg.top_k, logits_BV.shape[-1]))[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_largest, -jnp.inf, logits_BV)
+  if cfg.top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # A token stays if the tokens more likely than it hold less than top_p (the first always stays).
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    threshold_B1 = jnp.min(jnp.where(before_BV < cfg.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def choose_tokens(logits_BV, rng, cfg: SamplingConfig):
+  if cfg.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BV, cfg) / cfg.temperature).astype(jnp.int32)
+
+
+def _decoder(model: nn.Module):
+  """(start(params, prompt) -> (logits, carry), step(params, carry, tokens, position) -> (logits, carry))."""
+  if isinstance(model, transformer.TransformerLM):
+    def start(params, prompt_BP):
+      cache = model.init(jax.random.PRNGKey(0), prompt_BP[:, :1], decode=True)["cache"]
+      cache = jax.tree.map(jnp.zeros_like, cache)
+      return step(params, cache, prompt_BP, 0)
+
+    def step(params, cache, tokens_BT, start_position):
+      positions_BT = start_position + jnp.arange(tokens_BT.shape[1])[None, :]
+      logits, variables = model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT=positions_BT,
+                                      decode=True, mutable=["cache"])
+      return logits[:, -1], variables["cache"]
+    return start, step
+  if isinstance(model, recurrent.RNNLM):
+    def start(params, prompt_BP):
+      logits, state = model.apply({"params": params}, prompt_BP, return_state=True)
+      return logits[:, -1], state
+
+    def step(params, state, tokens_BT, start_position):
+      del start_position  # the state carries it
+      logits, state = model.apply({"params": params}, tokens_BT, initial_state=state, return_state=True)
+      return logits[:, -1], state
+    return start, step
+  raise UserError(f"cannot sample from {type(model).__name__}: use a TransformerLM or RNNLM")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "cfg"))
+def generate(model: nn.Module, params, prompt_BP, rng, *, num_tokens: int, cfg: SamplingConfig = SamplingConfig()):
+  """The prompt [B, P] followed by `num_tokens` sampled tokens: [B, P + num_tokens]."""
+  prompt_len = prompt_BP.shape[1]
+  max_len = getattr(model.config, "max_len", None)
+  if max_len is not None and prompt_len + num_tokens > max_len:
+    raise UserError(f"prompt ({prompt_len}) + new tokens ({num_tokens}) exceed the model's max_len={max_len}")
+  start, step = _decoder(model)
+  logits_BV, carry = start(params, prompt_BP)
+
+  def body(state, index):
+    logits_BV, carry, rng = state
+    rng, key = jax.random.split(rng)
+    tokens_B = choose_tokens(logits_BV, key, cfg)
+    logits_BV, carry = step(params, carry, tokens_B[:, None], prompt_len + index)
+    return (logits_BV, carry, rng), tokens_B
+
+  _, new_NB = jax.lax.scan(body, (logits_BV, carry, rng), jnp.arange(num_tokens))
+  return jnp.concatenate([prompt_BP, new_NB.T], axis=1)
