@@ -5,11 +5,17 @@ mid-save never leaves a half-written step that looks finished. Saves are asynchr
 arrays are copied to host, then written while training goes on.
 """
 
+import json
 import os
+import sys
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from bigjax.errors import UserError
+from bigjax.sharding import path_name as sharding_path
 
 
 class Checkpointer:
@@ -44,6 +50,31 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"]
 
+  def restore_newest_readable(self, abstract_state, data_iterator=None):
+    """(state, step) from the newest checkpoint that restores, or (None, 0) when there is none.
+
+    A step that fails to restore (files cut short or deleted) is reported in one line and skipped
+    for the one before it, so a damaged newest save costs only the steps since the previous one.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        kept_at = self._set_aside(step)
+        print(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {first_line}); "
+              f"moved it to {kept_at} and trying the previous one", file=sys.stderr, flush=True)
+    return None, 0
+
+  def _set_aside(self, step: int) -> str:
+    """Renames an unreadable step out of the manager's view (kept for inspection, not overwritten)."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.unreadable-{int(time.time())}"
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    self._manager.reload()
+    return target
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
@@ -54,3 +85,96 @@ class Checkpointer:
 def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying the target shardings: what a restore fills in."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+EXPORT_CONFIG = "model.json"
+EXPORT_PARAMS = "variables"
+
+
+def _params_location(path: str) -> tuple[str, bool]:
+  """(directory, holds a whole train state) for an export directory or a training workdir."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
+    return os.path.join(path, EXPORT_PARAMS), False
+  steps_dir = os.path.join(path, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit()) if os.path.isdir(steps_dir) else []
+  if not steps:
+    raise UserError(f"{path} is neither an export directory (no {EXPORT_CONFIG}) nor a workdir with "
+                    "checkpoints; point --init_from at one")
+  return os.path.join(steps_dir, str(steps[-1]), "state"), True
+
+
+def _saved_tree(directory: str):
+  return ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+
+
+def load_variables(path: str, abstract_variables: dict) -> dict:
+  """Model variables ({"params": ..., and e.g. "batch_stats"}) from an export directory or the
+  newest checkpoint of a workdir, placed with the shardings of `abstract_variables`
+  (ShapeDtypeStructs). A structure or shape mismatch is a one-line error naming the first
+  parameter that differs."""
+  directory, whole_state = _params_location(path)
+  saved = _saved_tree(directory)
+  if whole_state:  # a train state: {"params", "model_state", "opt_state", ...}
+    saved = {"params": saved["params"], **saved.get("model_state", {})}
+  _check_same_shapes(saved, abstract_variables, path)
+  if not whole_state:
+    return ocp.StandardCheckpointer().restore(directory, abstract_variables)
+  params, model_state = abstract_variables["params"], {k: v for k, v in abstract_variables.items() if k != "params"}
+  target = {"params": params, "model_state": model_state}
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory, args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return {"params": restored["params"], **restored["model_state"]}
+
+
+def _check_same_shapes(saved, abstract, path: str) -> None:
+  flat_saved = {sharding_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+  flat_wanted = {sharding_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+  for name, wanted in flat_wanted.items():
+    if name not in flat_saved:
+      raise UserError(f"--init_from={path} has no parameter {name} (shape {tuple(wanted.shape)}); "
+                      "was it saved from the same model?")
+    if tuple(flat_saved[name].shape) != tuple(wanted.shape):
+      raise UserError(f"--init_from={path}: parameter {name} has shape {tuple(flat_saved[name].shape)} "
+                      f"but the model wants {tuple(wanted.shape)}")
+  extra = sorted(set(flat_saved) - set(flat_wanted))
+  if extra:
+    raise UserError(f"--init_from={path} has parameter {extra[0]}, which the model does not")
+
+
+def export(directory: str, variables: dict, model_name: str, overrides: dict) -> str:
+  """Writes the model variables (parameters, batch statistics) and how to rebuild the model (preset
+  name and overrides) to `directory`, which `bigjax.models.load` reads back without any training
+  state."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if os.path.exists(os.path.join(directory, EXPORT_PARAMS)):
+    raise UserError(f"{directory} already holds an export; choose a new --export_dir")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(directory, EXPORT_PARAMS), variables)
+  ckpt.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, EXPORT_CONFIG), "w") as f:
+      json.dump({"model": model_name, "overrides": overrides}, f, indent=2)
+  return directory
+
+
+def read_export(directory: str):
+  """(model name, overrides, variables) of an export directory."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  config_path = os.path.join(directory, EXPORT_CONFIG)
+  if not os.path.exists(config_path):
+    raise UserError(f"{directory} is not a bigjax export (no {EXPORT_CONFIG})")
+  with open(config_path) as f:
+    config = json.load(f)
+  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, EXPORT_PARAMS))
+  return config["model"], _tuples(config["overrides"]), variables
+
+
+def _tuples(value):
+  """JSON turns tuples into lists; configs want them back (and hashable)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value

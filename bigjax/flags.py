@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from bigjax import checkpoint
 from bigjax import metrics
 from bigjax import models
 from bigjax import optim
@@ -22,9 +23,13 @@ from bigjax import train
 from bigjax.errors import UserError
 
 # What and where.
-MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                         "train (resuming from --workdir), eval (the newest checkpoint), or sample "
-                         "(language models: generate from --prompt).")
+MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
+                         "train (resuming from --workdir), eval (the newest checkpoint), sample "
+                         "(language models: generate from --prompt), or export (parameters and model "
+                         "config of the newest checkpoint to --export_dir).")
+INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the parameters of an export "
+                                "directory or of a workdir's newest checkpoint (fine-tuning).")
+EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 MODEL_OVERRIDES = flags.DEFINE_multi_string(
     "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
@@ -64,7 +69,7 @@ def train_config() -> train.TrainConfig:
   return train.TrainConfig(
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
-      keep_checkpoints=KEEP_CHECKPOINTS.value)
+      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value)
 
 
 def optim_config() -> optim.OptimConfig:
@@ -111,6 +116,16 @@ class Experiment:
                                          config=self.config, mesh=self.mesh)
       metrics.console(metrics.format_record(record, record["step"], task.unit))
       return record
+    if MODE.value == "export":
+      require(EXPORT_DIR)
+      example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
+      with train.mesh_context(self.mesh):
+        state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
+                                               config=self.config, mesh=self.mesh)
+        directory = checkpoint.export(EXPORT_DIR.value, {"params": state.params, **state.model_state},
+                                      MODEL.value, model_overrides())
+      metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
+      return {"step": step}
     if MODE.value != "train":
       raise UserError(f"--mode={MODE.value} is not available for this experiment")
     return train.fit(model=self.model, task=task, tx=self.tx,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
+from bigjax import checkpoint
 from bigjax.errors import UserError
 from bigjax.nn import conv
 from bigjax.nn import mlp
@@ -45,6 +46,13 @@ def create(name: str, **overrides) -> nn.Module:
     return _PRESETS[name](**overrides)
   except TypeError as e:  # an override that names no config field
     raise UserError(f"model {name!r}: {e}") from None
+
+
+def load(directory: str):
+  """(module, variables) from a directory written by `--mode=export`, ready for
+  `module.apply(variables, ...)`: evaluate or sample without the training state."""
+  name, overrides, variables = checkpoint.read_export(directory)
+  return create(name, **overrides), variables
 
 
 def _config(cls, defaults: dict, overrides: dict):

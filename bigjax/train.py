@@ -3,7 +3,10 @@
 import contextlib
 import dataclasses
 import functools
+import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -39,6 +42,7 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
 
 
 @contextlib.contextmanager
@@ -152,19 +156,24 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
                                  every=config.checkpoint_every, keep=config.keep_checkpoints)
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
-    start = ckpt.latest_step()
-    if start is None:
+    abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
+    state, start = ckpt.restore_newest_readable(abstract, train_iter)
+    if state is None:
       state, start = steps.init(rng), 0
+      if config.init_from:
+        variables = checkpoint.load_variables(config.init_from, {"params": abstract.params, **abstract.model_state})
+        state = state.replace(params=variables.pop("params"), model_state=variables)
+        metrics_lib.console(f"parameters from {config.init_from}")
     else:
-      abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
-      state = ckpt.restore(start, abstract, train_iter)
       metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
     metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}")
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
-    record = _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config, mesh,
-                         task, ckpt, log, learning_rate)
-  ckpt.wait()
-  ckpt.close()
+    # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
+    with _StopSignals() as stop:
+      record = _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config,
+                           mesh, task, ckpt, log, learning_rate, stop)
+      ckpt.wait()
+      ckpt.close()
   return record
 
 
@@ -191,26 +200,61 @@ def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainCo
     return {"step": step, **evaluate(steps.eval_step, state, eval_data, mesh, task)}
 
 
+class _StopSignals:
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a request that the loop honours after the
+  current step: save, wait for the write, return. Handlers are restored on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, mesh, task, ckpt, log,
-                learning_rate):
+                learning_rate, stop: "_StopSignals"):
   """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
-  waits for the device except at evaluation and checkpoint steps."""
+  waits for the device except at evaluation and checkpoint steps. A non-finite loss stops the run
+  before anything is saved from that step on."""
   is_log_step = lambda s: s % config.log_every == 0 or s == config.num_steps
   is_eval_step = lambda s: eval_data is not None and (s % config.eval_every == 0 or s == config.num_steps)
-  pending, interval_sums, evals, record = None, None, {}, {}
+  interval_sums, record, last_saved = None, {}, start
   speed = metrics_lib.Throughput()
   compile_start = time.perf_counter()
 
-  def collect(step, step_metrics):
-    nonlocal interval_sums, record, speed
+  def fetch(step, step_metrics) -> dict:
+    """Host copy of a step's metrics, added to the interval; stops the run on a NaN or Inf loss."""
+    nonlocal interval_sums, speed
     step_metrics = jax.device_get(step_metrics)
+    loss = float(step_metrics["sums"]["loss"])
+    if not math.isfinite(loss):
+      ckpt.wait()
+      where = f"step {last_saved} in {ckpt.directory}" if last_saved else "none was saved"
+      raise UserError(f"the training loss became {loss} at step {step}; stopped there, and the last good "
+                      f"checkpoint is {where}; lower --learning_rate or tighten --grad_clip")
     if step == start + 1:  # the first step includes compilation: keep it out of the speed figures
       speed = metrics_lib.Throughput()
     else:
       speed.add(1, float(step_metrics["sums"]["count"]))
     interval_sums = metrics_lib.add_sums(interval_sums, step_metrics["sums"])
-    if not (is_log_step(step) or step in evals):
-      return
+    return step_metrics
+
+  def write(step, step_metrics, evals):
+    nonlocal interval_sums, record
     rates = speed.rate()
     record = {"step": step, **{f"train_{k}": v for k, v in task.metrics(interval_sums).items()}}
     record["grad_norm"] = float(step_metrics["grad_norm"])
@@ -218,26 +262,40 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       record["learning_rate"] = float(learning_rate(step - 1))
     if rates is not None:  # the first step (compilation) is not timed
       record.update(steps_per_sec=rates[0], **{f"{task.unit}_per_sec": rates[1]})
-    record.update(evals.pop(step, {}))
+    record.update(evals)
     log.write(record)
     interval_sums = None
 
+  pending = None
   for step in range(start + 1, config.num_steps + 1):
     batch = sharding.host_to_global(next(train_iter), mesh)
     state, step_metrics = step_fn(state, batch)
     if step == start + 1:
       # jit compiles synchronously on the first call; the step itself then runs asynchronously.
       metrics_lib.console(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-    if pending is not None:
-      collect(*pending)
-    pending = (step, step_metrics)
-    if is_eval_step(step) or ckpt.should_save(step) or step == config.num_steps:
-      speed.pause()
-      if is_eval_step(step):
-        evals[step] = evaluate(eval_fn, state, eval_data, mesh, task)
-      if ckpt.should_save(step) or step == config.num_steps:
+    if pending is not None:  # the previous step's metrics: ready by now, so this rarely waits
+      previous, previous_metrics = pending
+      fetched = fetch(previous, previous_metrics)
+      if is_log_step(previous):
+        write(previous, fetched, {})
+      pending = None
+    last = step == config.num_steps or stop.received is not None
+    save = ckpt.should_save(step) or last
+    if not (save or is_eval_step(step)):
+      pending = (step, step_metrics)
+      continue
+    fetched = fetch(step, step_metrics)  # before saving: a NaN state is never checkpointed
+    speed.pause()
+    evals = evaluate(eval_fn, state, eval_data, mesh, task) if is_eval_step(step) else {}
+    if save:
+      ckpt.save(step, state, train_iter)
+      last_saved = step
+    speed.resume()
+    if is_log_step(step) or evals or last:
+      write(step, fetched, evals)
+    if stop.received is not None:
+      if last_saved != step:  # the signal came during this step's evaluation
         ckpt.save(step, state, train_iter)
-      speed.resume()
-  if pending is not None:
-    collect(*pending)
+      metrics_lib.console(f"{stop.received}: saved step {step} to {ckpt.directory}; stopping")
+      break
   return record

@@ -1,0 +1,188 @@
+"""Checkpoints that never lose work: kill -9, SIGTERM, damaged saves, another mesh."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bigjax import checkpoint
+from bigjax import metrics
+from bigjax import models
+from bigjax import optim
+from bigjax import sharding
+from bigjax import tasks
+from bigjax import train
+from bigjax.data import lm
+from bigjax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 12
+
+EXPERIMENTS = {
+    "transformer": ["experiments.transformer", "--flagfile=experiments/configs/transformer_tiny.flags",
+                    "--seq_len=32", "--batch_size=8", "--model_override=num_layers=1",
+                    "--model_override=embed_dim=32", "--model_override=mlp_dim=64", "--eval_batches=2"],
+    "cnn": ["experiments.cnn", "--flagfile=experiments/configs/cnn_tiny.flags", "--batch_size=16",
+            "--eval_batches=2"],
+}
+
+
+def _command(kind, workdir, data_dir, *extra):
+  module, *flags = EXPERIMENTS[kind]
+  return [sys.executable, "-m", module, *flags, f"--workdir={workdir}", f"--data_dir={data_dir}",
+          f"--num_steps={NUM_STEPS}", "--checkpoint_every=3", "--eval_every=6", "--log_every=1", *extra]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+
+def _run(kind, workdir, data_dir, *extra):
+  result = subprocess.run(_command(kind, workdir, data_dir, *extra), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  return result
+
+
+def _start(kind, workdir, data_dir, *extra):
+  return subprocess.Popen(_command(kind, workdir, data_dir, *extra), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  """Polls metrics.jsonl until `step` is logged."""
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert process.poll() is None, process.communicate()
+    if os.path.exists(path) and any(r["step"] >= step for r in metrics.read_jsonl(path)):
+      return
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} never logged")
+
+
+def _params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return restored["params"], restored.get("model_state", {})
+
+
+@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, data_dir):
+  _run(kind, tmp_path / "unbroken", data_dir)
+  kill_after = random.Random().randint(4, NUM_STEPS - 2)  # after the first save, at step 3
+  print(f"killing at step {kill_after}")
+  process = _start(kind, tmp_path / "broken", data_dir)
+  _wait_for_step(tmp_path / "broken", kill_after, process)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  resumed = _run(kind, tmp_path / "broken", data_dir)
+  assert "resumed from step" in resumed.stdout
+  rows = metrics.read_jsonl(tmp_path / "broken" / metrics.METRICS_FILE)
+  assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
+  unbroken = metrics.read_jsonl(tmp_path / "unbroken" / metrics.METRICS_FILE)
+  assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken]
+  got, want = _params(tmp_path / "broken", NUM_STEPS), _params(tmp_path / "unbroken", NUM_STEPS)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, data_dir):
+  process = _start("transformer", tmp_path, data_dir, "--num_steps=100000", "--checkpoint_every=1000")
+  _wait_for_step(tmp_path, 5, process)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr
+  saved = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
+  assert saved >= 5
+  assert str(saved) in os.listdir(tmp_path / "checkpoints")
+  resumed = _run("transformer", tmp_path, data_dir, f"--num_steps={saved + 2}")
+  assert f"resumed from step {saved}" in resumed.stdout
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir):
+  _run("transformer", tmp_path, data_dir, "--num_steps=6")
+  state_dir = tmp_path / "checkpoints" / "6" / "state"
+  for root, _, files in os.walk(state_dir):  # cut every data file short, as a full disk would
+    for name in files:
+      if "metadata" not in name:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
+  shutil.rmtree(state_dir / "d", ignore_errors=True)
+  resumed = _run("transformer", tmp_path, data_dir, "--num_steps=8")
+  assert "checkpoint step 6" in resumed.stderr and "unreadable" in resumed.stderr
+  assert "resumed from step 3" in resumed.stdout
+  assert [r["step"] for r in metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)] == list(range(1, 9))
+
+
+def test_fsdp_checkpoint_restores_on_one_device_with_the_same_eval_loss(tmp_path, data_dir):
+  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32)
+  task = tasks.LanguageModelling()
+  config = train.TrainConfig(workdir=str(tmp_path), num_steps=4, batch_size=8, eval_every=4, checkpoint_every=4)
+  tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=0), config.num_steps)
+  eval_data = lm.eval_batches(lm.open_windows("python_stdlib_text", "validation", 32, data_dir), 8, max_batches=3)
+  train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
+  record = train.fit(model=model, task=task, tx=tx, train_data=lm.train_batches(train_windows, 8, seed=0),
+                     eval_data=eval_data, config=config, mesh=sharding.make_mesh("data:2,fsdp:4,tensor:1"))
+  one_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
+  restored = train.evaluate_checkpoint(model=model, task=task, tx=tx, eval_data=eval_data, config=config,
+                                       mesh=one_device)
+  assert restored["step"] == 4
+  np.testing.assert_allclose(restored["eval_loss"], record["eval_loss"], rtol=1e-6)
+  back_to_eight = train.evaluate_checkpoint(model=model, task=task, tx=tx, eval_data=eval_data, config=config,
+                                            mesh=sharding.make_mesh("data:1,fsdp:4,tensor:2"))
+  np.testing.assert_allclose(back_to_eight["eval_loss"], record["eval_loss"], rtol=1e-6)
+
+
+def _tiny_lm(**overrides):
+  return models.create("transformer-tiny", **{"num_layers": 1, "embed_dim": 32, "num_heads": 4, "mlp_dim": 64,
+                                               "max_len": 32, **overrides})
+
+
+def _fit_tiny(workdir, data_dir, model, num_steps=4, init_from=None):
+  task = tasks.LanguageModelling()
+  config = train.TrainConfig(workdir=str(workdir), num_steps=num_steps, batch_size=8, eval_every=num_steps,
+                             checkpoint_every=num_steps, init_from=init_from, log_every=1)
+  tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=0), config.num_steps)
+  eval_data = lm.eval_batches(lm.open_windows("python_stdlib_text", "validation", 32, data_dir), 8, max_batches=3)
+  train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
+  record = train.fit(model=model, task=task, tx=tx, train_data=lm.train_batches(train_windows, 8, seed=0),
+                     eval_data=eval_data, config=config, mesh=sharding.make_mesh("data:-1"))
+  return record, eval_data, tx
+
+
+def test_export_round_trips_to_the_same_eval_loss(tmp_path, data_dir):
+  model = _tiny_lm()
+  record, eval_data, tx = _fit_tiny(tmp_path / "run", data_dir, model)
+  config = train.TrainConfig(workdir=str(tmp_path / "run"), num_steps=4, batch_size=8)
+  mesh = sharding.make_mesh("data:-1")
+  with train.mesh_context(mesh):
+    state, step, _ = train.load_checkpoint(model=model, task=tasks.LanguageModelling(), tx=tx,
+                                           example_batch=eval_data[0], config=config, mesh=mesh)
+  overrides = {"num_layers": 1, "embed_dim": 32, "num_heads": 4, "mlp_dim": 64, "max_len": 32}
+  checkpoint.export(str(tmp_path / "export"), {"params": state.params}, "transformer-tiny", overrides)
+  loaded, variables = models.load(str(tmp_path / "export"))
+  assert loaded.config == model.config
+  total = None
+  for batch in eval_data:
+    sums, _ = tasks.LanguageModelling().loss_sums(loaded, variables, batch)
+    total = metrics.add_sums(total, jax.device_get(sums))
+  np.testing.assert_allclose(total["loss"] / total["count"], record["eval_loss"], rtol=1e-6)
+
+
+def test_init_from_loads_parameters_and_names_the_first_mismatch(tmp_path, data_dir):
+  first, _, _ = _fit_tiny(tmp_path / "pretrain", data_dir, _tiny_lm(), num_steps=6)
+  tuned, _, _ = _fit_tiny(tmp_path / "finetune", data_dir, _tiny_lm(), num_steps=1,
+                          init_from=str(tmp_path / "pretrain"))
+  rows = metrics.read_jsonl(tmp_path / "finetune" / metrics.METRICS_FILE)
+  assert rows[0]["train_loss"] < 0.97 * np.log(256)  # starts where the pretraining left off, not at ln 256
+  with pytest.raises(UserError, match=r"parameter params/block_0/mlp/wi/bias has shape \(64,\) but the model "
+                                      r"wants \(128,\)"):
+    _fit_tiny(tmp_path / "wrong", data_dir, _tiny_lm(mlp_dim=128), init_from=str(tmp_path / "pretrain"))
