@@ -13,6 +13,7 @@ import time
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from bigjax.errors import UserError
 from bigjax.sharding import path_name as sharding_path
@@ -21,13 +22,22 @@ from bigjax.sharding import path_name as sharding_path
 class Checkpointer:
   """Saves every `every` steps into `directory`, keeps the newest `keep`, restores the latest."""
 
-  def __init__(self, directory: str, *, every: int, keep: int = 3):
+  def __init__(self, directory: str, *, every: int, keep: int = 3, best_metric: str | None = None):
+    """Keeps the newest `keep` checkpoints and, with `best_metric` (say "eval_loss"), also the one
+    with the best value of that metric (highest for accuracies, lowest otherwise)."""
     self.directory = os.path.abspath(directory)
     self.every = every
+    self.best_metric = best_metric
+    policies = [checkpoint_managers.LatestN(keep)]
+    if best_metric:
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse="accuracy" not in best_metric, n=1,
+          keep_checkpoints_without_metrics=False))  # reverse=True keeps the lowest value
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=True,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -35,11 +45,15 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
-  def save(self, step: int, state, data_iterator=None) -> None:
+  def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
+    """Starts writing `step` (returns once the arrays are copied to host). `metrics` with the
+    best metric in it make this step a candidate for the best checkpoint."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    if not (self.best_metric and metrics and self.best_metric in metrics):
+      metrics = None
+    self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """The state at `step`, placed with the shardings in `abstract_state` (any mesh), and the

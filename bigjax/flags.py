@@ -63,13 +63,15 @@ EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "Batches per evaluation (
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every N steps (and at the end); "
                                         "0 saves only at the end.", lower_bound=0)
 KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.", lower_bound=1)
+KEEP_BEST_METRIC = flags.DEFINE_string("keep_best_metric", None, "Also keep the checkpoint with the best value "
+                                       "of this eval metric (eval_loss: lowest; eval_accuracy: highest).")
 
 
 def train_config() -> train.TrainConfig:
   return train.TrainConfig(
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
-      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value)
+      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value)
 
 
 def optim_config() -> optim.OptimConfig:

@@ -43,6 +43,7 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
+  keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
 
 
 @contextlib.contextmanager
@@ -153,7 +154,8 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
   example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
   rng = jax.random.PRNGKey(config.seed)
   ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"),
-                                 every=config.checkpoint_every, keep=config.keep_checkpoints)
+                                 every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 best_metric=config.keep_best_metric)
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
     abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
@@ -288,7 +290,7 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     speed.pause()
     evals = evaluate(eval_fn, state, eval_data, mesh, task) if is_eval_step(step) else {}
     if save:
-      ckpt.save(step, state, train_iter)
+      ckpt.save(step, state, train_iter, metrics=evals)
       last_saved = step
     speed.resume()
     if is_log_step(step) or evals or last:

@@ -186,3 +186,16 @@ def test_init_from_loads_parameters_and_names_the_first_mismatch(tmp_path, data_
   with pytest.raises(UserError, match=r"parameter params/block_0/mlp/wi/bias has shape \(64,\) but the model "
                                       r"wants \(128,\)"):
     _fit_tiny(tmp_path / "wrong", data_dir, _tiny_lm(mlp_dim=128), init_from=str(tmp_path / "pretrain"))
+
+
+@pytest.mark.parametrize("metric,values", [("eval_loss", [3.0, 1.0, 2.0, 4.0]), ("eval_accuracy", [0.3, 0.9, 0.5, 0.1])])
+def test_keep_best_keeps_the_best_and_the_newest(tmp_path, metric, values):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, best_metric=metric)
+  state = {"w": jax.numpy.ones(3)}
+  for step, value in enumerate(values, start=1):
+    ckpt.save(step, state, metrics={metric: value})
+    ckpt.wait()
+  ckpt.save(5, state)  # a step without an evaluation: newest, never "best"
+  ckpt.wait()
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["2", "5"]
