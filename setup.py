@@ -25,8 +25,11 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10",  # TFDS decodes PNG/JPEG image features with it
         "scikit-learn>=1.3",  # the offline digits data set ships inside it
+        "tensorboard>=2.16,<3",  # event files written and read without TensorFlow
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+                 "matplotlib>=3.8"],
+        "colab": ["matplotlib>=3.8"],
     },
 )

@@ -6,6 +6,7 @@ values into typed configs with the `*_config()` helpers.
 
 import ast
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -130,6 +131,7 @@ class Experiment:
       return {"step": step}
     if MODE.value != "train":
       raise UserError(f"--mode={MODE.value} is not available for this experiment")
+    save_flags(self.config.workdir)
     return train.fit(model=self.model, task=task, tx=self.tx,
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
                      train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh)
@@ -141,6 +143,16 @@ def experiment() -> Experiment:
   log_devices()
   return Experiment(model=models.create(MODEL.value, **model_overrides()), mesh=sharding.make_mesh(MESH.value),
                     config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
+
+
+def save_flags(workdir: str) -> str:
+  """Writes every flag's value to `workdir/flags.txt`: `--flagfile=` that file repeats the run."""
+  path = os.path.join(workdir, "flags.txt")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(flags.FLAGS.flags_into_string())
+  return path
 
 
 def require(*required: flags.FlagHolder) -> None:

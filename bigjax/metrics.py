@@ -8,6 +8,9 @@ import time
 
 import jax
 import numpy as np
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,8 +34,27 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class TensorBoard:
+  """Scalars as TensorBoard event files in `directory`, written with TensorBoard's own writer (no
+  TensorFlow needed)."""
+
+  def __init__(self, directory: str):
+    self._writer = EventFileWriter(directory)
+
+  def write(self, record: dict) -> None:
+    values = [summary_pb2.Summary.Value(tag=key, simple_value=float(value)) for key, value in record.items()
+              if key != "step" and isinstance(value, (int, float))]
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(record["step"]),
+                                           summary=summary_pb2.Summary(value=values)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class MetricsLog:
-  """Appends one JSON object per logged step to `workdir/metrics.jsonl` and prints a console line.
+  """Appends one JSON object per logged step to `workdir/metrics.jsonl`, the same scalars to
+  TensorBoard event files in `workdir/tensorboard`, and prints a console line.
 
   Only process 0 writes. On resume, records after the restored step (written by a run that died
   before its next checkpoint) are dropped, so each step appears exactly once.
@@ -43,9 +65,12 @@ class MetricsLog:
     self.unit, self.num_steps = unit, num_steps
     self.stream = stream or sys.stdout
     self.enabled = jax.process_index() == 0
+    self.tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._truncate_after(resumed_step)
+      self.tensorboard = TensorBoard(os.path.join(workdir, "tensorboard"))
+    self.progress = Progress(num_steps, unit, self.stream) if self.enabled else None
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -61,8 +86,20 @@ class MetricsLog:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self.tensorboard.write(record)
+    self.progress.clear()
     self.stream.write(format_record(record, self.num_steps, self.unit) + "\n")
     self.stream.flush()
+
+  def step(self, step: int, loss: float, units: float) -> None:
+    """Per-step progress (a live line on a terminal; nothing otherwise)."""
+    if self.enabled:
+      self.progress.update(step, loss, units)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.progress.clear()
+      self.tensorboard.close()
 
 
 def format_record(record: dict, num_steps: int, unit: str) -> str:
@@ -82,6 +119,51 @@ def format_record(record: dict, num_steps: int, unit: str) -> str:
     else:
       parts.append(f"{key} {value}")
   return " | ".join(parts)
+
+
+class Progress:
+  """A single self-rewriting line on a terminal: step/total, loss, steps/s, units/s, ETA.
+
+  Silent when the stream is not a terminal (logs and CI keep only the per-log-step lines).
+  """
+
+  def __init__(self, num_steps: int, unit: str, stream):
+    self.num_steps, self.unit, self.stream = num_steps, unit, stream
+    self.live = hasattr(stream, "isatty") and stream.isatty()
+    self._last = None  # (time, step)
+    self._steps_per_sec = self._units_per_sec = None
+    self._shown = False
+
+  def update(self, step: int, loss: float, units: float) -> None:
+    now = time.perf_counter()
+    if self._last is not None and step > self._last[1]:
+      dt = (now - self._last[0]) / (step - self._last[1])
+      rate, unit_rate = 1.0 / max(dt, 1e-9), units / max(dt, 1e-9)
+      smooth = lambda old, new: new if old is None else 0.9 * old + 0.1 * new
+      self._steps_per_sec, self._units_per_sec = smooth(self._steps_per_sec, rate), smooth(self._units_per_sec, unit_rate)
+    self._last = (now, step)
+    if not self.live or self._steps_per_sec is None:
+      return
+    eta = (self.num_steps - step) / self._steps_per_sec
+    done = int(20 * step / self.num_steps)
+    line = (f"[{'=' * done}{'.' * (20 - done)}] {step}/{self.num_steps} | loss {loss:.4f} | "
+            f"{self._steps_per_sec:.2f} steps/s | {self._units_per_sec:,.0f} {self.unit}/s | ETA {format_seconds(eta)}")
+    self.stream.write("\r" + line + "\x1b[K")
+    self.stream.flush()
+    self._shown = True
+
+  def clear(self) -> None:
+    if self._shown:
+      self.stream.write("\r\x1b[K")
+      self.stream.flush()
+      self._shown = False
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class Throughput:

@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch, *, model, tx, task):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state={**state.model_state, **new_model_state})
-  return new_state, {"sums": sums, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"sums": sums, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
 
 
 def eval_step(state: TrainState, batch, *, model, task):
@@ -242,17 +242,20 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     """Host copy of a step's metrics, added to the interval; stops the run on a NaN or Inf loss."""
     nonlocal interval_sums, speed
     step_metrics = jax.device_get(step_metrics)
-    loss = float(step_metrics["sums"]["loss"])
-    if not math.isfinite(loss):
+    loss, update = float(step_metrics["sums"]["loss"]), float(step_metrics["update_norm"])
+    if not (math.isfinite(loss) and math.isfinite(update)):
+      # The update counts too: a finite loss with a NaN update would still poison the saved state.
       ckpt.wait()
       where = f"step {last_saved} in {ckpt.directory}" if last_saved else "none was saved"
-      raise UserError(f"the training loss became {loss} at step {step}; stopped there, and the last good "
-                      f"checkpoint is {where}; lower --learning_rate or tighten --grad_clip")
+      raise UserError(f"training became non-finite at step {step} (loss {loss}, update norm {update}); "
+                      f"stopped there, and the last good checkpoint is {where}; lower --learning_rate "
+                      "or tighten --grad_clip")
     if step == start + 1:  # the first step includes compilation: keep it out of the speed figures
       speed = metrics_lib.Throughput()
     else:
       speed.add(1, float(step_metrics["sums"]["count"]))
     interval_sums = metrics_lib.add_sums(interval_sums, step_metrics["sums"])
+    log.step(step, loss / max(float(step_metrics["sums"]["count"]), 1.0), float(step_metrics["sums"]["count"]))
     return step_metrics
 
   def write(step, step_metrics, evals):
@@ -269,12 +272,16 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     interval_sums = None
 
   pending = None
+  best = None  # (value, step) of the first eval metric
+  run_start = time.perf_counter()
   for step in range(start + 1, config.num_steps + 1):
     batch = sharding.host_to_global(next(train_iter), mesh)
+    if step == start + 1:  # compile ahead of time, to report the cost before the first step runs
+      step_fn = step_fn.lower(state, batch).compile()
+      flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
+      metrics_lib.console(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s: "
+                          f"{flops / 1e9:,.2f} GFLOP per step (XLA's count; loops counted once)")
     state, step_metrics = step_fn(state, batch)
-    if step == start + 1:
-      # jit compiles synchronously on the first call; the step itself then runs asynchronously.
-      metrics_lib.console(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
     if pending is not None:  # the previous step's metrics: ready by now, so this rarely waits
       previous, previous_metrics = pending
       fetched = fetch(previous, previous_metrics)
@@ -295,9 +302,19 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     speed.resume()
     if is_log_step(step) or evals or last:
       write(step, fetched, evals)
+    if evals:
+      key = next(iter(evals))
+      better = (lambda a, b: a > b) if "accuracy" in key else (lambda a, b: a < b)
+      if best is None or better(evals[key], best[0]):
+        best = (evals[key], step, key)
     if stop.received is not None:
       if last_saved != step:  # the signal came during this step's evaluation
         ckpt.save(step, state, train_iter)
       metrics_lib.console(f"{stop.received}: saved step {step} to {ckpt.directory}; stopping")
       break
+  log.close()
+  summary = f"done: steps {start + 1}-{record.get('step', start)} in {metrics_lib.format_seconds(time.perf_counter() - run_start)}"
+  if best is not None:
+    summary += f"; best {best[2]} {best[0]:.4f} at step {best[1]}"
+  metrics_lib.console(summary + f"; checkpoints in {ckpt.directory}")
   return record

@@ -81,6 +81,9 @@ def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, dat
   print(f"killing at step {kill_after}")
   process = _start(kind, tmp_path / "broken", data_dir)
   _wait_for_step(tmp_path / "broken", kill_after, process)
+  while not (tmp_path / "broken" / "checkpoints" / "3").is_dir():  # the first save has landed
+    assert process.poll() is None
+    time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.communicate()
   resumed = _run(kind, tmp_path / "broken", data_dir)

@@ -102,3 +102,35 @@ def test_image_of_the_wrong_shape_is_a_one_line_error(tmp_path, data_dir):
   result = _run_experiment("experiments.cnn", "--model=resnet18", "--dataset=sklearn_digits",
                            f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=1")
   _assert_one_line_error(result, 1, "images have shape (1, 8, 8, 1) but the model expects [batch, 224, 224, 3]")
+
+
+def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  result = _run(*tiny, "--num_steps=4", "--eval_every=2", "--learning_rate=0.005")
+  assert result.returncode == 0, result.stderr
+  events = EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = events.Tags()["scalars"]
+  assert {"train_loss", "eval_loss", "eval_bits_per_byte", "tokens_per_sec"} <= set(scalars)
+  assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+  assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx([r["eval_loss"] for r in rows if "eval_loss" in r])
+  saved = (tmp_path / "flags.txt").read_text()
+  assert "--learning_rate=0.005" in saved and "--num_steps=4" in saved
+  assert "GFLOP per step" in result.stdout and "done: steps 1-4" in result.stdout
+  # The saved flags alone repeat the run exactly.
+  again = _run(f"--flagfile={tmp_path / 'flags.txt'}", f"--workdir={tmp_path / 'again'}")
+  assert again.returncode == 0, again.stderr
+  assert metrics.read_jsonl(tmp_path / "again" / "metrics.jsonl")[-1]["train_loss"] == rows[-1]["train_loss"]
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
+  good = _run(*tiny, "--num_steps=3", "--checkpoint_every=3")
+  assert good.returncode == 0, good.stderr
+  poisoned = _run(*tiny, "--num_steps=8", "--checkpoint_every=1", "--learning_rate=nan")
+  _assert_one_line_error(poisoned, 1, "training became non-finite at step 4")
+  assert "last good checkpoint is step 3" in poisoned.stderr
+  evaluated = _run(*tiny, "--num_steps=8", "--mode=eval")
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert "step 3/3" in evaluated.stdout and "nan" not in evaluated.stdout.lower()
