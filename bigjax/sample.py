@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
@@ -92,3 +93,14 @@ def generate(model: nn.Module, params, prompt_BP, rng, *, num_tokens: int, cfg: 
 
   _, new_NB = jax.lax.scan(body, (logits_BV, carry, rng), jnp.arange(num_tokens))
   return jnp.concatenate([prompt_BP, new_NB.T], axis=1)
+
+
+def generate_text(model: nn.Module, params, prompt: str, *, num_tokens: int, cfg: SamplingConfig = SamplingConfig(),
+                  num_samples: int = 1, seed: int = 0) -> list[str]:
+  """Byte-level convenience: continues `prompt` `num_samples` times and decodes the bytes as UTF-8."""
+  prompt_tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)
+  if not len(prompt_tokens):
+    raise UserError("the prompt is empty; give at least one character to continue")
+  prompts = jnp.tile(jnp.asarray(prompt_tokens)[None], (num_samples, 1))
+  tokens = generate(model, params, prompts, jax.random.PRNGKey(seed), num_tokens=num_tokens, cfg=cfg)
+  return [bytes(np.asarray(row, np.uint8)).decode("utf-8", errors="replace") for row in tokens]

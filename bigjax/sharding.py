@@ -129,6 +129,17 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def describe_params(params) -> str:
+  """A table of every parameter: path, shape, mesh axes per dimension, and the shard each device holds."""
+  rows = [("parameter", "shape", "sharding", "per device")]
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    spec = getattr(getattr(x, "sharding", None), "spec", None)
+    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") else x.shape
+    rows.append((path_name(path), str(tuple(x.shape)), str(tuple(spec)) if spec is not None else "-", str(tuple(shard))))
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def host_to_global(batch, mesh: Mesh):
   """Turns this process's slice of the batch (numpy) into one global array sharded over the batch axes."""
   sharding = batch_sharding(mesh)

@@ -6,7 +6,6 @@
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -16,7 +15,6 @@ from bigjax import sample
 from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
-from bigjax.errors import UserError
 from bigjax.data import lm
 from bigjax.data import pipeline
 
@@ -33,18 +31,13 @@ TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode=sample: sample from the smalles
 def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   """Continues --prompt from the newest checkpoint in --workdir and prints each continuation."""
   cfg = sample.SamplingConfig(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
-  prompt = np.frombuffer(PROMPT.value.encode(), np.uint8).astype(np.int32)
-  if not len(prompt):
-    raise UserError("--prompt is empty; give at least one character to continue")
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
     state, step, _ = train.load_checkpoint(model=exp.model, task=tasks.LanguageModelling(), tx=exp.tx,
                                            example_batch=example_batch, config=exp.config, mesh=single_device)
-  prompts = jnp.tile(jnp.asarray(prompt)[None], (NUM_SAMPLES.value, 1))
-  tokens = sample.generate(exp.model, state.params, prompts, jax.random.PRNGKey(exp.config.seed),
-                           num_tokens=NUM_TOKENS.value, cfg=cfg)
-  texts = [bytes(np.asarray(row, np.uint8)).decode("utf-8", errors="replace") for row in tokens]
+  texts = sample.generate_text(exp.model, state.params, PROMPT.value, num_tokens=NUM_TOKENS.value, cfg=cfg,
+                               num_samples=NUM_SAMPLES.value, seed=exp.config.seed)
   metrics.console(f"step {step} checkpoint, {cfg}")
   for text in texts:
     metrics.console("-" * 40 + "\n" + text)

@@ -4,6 +4,7 @@ import os
 import threading
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 
 from bigjax.data import digits
 from bigjax.data import python_text
@@ -17,7 +18,6 @@ LOCAL_BUILDERS = {
     "synthetic_sequences": synthetic.SyntheticSequences,
 }
 
-DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 _prepare_lock = threading.Lock()
 
 
@@ -35,7 +35,8 @@ def load_source(name: str, split: str, data_dir: str | None = None):
 
 def open_builder(name: str, data_dir: str | None = None):
   """The TFDS builder of `name` (`name/config` for a builder config), prepared in `data_dir`."""
-  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  # Without --data_dir, TFDS's own default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  data_dir = os.path.expanduser(data_dir or tfds_constants.DATA_DIR)
   base, _, config = name.partition("/")
   if base not in LOCAL_BUILDERS:
     return _prepared_builder(name, data_dir)
