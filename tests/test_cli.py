@@ -45,6 +45,9 @@ def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tin
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert all("eval_bits_per_byte" in r for r in rows if r["step"] % 2 == 0)
+  sampled = _run(*tiny, "--mode=sample", "--prompt=import ", "--num_tokens=12", "--temperature=0", "--num_samples=2")
+  assert sampled.returncode == 0, sampled.stderr
+  assert "step 6 checkpoint" in sampled.stdout and sampled.stdout.count("import ") == 2
 
 
 def test_unknown_model_lists_the_known_ones(tiny):

@@ -118,3 +118,23 @@ def test_prompt_targets_mask_only_the_answer():
   assert example["loss_mask"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
   with pytest.raises(UserError, match="needs 5 tokens but --seq_len=4"):
     lm.PromptTargets([{"inputs": b"ab", "targets": b"ba"}], seq_len=4)[0]
+
+
+def test_standardize_gives_zero_mean_unit_variance_per_image():
+  from bigjax.data import images
+  image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+  out = images.standardize(image)
+  np.testing.assert_allclose([out.mean(), out.std()], [0.0, 1.0], atol=1e-5)
+  assert np.all(np.isfinite(images.standardize(np.zeros((4, 4, 1), np.uint8))))
+
+
+def test_augment_flips_and_crops_from_the_padded_image():
+  from bigjax.data import images
+  image = np.arange(16, dtype=np.float32).reshape(4, 4, 1) + 1
+  flips = {images.Augment(flip=True)(image, np.random.default_rng(s)).tobytes() for s in range(20)}
+  assert flips == {image.tobytes(), image[:, ::-1].tobytes()}
+  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+  windows = {padded[t:t + 4, l:l + 4].tobytes() for t in range(5) for l in range(5)}
+  for seed in range(20):
+    crop = images.Augment(crop_padding=2)(image, np.random.default_rng(seed))
+    assert crop.shape == image.shape and crop.tobytes() in windows
