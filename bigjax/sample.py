@@ -51,8 +51,10 @@ def _decoder(model: nn.Module):
   """(start(params, prompt) -> (logits, carry), step(params, carry, tokens, position) -> (logits, carry))."""
   if isinstance(model, transformer.TransformerLM):
     def start(params, prompt_BP):
-      cache = model.init(jax.random.PRNGKey(0), prompt_BP[:, :1], decode=True)["cache"]
-      cache = jax.tree.map(jnp.zeros_like, cache)
+      # Only the cache's shapes are needed: an empty cache is all zeros.
+      init = functools.partial(model.init, decode=True)  # decode stays a Python bool, not a tracer
+      cache_shapes = jax.eval_shape(init, jax.random.PRNGKey(0), prompt_BP[:, :1])["cache"]
+      cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache_shapes)
       return step(params, cache, prompt_BP, 0)
 
     def step(params, cache, tokens_BT, start_position):

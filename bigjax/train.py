@@ -107,11 +107,13 @@ def eval_step(state: TrainState, batch, *, model, task):
 
 
 def evaluate(eval_fn, state, batches: Iterable, mesh, task) -> dict[str, float]:
-  """Task metrics over every batch, prefixed with eval_."""
+  """Task metrics over every batch, prefixed with eval_. The sums stay on the device until the
+  end, so the batches are dispatched back to back with a single fetch."""
   total = None
   for batch in batches:
-    total = metrics_lib.add_sums(total, jax.device_get(eval_fn(state, sharding.host_to_global(batch, mesh))))
-  return {f"eval_{k}": v for k, v in task.metrics(total).items()}
+    sums = eval_fn(state, sharding.host_to_global(batch, mesh))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return {f"eval_{k}": v for k, v in task.metrics(metrics_lib.add_sums(None, jax.device_get(total))).items()}
 
 
 def count_params(params) -> int:

@@ -90,7 +90,7 @@ def test_batch_norm_statistics_change_in_training_and_are_used_at_eval():
                        model=models.create("cnn-small"), task=tasks.Classification(), batch=_digits_batch())
   model = models.create("cnn-small")
   fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))["batch_stats"]
-  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.model_state["batch_stats"])):
+  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.model_state["batch_stats"]), strict=True):
     assert not np.allclose(a, b)
   # Eval uses the running averages: an image's logits do not depend on the rest of its batch.
   variables = {"params": state.params, **state.model_state}

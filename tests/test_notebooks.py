@@ -1,6 +1,5 @@
 """Every notebook in colab/ runs top to bottom on CPU (small setting); any cell error fails."""
 
-import os
 import pathlib
 
 import nbclient

@@ -106,7 +106,7 @@ def test_padding_never_changes_real_positions(cell):
   a_out, a_carries = stack.apply({"params": params}, x, lengths)
   b_out, b_carries = stack.apply({"params": params}, noisy, lengths)
   np.testing.assert_allclose(a_out, b_out, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(a_carries), jax.tree.leaves(b_carries)):
+  for a, b in zip(jax.tree.leaves(a_carries), jax.tree.leaves(b_carries), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 

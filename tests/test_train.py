@@ -59,7 +59,7 @@ def test_rerun_resumes_at_the_next_step_and_matches_an_unbroken_run(tmp_path, da
   unbroken_rows = metrics.read_jsonl(tmp_path / "unbroken" / "metrics.jsonl")
   assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken_rows]
   for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "broken", 7)),
-                  jax.tree.leaves(_final_params(tmp_path / "unbroken", 7))):
+                  jax.tree.leaves(_final_params(tmp_path / "unbroken", 7)), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
