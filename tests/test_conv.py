@@ -43,6 +43,62 @@ def test_conv_matches_naive_reference(kernel, stride):
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def _lax_conv(x, kernel, stride, pad):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _value_and_vjp(conv_fn, x, w, cotangent):
+  y, vjp = jax.vjp(conv_fn, x, w)
+  return y, vjp(cotangent)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(1, 1, 8), (1, 2, 9), (3, 1, 8), (3, 2, 8), (3, 2, 9), (7, 2, 10)])
+def test_matmul_conv_matches_lax_conv_in_value_and_gradient(kernel, stride, size):
+  kx, kk, kc = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, size, size, 3))
+  w = jax.random.normal(kk, (kernel, kernel, 3, 4))
+  pad = kernel // 2
+  cotangent = jax.random.normal(kc, _lax_conv(x, w, stride, pad).shape)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(_value_and_vjp, static_argnums=0)(
+        lambda a, b: conv.conv_as_matmul(a, b, (stride, stride), [(pad, pad)] * 2), x, w, cotangent)
+    want = jax.jit(_value_and_vjp, static_argnums=0)(lambda a, b: _lax_conv(a, b, stride, pad), x, w, cotangent)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=1e-5)
+  for g, h in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(g, h, atol=1e-3, rtol=1e-5)
+
+
+def test_conv_impls_share_parameters_and_honour_dtypes():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  outputs, trees = [], []
+  for impl in ("matmul", "xla"):
+    layer = conv.conv(4, 3, 2, use_bias=True, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="c", impl=impl)
+    variables = layer.init(jax.random.key(1), x)
+    trees.append(jax.tree.map(lambda p: (p.value.shape, p.value.dtype, p.names), variables["params"],
+                              is_leaf=lambda p: isinstance(p, nn.Partitioned)))
+    outputs.append(layer.apply(variables, x))
+  assert trees[0] == trees[1] == {"kernel": ((3, 3, 3, 4), jnp.float32, (None, None, "conv_in", "conv_out")),
+                                  "bias": ((4,), jnp.float32, ("conv_out",))}
+  assert outputs[0].dtype == outputs[1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(outputs[0], np.float32), np.asarray(outputs[1], np.float32), atol=0.1)
+
+
+def test_resnet_is_the_same_function_with_either_conv_impl():
+  tiny = dict(input_shape=(16, 16, 3), num_classes=10, width=8, stage_sizes=(1, 1))
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  matmul, xla = (models.create("resnet18", conv_impl=impl, **tiny) for impl in ("matmul", "xla"))
+  variables = jax.jit(matmul.init)(jax.random.key(1), images)
+  assert jax.tree.structure(variables) == jax.tree.structure(jax.eval_shape(xla.init, jax.random.key(1), images))
+  with jax.default_matmul_precision("highest"):
+    got, want = (jax.jit(m.apply)(variables, images) for m in (matmul, xla))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert conv.resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(UserError, match="unknown conv_impl 'fft'"):
+    models.create("resnet18", conv_impl="fft")
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_architectures_have_the_published_parameter_counts(name):
   model = models.create(name)

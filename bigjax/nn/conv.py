@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bigjax.errors import UserError
@@ -51,13 +52,80 @@ def _norm(kind: str, train: bool, dtype, param_dtype, name: str, zero_scale: boo
   raise UserError(f"unknown norm {kind!r}; use batch, layer or none")
 
 
+ConvImpl = Literal["auto", "xla", "matmul"]
+CONV_IMPLS = ("auto", "xla", "matmul")
+
+
+def _check_conv_impl(impl: str) -> None:
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv_impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' is the matmul form on CPU, where XLA's own convolution trains ResNets about 4x slower
+  than slices + one matmul, and XLA's convolution (cuDNN, the TPU's MXU) everywhere else."""
+  _check_conv_impl(impl)
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]):
+  """Cross-correlation as one matmul: each of the kh x kw kernel taps is a strided slice of the
+  padded input, the slices are concatenated on the channel axis (tap-major, as the kernel's
+  [kh, kw, in] flattens) and contracted with the flattened kernel. Same result as
+  lax.conv_general_dilated with NHWC/HWIO layouts, no dilation and one feature group."""
+  kh, kw, cin, cout = kernel_HWIO.shape
+  if x_BHWC.shape[-1] != cin:
+    raise UserError(f"convolution input has {x_BHWC.shape[-1]} channels but the kernel expects {cin}")
+  sh, sw = strides
+  x_BHWC = jnp.pad(x_BHWC, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  batch, height, width, _ = x_BHWC.shape
+  out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+  taps = [jax.lax.slice(x_BHWC, (0, i, j, 0), (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin),
+                        (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  patches_BHWP = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return jnp.einsum("bhwp,po->bhwo", patches_BHWP, kernel_HWIO.reshape(kh * kw * cin, cout))
+
+
+def conv_xla(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]):
+  return jax.lax.conv_general_dilated(x_BHWC, kernel_HWIO, strides, [tuple(p) for p in padding],
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with nn.Conv's parameters ("kernel" [kh, kw, in, out], "bias" [out]), so
+  presets and checkpoints do not depend on which implementation `impl` picks (see resolve_conv_impl)."""
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+  use_bias: bool = True
+  impl: ConvImpl = "auto"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = _conv_init
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    kernel_HWIO = self.param("kernel", self.kernel_init, (*self.kernel_size, x_BHWC.shape[-1], self.features),
+                             self.param_dtype)
+    bias_O = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype)
+    run = conv_as_matmul if resolve_conv_impl(self.impl) == "matmul" else conv_xla
+    y_BHWO = run(x_BHWC, kernel_HWIO, tuple(self.strides), self.padding)
+    return y_BHWO if bias_O is None else y_BHWO + bias_O
+
+
 def conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool, dtype, param_dtype, name: str,
-         kernel_init=_conv_init) -> nn.Conv:
+         kernel_init=_conv_init, impl: ConvImpl = "auto") -> Conv:
   """A k x k convolution with 'SAME'-style symmetric padding (k // 2) and logically named kernel axes."""
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=[(kernel // 2,) * 2] * 2,
-                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                 kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+  return Conv(features, (kernel, kernel), strides=(strides, strides), padding=((kernel // 2,) * 2,) * 2,
+              use_bias=use_bias, impl=impl, dtype=dtype, param_dtype=param_dtype, name=name,
+              kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
 
 
 class ConvBlock(nn.Module):
@@ -69,13 +137,14 @@ class ConvBlock(nn.Module):
   activation: str = "relu"
   pool: Literal["max", "avg", "none"] = "none"
   pool_size: int = 2
+  conv_impl: ConvImpl = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC, *, train: bool = False):
     x_BHWC = conv(self.features, self.kernel, self.strides, use_bias=self.norm == "none", dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="conv")(x_BHWC)
+                  param_dtype=self.param_dtype, name="conv", impl=self.conv_impl)(x_BHWC)
     x_BHWC = _norm(self.norm, train, self.dtype, self.param_dtype, "norm")(x_BHWC)
     x_BHWC = _ACTIVATIONS[self.activation](x_BHWC)
     window = (self.pool_size, self.pool_size)
@@ -106,10 +175,12 @@ class CNNConfig:
   activation: str = "relu"
   dense: Sequence[int] = (128,)
   dropout_rate: float = 0.0
+  conv_impl: ConvImpl = "auto"  # see resolve_conv_impl; parameters are the same for every choice
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
+    _check_conv_impl(self.conv_impl)
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(_ACTIVATIONS)}")
     if self.norm not in ("batch", "layer", "none"):
@@ -127,7 +198,7 @@ class CNN(nn.Module):
       for i in range(cfg.convs_per_stage):
         last = i == cfg.convs_per_stage - 1
         x = ConvBlock(features, cfg.kernel, norm=cfg.norm, activation=cfg.activation,
-                      pool="max" if last else "none", dtype=dtype, param_dtype=param_dtype,
+                      pool="max" if last else "none", conv_impl=cfg.conv_impl, dtype=dtype, param_dtype=param_dtype,
                       name=f"stage{stage}_conv{i}")(x, train=train)
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(cfg.dense):
@@ -152,10 +223,12 @@ class ResNetConfig:
   width: int = 64
   stem: Literal["imagenet", "small"] = "imagenet"
   zero_init_residual: bool = False  # last BN scale of each block at zero (Goyal et al. 2017)
+  conv_impl: ConvImpl = "auto"  # see resolve_conv_impl; parameters are the same for every choice
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
+    _check_conv_impl(self.conv_impl)
     if self.block not in ("basic", "bottleneck"):
       raise ValueError(f"unknown block {self.block!r}: use basic or bottleneck")
     if self.stem not in ("imagenet", "small"):
@@ -168,12 +241,14 @@ class ResidualBlock(nn.Module):
   strides: int
   bottleneck: bool
   zero_init_residual: bool = False
+  conv_impl: ConvImpl = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC, *, train: bool = False):
-    make_conv = functools.partial(conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    make_conv = functools.partial(conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  impl=self.conv_impl)
     norm = functools.partial(_norm, "batch", train, self.dtype, self.param_dtype)
     if self.bottleneck:
       out_features = self.features * 4
@@ -201,16 +276,19 @@ class ResNet(nn.Module):
     cfg = self.config
     x, dtype, param_dtype = _checked_input(images_BHWC, cfg)
     if cfg.stem == "imagenet":
-      x = conv(cfg.width, 7, 2, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv")(x)
+      x = conv(cfg.width, 7, 2, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv",
+               impl=cfg.conv_impl)(x)
       x = nn.relu(_norm("batch", train, dtype, param_dtype, "stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = conv(cfg.width, 3, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv")(x)
+      x = conv(cfg.width, 3, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv",
+               impl=cfg.conv_impl)(x)
       x = nn.relu(_norm("batch", train, dtype, param_dtype, "stem_bn")(x))
     for stage, num_blocks in enumerate(cfg.stage_sizes):
       for i in range(num_blocks):
         x = ResidualBlock(cfg.width * 2 ** stage, strides=2 if stage > 0 and i == 0 else 1,
                           bottleneck=cfg.block == "bottleneck", zero_init_residual=cfg.zero_init_residual,
-                          dtype=dtype, param_dtype=param_dtype, name=f"stage{stage}_block{i}")(x, train=train)
+                          conv_impl=cfg.conv_impl, dtype=dtype, param_dtype=param_dtype,
+                          name=f"stage{stage}_block{i}")(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return classifier_head(x, cfg.num_classes, param_dtype, name="fc")
