@@ -31,5 +31,8 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "matplotlib>=3.8"],
         "colab": ["matplotlib>=3.8"],
+        # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
+        # pip install torch --index-url https://download.pytorch.org/whl/cpu
+        "bench": ["torch>=2.4"],
     },
 )

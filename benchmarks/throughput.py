@@ -1,0 +1,302 @@
+"""Training throughput, model FLOPs and MFU of a bigjax preset: prints one JSON line.
+
+  python -m benchmarks.throughput --model=transformer-tiny --model_override=num_layers=4 \
+      --batch_size=16 --seq_len=256
+  python -m benchmarks.throughput --model=resnet18 --image_size=32 --model_override=num_classes=10 \
+      --batch_size=64
+  python -m benchmarks.throughput --model=lstm-lm --model_override=num_layers=2 --batch_size=16 --seq_len=128
+
+It times the real train step: `bigjax.train.compile_steps` for the model, the task from
+`bigjax.tasks`, the optimizer from the shared optimizer flags, on the mesh from --mesh. One random
+batch is placed on the devices once, so the figures exclude the input pipeline.
+
+Step time is the median over --bench_steps steps after --bench_warmup warm-up steps, each step
+synchronised with `block_until_ready`. MFU is model FLOPs (see `flops_per_unit`) per second over
+(a) the dense matmul peak measured in the same process, in the same dtype, and (b) the datasheet
+peak of the device kind where it is known (GPU/TPU).
+"""
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from bigjax import flags as bigjax_flags
+from bigjax import models
+from bigjax import optim
+from bigjax import sharding
+from bigjax import tasks
+from bigjax import train
+from bigjax.errors import UserError
+from bigjax.nn import recurrent
+from bigjax.nn import transformer
+
+SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Language models: tokens per sequence.", lower_bound=1)
+IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image models: height and width (default: the preset's).",
+                                  lower_bound=1)
+BENCH_WARMUP = flags.DEFINE_integer("bench_warmup", 3, "Untimed steps after compilation.", lower_bound=0)
+BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps (the median is reported).", lower_bound=1)
+PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", None, "n of the n x n x n matmul that measures the "
+                                 "device's peak (default 2048 on CPU, 8192 elsewhere).", lower_bound=64)
+
+# Dense (no sparsity) matmul peaks per chip from the vendors' datasheets, in FLOP/s, by compute dtype.
+# float32 on NVIDIA tensor cores is TF32, which XLA uses for float32 matmuls at default precision.
+DATASHEET_PEAKS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12},  # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "TPU v6 lite": {"bfloat16": 918e12},  # v6e
+    "TPU v5 lite": {"bfloat16": 197e12},  # v5e
+    "TPU v5p": {"bfloat16": 459e12},
+    "TPU v5": {"bfloat16": 459e12},  # v5p reports itself as "TPU v5"
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v3": {"bfloat16": 123e12},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One model, task and batch: what the bigjax and the PyTorch benchmarks both run."""
+  name: str
+  model: nn.Module
+  task: object
+  batch: dict  # host numpy arrays
+  unit: str  # "tokens" or "images"
+  units_per_step: int
+  dtype: str
+
+
+def is_language_model(model: nn.Module) -> bool:
+  return isinstance(model, (transformer.TransformerLM, recurrent.RNNLM))
+
+
+def build_model(name: str, overrides: dict, image_size: int | None) -> nn.Module:
+  if image_size is not None:
+    channels = models.create(name).config.input_shape[-1]
+    overrides = {"input_shape": (image_size, image_size, channels), **overrides}
+  return models.create(name, **overrides)
+
+
+def random_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+  """Random tokens [B, T + 1] for a language model; random images and labels for a classifier."""
+  rng = np.random.default_rng(seed)
+  cfg = model.config
+  if is_language_model(model):
+    return {"tokens": rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)}
+  images = rng.standard_normal((batch_size, *cfg.input_shape), dtype=np.float32)
+  return {"image": images, "label": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32)}
+
+
+def workload_from_flags() -> Workload:
+  bigjax_flags.require(bigjax_flags.MODEL)
+  overrides = bigjax_flags.model_overrides()
+  model = build_model(bigjax_flags.MODEL.value, overrides, IMAGE_SIZE.value)
+  batch_size = bigjax_flags.BATCH_SIZE.value
+  batch = random_batch(model, batch_size, SEQ_LEN.value, bigjax_flags.SEED.value)
+  if is_language_model(model):
+    if SEQ_LEN.value > getattr(model.config, "max_len", SEQ_LEN.value):
+      raise UserError(f"--seq_len={SEQ_LEN.value} exceeds the model's max_len={model.config.max_len}; "
+                      f"add --model_override=max_len={SEQ_LEN.value}")
+    task, unit, units = tasks.LanguageModelling(), "tokens", batch_size * SEQ_LEN.value
+  else:
+    task, unit, units = tasks.Classification(), "images", batch_size
+  return Workload(bigjax_flags.MODEL.value, model, task, batch, unit, units, overrides["dtype"])
+
+
+# ---- model FLOPs ---------------------------------------------------------------------------------
+
+def matmul_params(params) -> int:
+  """Parameters that multiply activations in a matmul: every kernel (dense, attention, recurrent,
+  convolution, heads), not embedding tables that are only looked up, nor biases or norms."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return sum(int(np.prod(x.shape)) for path, x in leaves if sharding.path_name(path).endswith("kernel"))
+
+
+def transformer_flops_per_token(cfg: transformer.TransformerConfig, params, seq_len: int) -> float:
+  """Training FLOPs per token, PaLM's estimate (Chowdhery et al. 2022, appendix B):
+    6 * N + 12 * L * T * D
+  N: matmul parameters (the logits head counts, tied or not: it is a V x D matmul per token);
+  6 = 2 FLOPs per multiply-add x (1 forward + 2 backward). 12 * L * T * D: the attention score
+  and value matmuls (2 x 2 * T * D per token and layer forward, x3 with the backward), counted over
+  the full T x T matrix: NO causal halving (the kernels here compute the masked half too)."""
+  n = matmul_params(params)
+  if cfg.tie_embeddings:
+    n += cfg.vocab_size * cfg.embed_dim
+  attention_dim = cfg.num_heads * cfg.resolved_head_dim
+  return 6.0 * n + 12.0 * cfg.num_layers * seq_len * attention_dim
+
+
+def rnn_flops_per_token(cfg: recurrent.RNNLMConfig, params) -> float:
+  """6 * N per token: the input, recurrent and head kernels are each one matmul per token (gate
+  nonlinearities are elementwise and not counted)."""
+  n = matmul_params(params)
+  if cfg.tie_embeddings:
+    n += cfg.vocab_size * cfg.embed_dim
+  return 6.0 * n
+
+
+def counted_forward_flops(fn: Callable, *args) -> float:
+  """2 x multiply-adds of every dot_general and convolution in fn's jaxpr (scan bodies times their
+  length): an analytic count of the forward pass's matmul FLOPs, independent of XLA."""
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs_shape = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs_shape[d] for d in lhs_contract])
+    elif name == "conv_general_dilated":
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+      rhs_shape = eqn.invars[1].aval.shape
+      per_output = np.prod([rhs_shape[d] for d in rhs_spec[1:]])
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
+    else:
+      times = eqn.params.get("length", 1) if name == "scan" else 1
+      for sub in _subjaxprs(eqn.params):
+        total += times * _jaxpr_flops(sub)
+  return total
+
+
+def _subjaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def flops_per_unit(workload: Workload, params, model_state) -> tuple[float, str, float]:
+  """(model training FLOPs per token or image, how they were counted, the jaxpr-counted figure).
+
+  Training is taken as 3 x the forward (the backward computes two matmuls per forward matmul)."""
+  model, batch = workload.model, workload.batch
+  task = workload.task
+  counted = 3.0 * counted_forward_flops(
+      lambda p, s, b: task.loss_sums(model, {"params": p, **s}, b)[0]["loss"],
+      params, model_state, batch) / batch[next(iter(batch))].shape[0]
+  if isinstance(model, transformer.TransformerLM):
+    seq_len = batch["tokens"].shape[1] - 1
+    return transformer_flops_per_token(model.config, params, seq_len), "6N+12LTD (no causal halving)", counted / seq_len
+  if isinstance(model, recurrent.RNNLM):
+    seq_len = batch["tokens"].shape[1] - 1
+    return rnn_flops_per_token(model.config, params), "6N", counted / seq_len
+  return counted, "3 x forward matmul/conv FLOPs counted in the jaxpr", counted
+
+
+def abstract_variables(workload: Workload):
+  """(params, other collections) of the workload's model as shapes, without initialising it."""
+  variables = nn.unbox(jax.eval_shape(lambda rng: workload.task.init(workload.model, rng, workload.batch),
+                                      jax.random.key(0)))
+  params = variables.pop("params")
+  return params, variables
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def time_calls(fn: Callable[[], object], count: int) -> list[float]:
+  """Wall seconds of `count` calls of fn, each waited for with block_until_ready."""
+  times = []
+  for _ in range(count):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measured_matmul_peak(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+  """FLOP/s of the fastest of `repeats` n x n by n x n matmuls in `dtype` on the default device:
+  the dense peak this device reaches through XLA in this process."""
+  n = size or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  return 2.0 * n ** 3 / min(time_calls(lambda: matmul(a, b), repeats))
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+  """The datasheet's dense peak for this device kind and dtype; None on CPU or when unknown."""
+  for kind in sorted(DATASHEET_PEAKS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+    if kind in device_kind:
+      return DATASHEET_PEAKS[kind].get(dtype)
+  return None
+
+
+class BigjaxRunner:
+  """The real bigjax train step for a workload, compiled once; `step()` runs one and returns its
+  outputs (not waited for)."""
+
+  def __init__(self, workload: Workload, mesh, tx, seed: int = 0):
+    self.workload, self.mesh = workload, mesh
+    sharding.check_batch_size(workload.batch[next(iter(workload.batch))].shape[0], mesh)
+    rng = jax.random.PRNGKey(seed)
+    example = jax.tree.map(lambda x: x[:1], workload.batch)
+    with train.mesh_context(mesh):
+      steps = train.compile_steps(model=workload.model, tx=tx, task=workload.task, example_batch=example,
+                                  mesh=mesh, rng=rng)
+      self.state = jax.block_until_ready(steps.init(rng))
+      self.batch = sharding.host_to_global(workload.batch, mesh)
+      start = time.perf_counter()
+      self._step = steps.train_step.lower(self.state, self.batch).compile()
+      self.compile_s = time.perf_counter() - start
+
+  def step(self):
+    self.state, metrics = self._step(self.state, self.batch)
+    return self.state, metrics
+
+
+def summarize(workload: Workload, step_times: list[float], compile_s: float, flops: tuple, peak: float,
+              framework: str = "bigjax") -> dict:
+  """The JSON record: speed, model FLOPs and MFU of one framework's timed steps."""
+  per_unit, how, counted = flops
+  step_s = statistics.median(step_times)
+  achieved = per_unit * workload.units_per_step / step_s
+  device = jax.devices()[0]
+  sheet = datasheet_peak(device.device_kind, workload.dtype)
+  return {
+      "framework": framework, "model": workload.name, "dtype": workload.dtype,
+      "batch_size": workload.batch[next(iter(workload.batch))].shape[0],
+      "device": device.device_kind, "platform": device.platform, "num_devices": jax.device_count(),
+      f"{workload.unit}_per_s": workload.units_per_step / step_s,
+      "step_s": step_s, "step_s_min": min(step_times), "step_s_max": max(step_times), "timed_steps": len(step_times),
+      "compile_s": compile_s, "flops_per_token" if workload.unit == "tokens" else "flops_per_image": per_unit,
+      "flops_formula": how, "flops_counted_per_unit": counted, "achieved_flops": achieved,
+      "measured_peak_flops": peak, "mfu_measured_peak": achieved / peak,
+      "datasheet_peak_flops": sheet, "mfu_datasheet": achieved / sheet if sheet else None,
+  }
+
+
+def run_bigjax(workload: Workload) -> dict:
+  mesh = sharding.make_mesh(bigjax_flags.MESH.value)
+  tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
+  runner = BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value)
+  time_calls(runner.step, BENCH_WARMUP.value)
+  step_times = time_calls(runner.step, BENCH_STEPS.value)
+  flops = flops_per_unit(workload, runner.state.params, runner.state.model_state)
+  peak = measured_matmul_peak(workload.dtype, PEAK_SIZE.value)
+  record = summarize(workload, step_times, runner.compile_s, flops, peak)
+  record["mesh"] = sharding.describe(mesh)
+  return record
+
+
+def main(argv):
+  del argv
+  print(json.dumps(run_bigjax(workload_from_flags())), flush=True)
+
+
+if __name__ == "__main__":
+  bigjax_flags.run(main)
