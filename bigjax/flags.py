@@ -45,8 +45,28 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size (over all
 SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and data order.")
 MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1",
                            "Device mesh as axis:size pairs over data, fsdp, tensor; -1 takes the rest.")
-DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
-PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                          "Compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Losses and softmax "
+                          "are float32 either way.")
+PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                                "Parameter (and optimizer state) storage dtype.")
+# Scale: memory, many processes, an ahead-of-time check.
+GRAD_ACCUM = flags.DEFINE_integer("grad_accum", 1, "Micro-batches per optimizer step (gradients summed); "
+                                  "--batch_size stays the global batch per step.", lower_bound=1)
+REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
+                          "Transformer blocks: recompute activations in the backward pass; full keeps only "
+                          "block inputs, dots keeps matmul outputs, dots_no_batch also recomputes attention's.")
+SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Transformer blocks: one block under nn.scan with "
+                                "stacked parameters; compiles num_layers times faster.")
+COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step for --mesh and --batch_size, "
+                                 "print the FLOPs and memory per device and the parameter shardings, and exit.")
+SHOW_SHARDING = flags.DEFINE_bool("show_sharding", False, "Print every parameter's shape and sharding "
+                                  "before training.")
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0. Without it, TPU pods, SLURM, "
+    "Open MPI and Kubernetes are detected by JAX itself.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.", lower_bound=1)
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.", lower_bound=0)
 # Optimizer.
 OPTIMIZER = flags.DEFINE_enum("optimizer", "adamw", list(optim.OPTIMIZERS), "Optimizer.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
@@ -72,7 +92,8 @@ def train_config() -> train.TrainConfig:
   return train.TrainConfig(
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
-      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value)
+      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
+      grad_accum=GRAD_ACCUM.value)
 
 
 def optim_config() -> optim.OptimConfig:
@@ -84,8 +105,12 @@ def optim_config() -> optim.OptimConfig:
 
 def model_overrides() -> dict:
   """--model_override name=value pairs, values parsed as Python literals where they are one,
-  plus --dtype and --param_dtype."""
-  overrides = {"dtype": DTYPE.value, "param_dtype": PARAM_DTYPE.value}
+  plus --dtype, --param_dtype, and --remat / --scan_layers when set."""
+  overrides = {"dtype": compute_dtype(), "param_dtype": PARAM_DTYPE.value}
+  if REMAT.value != "none":
+    overrides["remat"] = REMAT.value
+  if SCAN_LAYERS.value:
+    overrides["scan_layers"] = True
   for item in MODEL_OVERRIDES.value:
     name, sep, value = item.partition("=")
     if not sep:
@@ -95,6 +120,13 @@ def model_overrides() -> dict:
     except (ValueError, SyntaxError):
       overrides[name.strip()] = value.strip()
   return overrides
+
+
+def compute_dtype() -> str:
+  """--dtype, with auto resolved: bfloat16 where the matrix units want it, float32 on CPU."""
+  if DTYPE.value != "auto":
+    return DTYPE.value
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +163,15 @@ class Experiment:
       return {"step": step}
     if MODE.value != "train":
       raise UserError(f"--mode={MODE.value} is not available for this experiment")
+    if COMPILE_ONLY.value or SHOW_SHARDING.value:
+      example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
+      metrics.console(train.describe_shardings(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
+                                               mesh=self.mesh, seed=self.config.seed))
+    if COMPILE_ONLY.value:
+      report = train.compile_report(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
+                                    config=self.config, mesh=self.mesh)
+      metrics.console(train.format_compile_report(report, self.mesh))
+      return report
     save_flags(self.config.workdir)
     return train.fit(model=self.model, task=task, tx=self.tx,
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
@@ -138,7 +179,9 @@ class Experiment:
 
 
 def experiment() -> Experiment:
-  """Checks the required flags, logs the devices, and builds the model, mesh and configs."""
+  """Starts the multi-process runtime if this is one process of many, checks the required flags,
+  logs the devices, and builds the model, mesh and configs."""
+  sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
   require(MODEL, DATASET, WORKDIR)
   log_devices()
   return Experiment(model=models.create(MODEL.value, **model_overrides()), mesh=sharding.make_mesh(MESH.value),

@@ -30,6 +30,38 @@ LOGICAL_RULES = (
 )
 
 
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts JAX's multi-controller runtime when this is one process of many; call before any
+  other JAX call. Given a coordinator, the three values are used as they are; without one,
+  `jax.distributed.initialize()` runs only where JAX recognises a cluster (Cloud TPU pod, SLURM,
+  Open MPI, Kubernetes) and fills them in itself. Returns whether it initialised."""
+  if coordinator_address is None:
+    if num_processes is not None or process_id is not None:
+      raise UserError("--num_processes and --process_id need --coordinator_address (host:port of process 0)")
+    if not _cluster_detected():
+      return False
+  elif num_processes is None or process_id is None:
+    raise UserError("--coordinator_address needs --num_processes and --process_id too")
+  elif not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id={process_id} must be in [0, {num_processes}) for --num_processes={num_processes}")
+  # CPU processes exchange collectives over gloo; GPU and TPU backends ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return True
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection finds an environment it can initialise from. The list of
+  environments is private to JAX: if it moves, launch with explicit flags instead."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    environments = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return False
+  return any(not env.opt_in_only_method and env.is_env_present() for env in environments)
+
+
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
   """'data:-1,fsdp:2,tensor:1' -> {'data': n / 2, 'fsdp': 2, 'tensor': 1}; -1 takes the rest."""
   sizes: dict[str, int] = {}
@@ -90,13 +122,17 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[name] for name in BATCH_AXES)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """The global batch must split evenly over data x fsdp, and over the processes that feed it."""
+def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+  """The global batch must split evenly over data x fsdp (for each of `grad_accum` micro-batches),
+  and over the processes that feed it."""
   ways = data_parallel_size(mesh)
-  if batch_size % ways:
+  if grad_accum < 1:
+    raise UserError(f"--grad_accum={grad_accum} must be at least 1")
+  if batch_size % (ways * grad_accum):
+    per_micro = f" x {grad_accum} micro-batches" if grad_accum > 1 else ""
     raise UserError(f"--batch_size={batch_size} does not divide over the {ways} data-parallel "
-                    f"devices (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
-                    f"use a multiple of {ways}")
+                    f"devices (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}){per_micro}; "
+                    f"use a multiple of {ways * grad_accum}")
   if batch_size % jax.process_count():
     raise UserError(f"--batch_size={batch_size} does not divide over {jax.process_count()} processes")
 

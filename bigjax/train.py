@@ -8,7 +8,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from bigjax import checkpoint
-from bigjax import metrics as metrics_lib
 from bigjax import sharding
+from bigjax import metrics as metrics_lib
 from bigjax.errors import UserError
 
 
@@ -44,6 +46,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
+  grad_accum: int = 1  # micro-batches per optimizer step
 
 
 @contextlib.contextmanager
@@ -85,19 +88,53 @@ def state_shardings(*, model, tx, task, example_batch, mesh, rng):
                     model_state=model_state_shardings, rng=replicated)
 
 
-def train_step(state: TrainState, batch, *, model, tx, task):
-  """One optimizer update. Returns the new state and the step's summed metrics."""
-  rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+def _grads_and_sums(params, model_state, batch, rngs, *, model, task):
+  """Gradients of the summed loss (not the mean: micro-batches add up), the summed metrics and
+  the updated model state of one (micro-)batch."""
+  def summed_loss(params):
+    sums, new_model_state = task.loss_sums(model, {"params": params, **model_state}, batch, rngs=rngs, train=True)
+    return sums["loss"], (sums, new_model_state)
 
-  def loss_fn(params):
-    sums, new_model_state = task.loss_sums(model, {"params": params, **state.model_state}, batch,
-                                           rngs=rngs, train=True)
-    return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, new_model_state)
+  (_, (sums, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+  return grads, sums, {**model_state, **new_model_state}
 
-  (_, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+def _micro_batches(batch, num_micro: int):
+  """[B, ...] -> [num_micro, B / num_micro, ...] where micro-batch k takes rows k, k + num_micro, ...:
+  every device keeps contributing its own rows to every micro-batch, so nothing moves."""
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1):
+  """One optimizer update, from `grad_accum` micro-batches whose gradients are summed before the
+  update (batch norm statistics see each micro-batch). Returns the new state and the step's summed
+  metrics."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  grads_fn = functools.partial(_grads_and_sums, model=model, task=task)
+  if grad_accum == 1:
+    grads, sums, model_state = grads_fn(state.params, state.model_state, batch, {"dropout": step_rng})
+  else:
+    def accumulate(carry, micro):
+      grads, sums, model_state = carry
+      index, micro_batch = micro
+      g, s, model_state = grads_fn(state.params, model_state, micro_batch,
+                                   {"dropout": jax.random.fold_in(step_rng, index)})
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state), None
+
+    micro_batches = _micro_batches(batch, grad_accum)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: grads_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro_batches),
+                         {"dropout": step_rng})[1]))
+    (grads, sums, model_state), _ = jax.lax.scan(
+        accumulate, (zeros, zero_sums, state.model_state), (jnp.arange(grad_accum), micro_batches))
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0).astype(g.dtype), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, model_state={**state.model_state, **new_model_state})
+                            opt_state=opt_state, model_state=model_state)
   return new_state, {"sums": sums, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
 
 
@@ -129,7 +166,7 @@ class Compiled:
   eval_step: Callable  # (state, global batch) -> sums
 
 
-def compile_steps(*, model, tx, task, example_batch, mesh, rng) -> Compiled:
+def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int = 1) -> Compiled:
   """Shardings and jitted init / train / eval for this model on this mesh (call in mesh_context)."""
   shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -137,7 +174,7 @@ def compile_steps(*, model, tx, task, example_batch, mesh, rng) -> Compiled:
       shardings=shardings,
       init=jax.jit(functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
                    out_shardings=shardings),
-      train_step=jax.jit(functools.partial(train_step, model=model, tx=tx, task=task),
+      train_step=jax.jit(functools.partial(train_step, model=model, tx=tx, task=task, grad_accum=grad_accum),
                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                          donate_argnums=0),
       eval_step=jax.jit(functools.partial(eval_step, model=model, task=task),
@@ -151,7 +188,7 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
   Resumes from the newest checkpoint in `config.workdir` if there is one. Returns the last logged
   record (with the final evaluation, when `eval_data` is given).
   """
-  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   train_iter = iter(train_data)
   example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
   rng = jax.random.PRNGKey(config.seed)
@@ -159,7 +196,8 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
                                  every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  best_metric=config.keep_best_metric)
   with mesh_context(mesh):
-    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
+                          grad_accum=config.grad_accum)
     abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     state, start = ckpt.restore_newest_readable(abstract, train_iter)
     if state is None:
@@ -179,6 +217,65 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
       ckpt.wait()
       ckpt.close()
   return record
+
+
+def describe_shardings(*, model, task, tx, example_batch, mesh, seed: int = 0) -> str:
+  """The parameter sharding table for `mesh`, from shapes alone (the optimizer state follows it)."""
+  rng = jax.random.PRNGKey(seed)
+  with mesh_context(mesh):
+    shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+    abstract = jax.eval_shape(
+        functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch), rng)
+  params = checkpoint.abstract_like(abstract.params, shardings.params)
+  return f"parameter shardings on mesh {sharding.describe(mesh)}:\n{sharding.describe_params(params)}"
+
+
+def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh) -> dict:
+  """Lowers and compiles the train step for the global batch on `mesh` from shapes alone (nothing
+  is allocated), and returns its FLOPs and per-device memory: an out-of-memory shows here, before
+  any accelerator time is spent."""
+  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
+  rng = jax.random.PRNGKey(config.seed)
+  with mesh_context(mesh):
+    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
+                          grad_accum=config.grad_accum)
+    abstract_state = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding),
+        example_batch)
+    start = time.perf_counter()
+    compiled = steps.train_step.lower(abstract_state, abstract_batch).compile()
+  report = {"compile_s": time.perf_counter() - start, "params": count_params(abstract_state.params),
+            "flops_per_step": (compiled.cost_analysis() or {}).get("flops", 0.0)}
+  memory = compiled.memory_analysis()
+  if memory is not None:  # bytes on each device: the program is the same on all of them
+    report.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+                  alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+                  code_bytes=memory.generated_code_size_in_bytes)
+    # Donated state buffers are reused for the outputs, so aliased bytes count once.
+    report["peak_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  if limit:
+    report["device_bytes"] = limit
+  return report
+
+
+def format_compile_report(report: dict, mesh) -> str:
+  gib = lambda b: f"{b / 2**30:,.3f} GiB"
+  lines = [(f"compiled the train step for mesh {sharding.describe(mesh)} in {report['compile_s']:.1f}s: "
+            f"{report['params']:,} parameters, {report['flops_per_step'] / 1e9:,.2f} GFLOP per step per device "
+            "(XLA's count; loops counted once)")]
+  if "peak_bytes" in report:
+    lines.append(f"memory per device: state and batch in {gib(report['argument_bytes'])}, outputs "
+                 f"{gib(report['output_bytes'])} ({gib(report['alias_bytes'])} of them reusing donated "
+                 f"inputs), temporaries {gib(report['temp_bytes'])}, code {gib(report['code_bytes'])}; "
+                 f"peak about {gib(report['peak_bytes'])}")
+  if "device_bytes" in report:
+    fits = "fits" if report["peak_bytes"] <= report["device_bytes"] else "DOES NOT FIT"
+    lines.append(f"device memory {gib(report['device_bytes'])}: {fits}")
+  return "\n".join(lines)
 
 
 def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh):

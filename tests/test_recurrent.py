@@ -8,7 +8,6 @@ from bigjax import models
 from bigjax import tasks
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
-from tests.test_sharding import run_steps
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -154,16 +153,6 @@ def test_recurrent_presets_run(name):
   variables = model.init(jax.random.key(1), inputs)
   out = model.apply(variables, inputs)
   assert out.shape == want and np.all(np.isfinite(out))
-
-
-def test_sharded_lstm_step_matches_one_device():
-  model = lambda: models.create("lstm-lm", embed_dim=16, hidden_size=32, num_layers=2)
-  want, _ = run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1], model=model())
-  got, _ = run_steps("data:2,fsdp:1,tensor:4", jax.devices(), model=model())
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  got, _ = run_steps("data:2,fsdp:4,tensor:1", jax.devices(), model=model())
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  assert want[-1] < want[0]
 
 
 def test_too_long_sequences_and_lengths_are_one_line_errors():

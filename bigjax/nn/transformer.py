@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bigjax.nn import attention
@@ -15,6 +16,14 @@ _ACTIVATIONS = {
     "gelu": nn.gelu,  # tanh approximation, as GPT-2 uses
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
+}
+
+# --remat: which activations a block keeps for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no rematerialisation)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... but not attention's
 }
 
 
@@ -38,8 +47,12 @@ class TransformerConfig:
   layer_norm_epsilon: float = 1e-5
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage
+  remat: str = "none"  # a REMAT_POLICIES name
+  scan_layers: bool = False  # one block under nn.scan, parameters stacked on a leading "layers" axis
 
   def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if self.head_dim is None and self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
                        "set head_dim explicitly")
@@ -118,6 +131,31 @@ class TransformerBlock(nn.Module):
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
 
+def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, train: bool, decode: bool):
+  """Runs `cfg.num_layers` blocks (call inside a compact method): as block_0, block_1, ..., or with
+  `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV caches) have a leading
+  layers axis, which compiles one block instead of num_layers. `cfg.remat` wraps each block in
+  jax.checkpoint with the named policy."""
+  def block(module, x_BTD, mask_B1TS, positions_BT):
+    return module(x_BTD, mask_B1TS, positions_BT, train=train, decode=decode)
+
+  policy = REMAT_POLICIES[cfg.remat]
+  if cfg.remat != "none":
+    # Under scan the loop already stops XLA from merging recomputation into the forward pass.
+    block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+  if not cfg.scan_layers:
+    for i in range(cfg.num_layers):
+      x_BTD = block(TransformerBlock(cfg, name=f"block_{i}"), x_BTD, mask_B1TS, positions_BT)
+    return x_BTD
+  scanned = nn.scan(
+      lambda module, x_BTD, mask_B1TS, positions_BT: (block(module, x_BTD, mask_B1TS, positions_BT), None),
+      variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+  x_BTD, _ = scanned(TransformerBlock(cfg, name="blocks"), x_BTD, mask_B1TS, positions_BT)
+  return x_BTD
+
+
 class TransformerLM(nn.Module):
   """Decoder-only language model: token (+ position) embedding, causal blocks, final LN, logits.
 
@@ -151,8 +189,7 @@ class TransformerLM(nn.Module):
     mask = attention.causal_mask(length)
     if valid_BT is not None:
       mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
-    for i in range(cfg.num_layers):
-      x_BTD = TransformerBlock(cfg, name=f"block_{i}")(x_BTD, mask, positions_BT, train=train, decode=decode)
+    x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, train=train, decode=decode)
     x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:
@@ -183,6 +220,8 @@ class ViTConfig:
   dropout_rate: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: str = "none"  # as TransformerConfig
+  scan_layers: bool = False
 
   def __post_init__(self):
     height, width, _ = self.input_shape
@@ -203,7 +242,7 @@ class ViTConfig:
         vocab_size=0, num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, max_len=self.grid[0] * self.grid[1] + 1, position="none",
         activation="gelu_exact", dropout_rate=self.dropout_rate, layer_norm_epsilon=1e-6,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers)
 
 
 class ViT(nn.Module):
@@ -238,8 +277,7 @@ class ViT(nn.Module):
       x_BTD = jnp.concatenate([jnp.broadcast_to(cls_11D.astype(dtype), (batch, 1, cfg.embed_dim)), x_BTD], axis=1)
     x_BTD = x_BTD + pos_TD.astype(dtype)[None]
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
-    for i in range(cfg.num_layers):
-      x_BTD = TransformerBlock(block_cfg, name=f"block_{i}")(x_BTD, None, None, train=train)
+    x_BTD = apply_blocks(block_cfg, x_BTD, None, None, train=train, decode=False)
     x_BTD = _layer_norm(block_cfg, "ln_final")(x_BTD)
     pooled_BD = x_BTD[:, 0] if cfg.pool == "cls" else jnp.mean(x_BTD, axis=1)
     return conv.classifier_head(pooled_BD, cfg.num_classes, block_cfg.storage_dtype)
