@@ -34,8 +34,17 @@ EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to wr
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 MODEL_OVERRIDES = flags.DEFINE_multi_string(
     "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
-DATASET = flags.DEFINE_string("dataset", None, "TFDS data set name.")
+DATASET = flags.DEFINE_string("dataset", None, "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
+                              "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
+TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "Split to train on, in TFDS syntax (train[:90%]).")
+EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "Split to evaluate on (default: validation, else test).")
+TEXT_KEY = flags.DEFINE_string("text_key", None, "Feature holding the text (default: text, bytes or content).")
+IMAGE_KEY = flags.DEFINE_string("image_key", "image", "Feature holding the image.")
+LABEL_KEY = flags.DEFINE_string("label_key", "label", "Feature holding the class label.")
+DATA_WORKERS = flags.DEFINE_integer("data_workers", None, "Loader processes reading ahead; 0 reads in this "
+                                    "process (threads). Default: an eighth of the CPU cores, at most 8.",
+                                    lower_bound=0)
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and metrics.jsonl. "
                               "Rerunning with the same workdir resumes.")
 # How long and how much.

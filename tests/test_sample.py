@@ -23,6 +23,7 @@ def _full_forward_greedy(model, params, prompt, num_tokens):
     ("transformer-tiny", dict(position="learned")),
     ("transformer-tiny", dict(position="rotary", num_kv_heads=2)),
     ("transformer-tiny", dict(position="sinusoidal", num_kv_heads=1)),
+    ("transformer-tiny", dict(position="rotary", scan_layers=True, remat="full")),  # caches stacked by layer
     ("lstm-lm", dict(num_layers=2)),
     ("gru-lm", dict()),
 ])
