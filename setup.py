@@ -26,6 +26,7 @@ setuptools.setup(
         "pillow>=10",  # TFDS decodes PNG/JPEG image features with it
         "scikit-learn>=1.3",  # the offline digits data set ships inside it
         "tensorboard>=2.16,<3",  # event files written and read without TensorFlow
+        "sentencepiece>=0.2.0,<0.3",  # --tokenizer=spm:VOCAB (tested with 0.2.3)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",

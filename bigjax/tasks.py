@@ -19,8 +19,11 @@ class LanguageModelling:
 
   Attributes:
     bytes_per_token: when set, evaluation also reports bits per byte (1.0 for byte-level models).
+    token_bytes: bytes of text each token id stands for (a tokenizer's `token_bytes`); when set,
+      bits per byte divide by the bytes the evaluated targets actually hold, exact for any tokenizer.
   """
   bytes_per_token: float | None = 1.0
+  token_bytes: tuple[int, ...] | None = None
   unit: str = "tokens"
 
   def init(self, model, rng, batch):
@@ -38,6 +41,8 @@ class LanguageModelling:
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
     sums = {"loss": jnp.sum(losses_BT * weights_BT), "correct": jnp.sum(correct_BT * weights_BT),
             "count": jnp.sum(weights_BT)}
+    if self.token_bytes is not None:
+      sums["bytes"] = jnp.sum(jnp.asarray(self.token_bytes, jnp.float32)[targets_BT] * weights_BT)
     if "loss_mask" in batch:
       # Exact match: every target token right, which is also what greedy decoding would produce.
       all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
@@ -50,7 +55,9 @@ class LanguageModelling:
     count = max(float(sums["count"]), 1.0)
     loss = float(sums["loss"]) / count
     out = {"loss": loss, "accuracy": float(sums["correct"]) / count}
-    if self.bytes_per_token:
+    if "bytes" in sums:
+      out["bits_per_byte"] = float(sums["loss"]) / math.log(2) / max(float(sums["bytes"]), 1.0)
+    elif self.bytes_per_token:
       out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
     if "exact" in sums:
       out["exact_match"] = float(sums["exact"]) / max(float(sums["examples"]), 1.0)

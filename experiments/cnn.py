@@ -9,9 +9,9 @@ from bigjax import flags as bigjax_flags
 from bigjax import metrics
 from bigjax import tasks
 from bigjax.data import images
+from bigjax.data import pipeline
+from bigjax.data import sources
 
-TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "Split to train on.")
-EVAL_SPLIT = flags.DEFINE_string("eval_split", "test", "Split to evaluate on.")
 FLIP = flags.DEFINE_bool("augment_flip", False, "Random horizontal flips in training.")
 CROP_PADDING = flags.DEFINE_integer("augment_crop_padding", 0, "Random crops from images zero-padded by this "
                                     "many pixels in training; 0 disables.", lower_bound=0)
@@ -19,13 +19,17 @@ CROP_PADDING = flags.DEFINE_integer("augment_crop_padding", 0, "Random crops fro
 
 def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
   """Image classification on the experiment's data set."""
-  train_source = images.open_split(exp.dataset, TRAIN_SPLIT.value, exp.data_dir)
-  eval_source = images.open_split(exp.dataset, EVAL_SPLIT.value, exp.data_dir)
+  keys = {"image_key": bigjax_flags.IMAGE_KEY.value, "label_key": bigjax_flags.LABEL_KEY.value}
+  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(exp.dataset, exp.data_dir)
+  train_source = images.open_split(exp.dataset, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys)
+  eval_source = images.open_split(exp.dataset, eval_split, exp.data_dir, **keys)
   metrics.console(f"{exp.dataset}: {len(train_source):,} train / {len(eval_source):,} eval images")
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
+  workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
   return exp.run(task=tasks.Classification(),
-          train_data=images.train_batches(train_source, exp.config.batch_size, exp.config.seed, augment),
-          eval_data=images.eval_batches(eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+          train_data=images.train_batches(train_source, exp.config.batch_size, exp.config.seed, augment,
+                                          workers=workers, **keys),
+          eval_data=images.eval_batches(eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value, **keys))
 
 
 def main(argv):

@@ -13,6 +13,7 @@ from experiments import transformer
 
 def main(argv):
   del argv
+  transformer.use_tokenizer_vocab()
   exp = bigjax_flags.experiment()
   if isinstance(exp.model, recurrent.RNNLM):
     transformer.fit_language_model(exp)

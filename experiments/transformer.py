@@ -17,8 +17,13 @@ from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
 from bigjax.data import pipeline
+from bigjax.data import sources
+from bigjax.data import tokenizers
+from bigjax.errors import UserError
 
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per training window.", lower_bound=1)
+TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes, or spm:VOCAB: a SentencePiece model of VOCAB ids "
+                                "trained on the training split and kept in the workdir.")
 PROMPT = flags.DEFINE_string("prompt", "\n", "--mode=sample: text to continue.")
 NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "--mode=sample: tokens to generate.", lower_bound=1)
 NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "--mode=sample: continuations of the prompt.", lower_bound=1)
@@ -31,13 +36,19 @@ TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode=sample: sample from the smalles
 def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   """Continues --prompt from the newest checkpoint in --workdir and prints each continuation."""
   cfg = sample.SamplingConfig(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
+  tokenizer = tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir)
+  prompt = tokenizer.encode(PROMPT.value.encode())
+  if not len(prompt):
+    raise UserError("the prompt is empty; give at least one character to continue")
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
     state, step, _ = train.load_checkpoint(model=exp.model, task=tasks.LanguageModelling(), tx=exp.tx,
                                            example_batch=example_batch, config=exp.config, mesh=single_device)
-  texts = sample.generate_text(exp.model, state.params, PROMPT.value, num_tokens=NUM_TOKENS.value, cfg=cfg,
-                               num_samples=NUM_SAMPLES.value, seed=exp.config.seed)
+  prompts = np.tile(prompt.astype(np.int32)[None], (NUM_SAMPLES.value, 1))
+  rows = sample.generate(exp.model, state.params, prompts, jax.random.PRNGKey(exp.config.seed),
+                         num_tokens=NUM_TOKENS.value, cfg=cfg)
+  texts = [tokenizer.decode(row).decode("utf-8", errors="replace") for row in np.asarray(rows)]
   metrics.console(f"step {step} checkpoint, {cfg}")
   for text in texts:
     metrics.console("-" * 40 + "\n" + text)
@@ -45,28 +56,55 @@ def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
 
 
 def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
-  """Byte-level language modelling on the experiment's text data set, or on its (inputs, targets)
-  pairs with the loss on the targets only; --mode picks training, evaluation or sampling."""
+  """Language modelling on the experiment's text data set (bytes or SentencePiece tokens), or on
+  its (inputs, targets) pairs with the loss on the targets only; --mode picks training,
+  evaluation or sampling."""
   if bigjax_flags.MODE.value == "sample":
     return {"samples": sample_language_model(exp)}
+  train_split = bigjax_flags.TRAIN_SPLIT.value
+  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(exp.dataset, exp.data_dir)
+  workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
   if lm.is_prompt_target(exp.dataset, exp.data_dir):
-    train_pairs = lm.open_prompt_targets(exp.dataset, "train", SEQ_LEN.value, exp.data_dir)
-    eval_pairs = lm.open_prompt_targets(exp.dataset, "test", SEQ_LEN.value, exp.data_dir)
-    metrics.console(f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} test pairs")
+    if TOKENIZER.value != "bytes":
+      raise UserError(f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer")
+    train_pairs = lm.open_prompt_targets(exp.dataset, train_split, SEQ_LEN.value, exp.data_dir)
+    eval_pairs = lm.open_prompt_targets(exp.dataset, eval_split, SEQ_LEN.value, exp.data_dir)
+    metrics.console(f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs")
     return exp.run(task=tasks.LanguageModelling(bytes_per_token=None),
-                   train_data=pipeline.train_batches(train_pairs, exp.config.batch_size, exp.config.seed),
+                   train_data=pipeline.train_batches(train_pairs, exp.config.batch_size, exp.config.seed,
+                                                     workers=workers),
                    eval_data=pipeline.eval_batches(eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
-  train_windows = lm.open_windows(exp.dataset, "train", SEQ_LEN.value, exp.data_dir)
-  eval_windows = lm.open_windows(exp.dataset, "validation", SEQ_LEN.value, exp.data_dir)
-  metrics.console(f"{exp.dataset}: {len(train_windows.stream):,} train / {len(eval_windows.stream):,} "
-                  "validation tokens")
-  return exp.run(task=tasks.LanguageModelling(bytes_per_token=1.0),
-          train_data=lm.train_batches(train_windows, exp.config.batch_size, exp.config.seed),
-          eval_data=lm.eval_batches(eval_windows, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+  tokenizer = open_tokenizer(exp, train_split)
+  windows = {split: lm.open_windows(exp.dataset, split, SEQ_LEN.value, exp.data_dir, tokenizer,
+                                    bigjax_flags.TEXT_KEY.value) for split in (train_split, eval_split)}
+  metrics.console(f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
+                  f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})")
+  return exp.run(task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
+          train_data=lm.train_batches(windows[train_split], exp.config.batch_size, exp.config.seed, workers),
+          eval_data=lm.eval_batches(windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+
+
+def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):
+  """--tokenizer, trained on the training split's text the first time a workdir needs it."""
+  def training_text():
+    source = sources.load_source(exp.dataset, train_split, exp.data_dir)
+    field = lm.pick_text_key(sources.feature_names(exp.dataset, exp.data_dir), bigjax_flags.TEXT_KEY.value,
+                             exp.dataset)
+    return lm.documents(source, field)
+  return tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir, training_text)
+
+
+def use_tokenizer_vocab() -> None:
+  """Sizes the model's vocabulary for --tokenizer=spm:VOCAB (an explicit vocab_size override wins)."""
+  vocab = tokenizers.parse(TOKENIZER.value)
+  overrides = bigjax_flags.MODEL_OVERRIDES.value
+  if vocab is not None and not any(o.strip().startswith("vocab_size") for o in overrides):
+    flags.FLAGS.model_override = [*overrides, f"vocab_size={vocab}"]
 
 
 def main(argv):
   del argv
+  use_tokenizer_vocab()
   fit_language_model(bigjax_flags.experiment())
 
 

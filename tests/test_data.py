@@ -76,7 +76,7 @@ def test_missing_dataset_names_the_directory_and_the_build_command(tmp_path):
 
 
 def test_unknown_dataset_lists_the_offline_ones(tmp_path):
-  with pytest.raises(UserError, match="unknown data set 'no_such_set'.*python_stdlib_text"):
+  with pytest.raises(UserError, match="'no_such_set' is not prepared.*python_stdlib_text.*tfds build no_such_set"):
     sources.load_source("no_such_set", "train", str(tmp_path))
 
 

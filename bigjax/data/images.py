@@ -58,9 +58,13 @@ def open_split(dataset: str, split: str, data_dir: str | None, image_key: str = 
   return source
 
 
-def train_batches(source, global_batch_size: int, seed: int, augment: Augment | None = None):
-  return pipeline.train_batches(source, global_batch_size, seed, transform=Example(augment=augment))
+def train_batches(source, global_batch_size: int, seed: int, augment: Augment | None = None, *,
+                  image_key: str = "image", label_key: str = "label", workers: int = 0):
+  example = Example(image_key=image_key, label_key=label_key, augment=augment)
+  return pipeline.train_batches(source, global_batch_size, seed, transform=example, workers=workers)
 
 
-def eval_batches(source, global_batch_size: int, max_batches: int = 0) -> list[dict]:
-  return pipeline.eval_batches(source, global_batch_size, max_batches, transform=Example())
+def eval_batches(source, global_batch_size: int, max_batches: int = 0, *, image_key: str = "image",
+                 label_key: str = "label") -> list[dict]:
+  return pipeline.eval_batches(source, global_batch_size, max_batches,
+                               transform=Example(image_key=image_key, label_key=label_key))

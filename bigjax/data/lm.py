@@ -6,21 +6,56 @@ import numpy as np
 
 from bigjax.data import pipeline
 from bigjax.data import sources
+from bigjax.data import tokenizers
 from bigjax.errors import UserError
 
 # Separates documents in the byte stream. NUL never occurs in source text, so the model learns it as
 # "end of file" without it colliding with a real byte.
-DOCUMENT_SEPARATOR = 0
-BYTE_VOCAB_SIZE = 256
+DOCUMENT_SEPARATOR = tokenizers.ByteTokenizer.eod_id
+BYTE_VOCAB_SIZE = tokenizers.ByteTokenizer.vocab_size
+# Text features tried, in order, when --text_key is not given.
+TEXT_KEYS = ("text", "bytes", "content")
+
+
+def pick_text_key(features: set[str], wanted: str | None, dataset: str) -> str:
+  """`wanted` if the data set has it, else its first feature named like text."""
+  if wanted:
+    if wanted not in features:
+      raise UserError(f"{dataset} has no feature {wanted!r} (--text_key); its features are {sorted(features)}")
+    return wanted
+  for key in TEXT_KEYS:
+    if key in features:
+      return key
+  raise UserError(f"{dataset} has none of the text features {list(TEXT_KEYS)}; its features are "
+                  f"{sorted(features)}: name the text with --text_key")
+
+
+def as_bytes(value) -> bytes:
+  """A text feature as bytes: TFDS Text gives bytes, a uint8 Tensor an array."""
+  if isinstance(value, str):
+    return value.encode("utf-8")
+  return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
+
+
+def documents(source, field: str):
+  """The text of every document of a source, as bytes."""
+  return (as_bytes(source[i][field]) for i in range(len(source)))
+
+
+def token_stream(source, field: str = "bytes", tokenizer=tokenizers.ByteTokenizer()) -> np.ndarray:
+  """Every document of a source, tokenized and followed by the end-of-document token, as one array
+  of the smallest unsigned dtype that holds the vocabulary."""
+  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+  end = np.array([tokenizer.eod_id], dtype)
+  pieces = []
+  for text in documents(source, field):
+    pieces += [tokenizer.encode(text).astype(dtype), end]
+  return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
 
 
 def byte_stream(source, field: str = "bytes") -> np.ndarray:
   """Every document of a TFDS source, each followed by the separator, as one uint8 array."""
-  pieces = []
-  for i in range(len(source)):
-    pieces.append(np.asarray(source[i][field], dtype=np.uint8))
-    pieces.append(np.array([DOCUMENT_SEPARATOR], dtype=np.uint8))
-  return np.concatenate(pieces)
+  return token_stream(source, field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +75,21 @@ class TokenWindows:
     return {"tokens": self.stream[start:start + self.seq_len + 1].astype(np.int32)}
 
 
-def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None) -> TokenWindows:
-  windows = TokenWindows(byte_stream(sources.load_source(dataset, split, data_dir)), seq_len)
+def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None, tokenizer=None,
+                 text_key: str | None = None) -> TokenWindows:
+  """[seq_len + 1]-token windows over the split's documents, tokenized (bytes by default)."""
+  source = sources.load_source(dataset, split, data_dir)
+  field = pick_text_key(sources.feature_names(dataset, data_dir), text_key, dataset)
+  windows = TokenWindows(token_stream(source, field, tokenizer or tokenizers.ByteTokenizer()), seq_len)
   if len(windows) == 0:
     raise UserError(f"{dataset}/{split} holds {len(windows.stream)} tokens, too few for one window "
                     f"of --seq_len={seq_len}")
   return windows
 
 
-def train_batches(windows: TokenWindows, global_batch_size: int, seed: int):
+def train_batches(windows: TokenWindows, global_batch_size: int, seed: int, workers: int = 0):
   """Endless shuffled {"tokens": [B, T+1]} batches of this process's windows (see pipeline)."""
-  return pipeline.train_batches(windows, global_batch_size, seed)
+  return pipeline.train_batches(windows, global_batch_size, seed, workers=workers)
 
 
 def eval_batches(windows: TokenWindows, global_batch_size: int, max_batches: int) -> list[dict]:

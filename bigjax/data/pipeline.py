@@ -1,9 +1,13 @@
 """Grain pipelines shared by every data set: per-process sharding, shuffled training batches, and
 padded evaluation batches."""
 
+import dataclasses
+import os
+
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from bigjax.errors import UserError
 
@@ -15,22 +19,117 @@ def per_process_batch(global_batch_size: int) -> int:
   return global_batch_size // processes
 
 
-def train_batches(source, global_batch_size: int, seed: int, transform=None) -> grain.MapDataset:
-  """Endless shuffled batches of this process's share of `source` (a new order every epoch).
+def train_batches(source, global_batch_size: int, seed: int, transform=None, workers: int = 0) -> "Loader":
+  """Endless shuffled batches of this process's rows of each global batch (a new order every epoch).
 
-  `transform(example, rng)` runs per example with a numpy Generator seeded from (seed, position),
-  so augmentation is as reproducible as the order. Iterating gives a checkpointable grain iterator
-  (get_state / set_state): a resumed run sees the same batches in the same order.
+  Every process shuffles the whole source with the same seed and reads only its own contiguous
+  rows of each global batch, which are the rows its devices hold: the global batches, and so the
+  losses, do not depend on how many processes share the work. `transform(example, rng)` runs per
+  example with a numpy Generator seeded from (seed, position), so augmentation is as reproducible
+  as the order. See Loader for reading ahead in `workers` processes.
   """
   batch_size = per_process_batch(global_batch_size)
-  shard = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  if len(shard) < batch_size:
-    raise UserError(f"only {len(shard)} training examples per process, fewer than one batch of "
-                    f"{batch_size}; lower --batch_size")
-  ds = shard.shuffle(seed=seed).repeat()
+  ds = grain.MapDataset.source(source)
+  if len(ds) < global_batch_size:
+    raise UserError(f"only {len(ds)} training examples, fewer than one batch of {global_batch_size}; "
+                    "lower --batch_size")
+  ds = ds.shuffle(seed=seed).repeat()
   if transform is not None:
     ds = ds.random_map(transform, seed=seed)
-  return ds.batch(batch_size, drop_remainder=True)
+  # Global batch t is local batches t * P ... t * P + P - 1; process p keeps the p-th of them.
+  return Loader(ds.batch(batch_size, drop_remainder=True)[jax.process_index()::jax.process_count()], workers)
+
+
+# Batches read ahead by the threads of each reading process: enough to hide a slow example, small
+# enough that image batches do not fill the host's memory.
+READ_THREADS = 4
+READ_AHEAD = 8
+
+
+def default_workers() -> int:
+  """Loader processes when --data_workers is not given: an eighth of the cores, at most 8. Reading
+  windows or decoding small images is light work and XLA's CPU threads want the rest; 0 (threads
+  in this process) on a small machine."""
+  return min(8, (os.cpu_count() or 1) // 8)
+
+
+def workers(requested: int | None) -> int:
+  return default_workers() if requested is None else requested
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+  """Endless training batches. `loader[i]` is batch i, computed on the spot (for shapes);
+  `iter(loader)` reads ahead in `workers` processes, each computing every workers-th batch from
+  its own copy of the pipeline (0: threads of this process), and yields them in order, so the
+  batches are the same for any number of workers.
+  """
+  batches: grain.MapDataset
+  workers: int = 0
+
+  def __getitem__(self, index: int):
+    return self.batches[index]
+
+  def __iter__(self) -> "LoaderIterator":
+    return LoaderIterator(self)
+
+  def read_from(self, start: int) -> grain.IterDataset:
+    """Batches start, start + 1, ... read ahead by threads and worker processes."""
+    ds = self.batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                                prefetch_buffer_size=READ_AHEAD))
+    if self.workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # grain's workers read absl flags of their own; outside an absl app (a notebook, a test)
+        # their defaults are the right values.
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=READ_AHEAD))
+    return ds
+
+
+class LoaderIterator(grain.DatasetIterator):
+  """A Loader's batches in order, checkpointable by grain.checkpoint (or get_state / set_state).
+
+  The state is the index of the next batch, whatever the number of workers, so a run resumes
+  with the same batches even when it resumes with a different --data_workers. Workers start at
+  the first batch asked for (after a restore, at the restored position) and stop when the
+  iterator is closed or dropped.
+  """
+
+  def __init__(self, loader: Loader):
+    super().__init__()
+    self._loader = loader
+    self._next = 0
+    self._reader = None
+
+  def __next__(self) -> dict:
+    if self._reader is None:
+      self.start_prefetch()
+    batch = next(self._reader)
+    self._next += 1
+    # Batches from workers live in shared memory; a copy frees it now rather than at garbage
+    # collection (or never, for one still referenced when the interpreter exits).
+    return jax.tree.map(np.array, batch)
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict) -> None:
+    self.close_reader()
+    self._next = int(state.get("next_batch", state.get("next_index", 0)))  # next_index: a plain grain iterator's
+
+  def start_prefetch(self) -> None:
+    if self._reader is None:
+      self._reader = iter(self._loader.read_from(self._next))
+      self._reader.start_prefetch()
+
+  def close_reader(self) -> None:
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
+
+  def close(self) -> None:
+    self.close_reader()
+    super().close()
 
 
 def eval_batches(source, global_batch_size: int, max_batches: int = 0, transform=None) -> list[dict]:

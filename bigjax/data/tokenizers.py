@@ -1,0 +1,163 @@
+"""Tokenizers for language models: raw bytes (the default) and SentencePiece trained locally.
+
+Both turn bytes into int ids and back exactly, keep one id for the end of a document, and say how
+many bytes of text each id stands for (`token_bytes`), so a language model's loss converts to bits
+per byte whatever the tokenizer and runs with different tokenizers compare.
+
+  --tokenizer=bytes      256 ids, one per byte; NUL (0) ends a document.
+  --tokenizer=spm:VOCAB  a SentencePiece unigram model of VOCAB ids trained on the training split
+                         (up to TRAIN_BYTES of it), saved as WORKDIR/tokenizer.model and loaded from
+                         there on resume, evaluation and sampling. Normalisation is off and unseen
+                         characters fall back to their UTF-8 bytes, so decode(encode(text)) == text
+                         for any UTF-8 text (bytes that are not UTF-8 become U+FFFD).
+"""
+
+import os
+
+import numpy as np
+
+from bigjax.errors import UserError
+
+MODEL_FILE = "tokenizer.model"
+TRAIN_BYTES = 200_000_000  # enough for a good vocabulary; more only slows training down
+_META = "\u2581"
+_SENTENCE_BYTES = 4096  # SentencePiece skips longer training "sentences"; documents are cut to this
+
+
+class ByteTokenizer:
+  """Each byte is its own id; NUL, which never occurs in text, ends a document."""
+  name = "bytes"
+  vocab_size = 256
+  eod_id = 0
+
+  def encode(self, text: bytes) -> np.ndarray:
+    return np.frombuffer(text, np.uint8)
+
+  def decode(self, ids) -> bytes:
+    return bytes(np.asarray(ids, np.uint8))
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    return np.ones(self.vocab_size, np.int32)
+
+
+class SentencePieceTokenizer:
+  """A trained SentencePiece model; its end-of-sentence id ends a document."""
+
+  def __init__(self, model_path: str):
+    import sentencepiece  # only SentencePiece runs need it
+    self.path = model_path
+    self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = self._sp.vocab_size()
+    self.eod_id = self._sp.eos_id()
+    self.name = f"spm:{self.vocab_size}"
+    self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
+
+  def encode(self, text: bytes) -> np.ndarray:
+    # SentencePiece reads "▁" (U+2581) as its space symbol, so a literal one would come back as a
+    # space: it is spelled with its three byte-fallback ids instead.
+    parts = self._sp.encode(text.decode("utf-8", errors="replace").split(_META))
+    ids = parts[0]
+    for part in parts[1:]:
+      ids += self._meta_ids + part
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids) -> bytes:
+    return self._sp.decode([int(i) for i in ids]).encode("utf-8")
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    """Bytes of text per id: a byte-fallback piece is one byte, a text piece its UTF-8 length (its
+    "▁" stands for a space), the end of document counts as one byte like the byte tokenizer's NUL,
+    and other control ids as none."""
+    sp = self._sp
+    def size(i):
+      if sp.is_byte(i) or i == self.eod_id:
+        return 1
+      if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        return 0
+      return len(sp.id_to_piece(i).replace(_META, " ").encode("utf-8"))
+    return np.array([size(i) for i in range(self.vocab_size)], np.int32)
+
+
+def parse(spec: str) -> int | None:
+  """None for `bytes`; the vocabulary size for `spm:VOCAB`."""
+  if spec == "bytes":
+    return None
+  kind, _, vocab = spec.partition(":")
+  if kind != "spm" or not vocab.isdigit():
+    raise UserError(f"--tokenizer={spec!r}: use bytes or spm:VOCAB (say spm:4096)")
+  if int(vocab) < 300:
+    raise UserError(f"--tokenizer={spec}: a SentencePiece vocabulary needs room for the 256 byte ids and "
+                    "some pieces; use at least spm:300")
+  return int(vocab)
+
+
+def train_sentencepiece(documents, vocab_size: int, model_path: str) -> SentencePieceTokenizer:
+  """Trains a byte-exact SentencePiece model on an iterable of byte strings and writes it to
+  `model_path`."""
+  import sentencepiece
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  try:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(documents), model_prefix=model_path[:-len(".model")],
+        vocab_size=vocab_size, model_type="unigram", byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=_SENTENCE_BYTES,
+        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:  # e.g. a vocabulary larger than the text can fill
+    raise UserError(f"SentencePiece training failed: {' '.join(str(e).split())}") from None
+  return SentencePieceTokenizer(model_path)
+
+
+def _sentences(documents):
+  """Documents as UTF-8 strings of at most _SENTENCE_BYTES bytes, cut after a newline where one
+  comes, so pieces can span lines (indentation, blank lines) the way the text does."""
+  budget = TRAIN_BYTES
+  for document in documents:
+    text = document.decode("utf-8", errors="replace")
+    chunk = ""
+    for line in text.splitlines(keepends=True):
+      if chunk and len((chunk + line).encode()) > _SENTENCE_BYTES:
+        yield chunk
+        chunk = ""
+      chunk += line[:_SENTENCE_BYTES // 4]  # a UTF-8 character is at most 4 bytes
+    if chunk:
+      yield chunk
+    budget -= len(document)
+    if budget <= 0:
+      return
+
+
+def open_tokenizer(spec: str, workdir: str | None, documents=None):
+  """The tokenizer `spec` names. SentencePiece loads WORKDIR/tokenizer.model, or trains it on
+  `documents` (a callable returning an iterable of byte strings) when it is not there yet."""
+  vocab = parse(spec)
+  path = os.path.join(workdir, MODEL_FILE)
+  if vocab is None:
+    if os.path.exists(path):
+      raise UserError(f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+                      "--tokenizer=spm:VOCAB")
+    return ByteTokenizer()
+  if not os.path.exists(path):
+    if documents is None:
+      raise UserError(f"no SentencePiece model in {workdir}; train with --tokenizer={spec} first")
+    _train_on_process_zero(documents, vocab, path)
+  tokenizer = SentencePieceTokenizer(path)
+  if tokenizer.vocab_size != vocab:
+    raise UserError(f"{path} has {tokenizer.vocab_size} ids but --tokenizer={spec}; use that size or a new --workdir")
+  return tokenizer
+
+
+def _train_on_process_zero(documents, vocab: int, path: str) -> None:
+  """Process 0 trains and writes; every process then reads the same file (the workdir is shared,
+  as the checkpoints need)."""
+  import jax
+  if jax.process_index() == 0:
+    tmp = f"{path[:-len('.model')]}.partial.model"
+    train_sentencepiece(documents(), vocab, tmp)
+    os.replace(tmp, path)  # a run killed mid-training never leaves a model that looks finished
+    os.remove(tmp[:-len(".model")] + ".vocab")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("bigjax tokenizer trained")

@@ -1,0 +1,129 @@
+"""Text data: SentencePiece round trips and bits per byte, the loader's determinism and restored
+position (in-process and with worker processes), and text files trained on through the CLI."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bigjax import metrics
+from bigjax import models
+from bigjax import tasks
+from bigjax.data import lm
+from bigjax.data import pipeline
+from bigjax.data import sources
+from bigjax.data import tokenizers
+from bigjax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(data_dir, tmp_path_factory):
+  """A SentencePiece model trained on the byte corpus's validation split (small: seconds)."""
+  validation = sources.load_source("python_stdlib_text", "validation", data_dir)
+  path = str(tmp_path_factory.mktemp("spm") / tokenizers.MODEL_FILE)
+  return tokenizers.train_sentencepiece(lm.documents(validation, "bytes"), 512, path)
+
+
+def test_sentencepiece_round_trips_the_byte_corpus_exactly(spm_tokenizer, data_dir):
+  train = sources.load_source("python_stdlib_text", "train", data_dir)
+  token_bytes = spm_tokenizer.token_bytes
+  total_bytes = total_tokens = 0
+  for i in range(0, len(train), 8):  # files it was not trained on
+    text = train[i]["bytes"].tobytes()
+    ids = spm_tokenizer.encode(text)
+    assert spm_tokenizer.decode(ids) == text, train[i]["name"]
+    assert token_bytes[ids].sum() == len(text)
+    total_bytes, total_tokens = total_bytes + len(text), total_tokens + len(ids)
+  assert total_bytes / total_tokens > 1.5  # it compresses: pieces longer than a byte
+  odd = "tab\there  two  spaces ▁ literal U+2581, 日本語, 🙂, \r\n\x00 and a NUL".encode()
+  assert spm_tokenizer.decode(spm_tokenizer.encode(odd)) == odd
+  assert token_bytes[spm_tokenizer.encode(odd)].sum() == len(odd)
+
+
+def test_bits_per_byte_is_loss_over_the_evaluated_texts_bytes(spm_tokenizer):
+  """Against a reference computed independently: numpy log-softmax of the model's logits, and the
+  byte length of the targets decoded back to text."""
+  model = models.create("transformer-tiny", vocab_size=512, num_layers=1, embed_dim=32, mlp_dim=64)
+  text = b"def add(a, b):\n    return a + b\n\nclass Thing:\n    pass\n"
+  ids = np.concatenate([spm_tokenizer.encode(text), [spm_tokenizer.eod_id]]).astype(np.int32)
+  batch = {"tokens": np.stack([ids, ids[::-1]]), "weights": np.array([1.0, 0.0], np.float32)}
+  task = tasks.LanguageModelling(token_bytes=tuple(int(b) for b in spm_tokenizer.token_bytes))
+  variables = task.init(model, jax.random.PRNGKey(0), batch)
+  sums, _ = task.loss_sums(model, variables, batch)
+  logits = np.asarray(model.apply(variables, batch["tokens"][:1, :-1]), np.float64)[0]
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  nats = -log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
+  target_bytes = len(spm_tokenizer.decode(ids[1:-1])) + 1  # the end of document counts as one byte
+  assert float(sums["bytes"]) == target_bytes
+  np.testing.assert_allclose(task.metrics(sums)["bits_per_byte"], nats / math.log(2) / target_bytes, rtol=1e-5)
+
+
+def test_tokenizer_flags(tmp_path):
+  assert tokenizers.parse("bytes") is None and tokenizers.parse("spm:4096") == 4096
+  for bad in ("spm", "spm:x", "wordpiece:100", "spm:100"):
+    with pytest.raises(UserError, match="--tokenizer"):
+      tokenizers.parse(bad)
+  with pytest.raises(UserError, match="no SentencePiece model in"):
+    tokenizers.open_tokenizer("spm:512", str(tmp_path))
+
+
+def _take(iterator, count):
+  return [next(iterator)["tokens"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers,resumed_workers", [(0, 0), (2, 0)])
+def test_a_restored_loader_yields_exactly_the_batches_of_the_uninterrupted_one(workers, resumed_workers):
+  """Also across worker counts: the saved position is a batch index, whoever computed the batches."""
+  windows = lm.TokenWindows(np.arange(3000, dtype=np.int64) % 251, seq_len=7)
+  uninterrupted = _take(iter(lm.train_batches(windows, 4, seed=3, workers=0)), 12)
+  first = iter(lm.train_batches(windows, 4, seed=3, workers=workers))
+  head = _take(first, 5)
+  state = first.get_state()
+  first.close()
+  resumed = iter(lm.train_batches(windows, 4, seed=3, workers=resumed_workers))
+  resumed.set_state(state)
+  tail = _take(resumed, 7)
+  resumed.close()
+  for want, got in zip(uninterrupted, head + tail, strict=True):
+    np.testing.assert_array_equal(want, got)
+  assert not np.array_equal(uninterrupted[0], _take(iter(lm.train_batches(windows, 4, seed=4)), 1)[0])
+
+
+def test_default_workers_leave_a_small_machine_alone():
+  assert pipeline.workers(3) == 3 and pipeline.workers(None) == pipeline.default_workers()
+  assert 0 <= pipeline.default_workers() <= 8
+
+
+def _run(*flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.transformer", *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_text_files_train_with_sentencepiece_which_resume_and_sampling_reuse(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(40):
+    (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * (20 + i))
+  workdir = tmp_path / "run"
+  run = [f"--dataset=textfiles:{corpus}/*.txt", f"--workdir={workdir}", "--tokenizer=spm:300",
+         "--model=transformer-tiny", "--model_override=num_layers=1", "--model_override=embed_dim=32",
+         "--model_override=mlp_dim=64", "--seq_len=32", "--batch_size=8", "--log_every=1", "--eval_every=2",
+         "--checkpoint_every=2", "--data_workers=0"]
+  first = _run(*run, "--num_steps=2")
+  assert first.returncode == 0, first.stderr
+  assert "(spm:300)" in first.stdout
+  model_bytes = (workdir / tokenizers.MODEL_FILE).read_bytes()
+  rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+  assert rows[-1]["step"] == 2 and 0 < rows[-1]["eval_bits_per_byte"] < 10
+  sampled = _run(*run, "--num_steps=2", "--mode=sample", "--prompt=Document ", "--num_tokens=8", "--temperature=0")
+  assert sampled.returncode == 0, sampled.stderr
+  assert "step 2 checkpoint" in sampled.stdout and "Document " in sampled.stdout
+  assert (workdir / tokenizers.MODEL_FILE).read_bytes() == model_bytes  # reused, not retrained
