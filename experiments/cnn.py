@@ -11,6 +11,7 @@ from bigjax import tasks
 from bigjax.data import images
 from bigjax.data import pipeline
 from bigjax.data import sources
+from bigjax.errors import UserError
 
 FLIP = flags.DEFINE_bool("augment_flip", False, "Random horizontal flips in training.")
 CROP_PADDING = flags.DEFINE_integer("augment_crop_padding", 0, "Random crops from images zero-padded by this "
@@ -24,12 +25,22 @@ def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
   train_source = images.open_split(exp.dataset, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys)
   eval_source = images.open_split(exp.dataset, eval_split, exp.data_dir, **keys)
   metrics.console(f"{exp.dataset}: {len(train_source):,} train / {len(eval_source):,} eval images")
+  check_num_classes(exp, keys["label_key"])
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
   workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
   return exp.run(task=tasks.Classification(),
           train_data=images.train_batches(train_source, exp.config.batch_size, exp.config.seed, augment,
                                           workers=workers, **keys),
           eval_data=images.eval_batches(eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value, **keys))
+
+
+def check_num_classes(exp: bigjax_flags.Experiment, label_key: str) -> None:
+  """Labels past the model's last output would train on garbage: stop with the fix instead."""
+  classes = sources.num_classes(exp.dataset, label_key, exp.data_dir)
+  outputs = getattr(getattr(exp.model, "config", None), "num_classes", None)
+  if classes and outputs and classes > outputs:
+    raise UserError(f"{exp.dataset} has {classes} classes but --model={bigjax_flags.MODEL.value} outputs {outputs}; "
+                    f"add --model_override=num_classes={classes}")
 
 
 def main(argv):

@@ -79,6 +79,7 @@ def test_text_features_by_another_name(shapes_dir):
   for document in documents[:2]:
     line = document.splitlines(keepends=True)[0]
     assert line.startswith(b"square ") and document == line * 3
+  assert sources.num_classes("bigjax_test_shapes", "kind", shapes_dir) == 3
   with pytest.raises(UserError, match=r"has none of the text features .* --text_key"):
     lm.open_windows("bigjax_test_shapes", "test", 8, shapes_dir)
 
@@ -141,6 +142,7 @@ def test_image_folder_examples_and_hash_split(tmp_path):
   for i in range(60):
     name = everything[i]["name"]
     assert files.is_validation(os.path.relpath(name.decode(), tmp_path).encode()) == (name not in train_names)
+  assert sources.num_classes(f"imagefolder:{tmp_path}", "label") == 2
   with pytest.raises(UserError, match="want one sub-folder per class"):
     files.open_split(f"imagefolder:{tmp_path / 'a'}", "train")
 

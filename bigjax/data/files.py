@@ -39,6 +39,13 @@ def feature_names(spec: str) -> set[str]:
   return {"image", "label", "name"} if spec.startswith("imagefolder:") else {"text", "name"}
 
 
+def num_classes(spec: str) -> int | None:
+  kind, _, directory = spec.partition(":")
+  if kind != "imagefolder":
+    return None
+  return len(_OPENERS[kind](spec, os.path.expanduser(directory))[0].classes)
+
+
 def is_validation(key: bytes) -> bool:
   return zlib.crc32(key) % VALIDATION_BUCKETS == 0
 

@@ -62,6 +62,14 @@ def default_eval_split(name: str, data_dir: str | None = None) -> str:
                   "choose one with --eval_split, e.g. --train_split=train[:90%] --eval_split=train[90%:]")
 
 
+def num_classes(name: str, label_key: str, data_dir: str | None = None) -> int | None:
+  """How many classes the label feature has, where the data set says (a ClassLabel, an image folder)."""
+  if files.is_files_spec(name):
+    return files.num_classes(name)
+  feature = open_builder(name, data_dir).info.features[label_key]
+  return getattr(feature, "num_classes", None)
+
+
 def feature_names(name: str, data_dir: str | None = None) -> set[str]:
   if files.is_files_spec(name):
     return files.feature_names(name)
