@@ -258,6 +258,10 @@ class BigjaxRunner:
     self.state, metrics = self._step(self.state, self.batch)
     return self.state, metrics
 
+  def compiled_text(self) -> str:
+    """The optimised HLO of the train step, as XLA will run it."""
+    return self._step.as_text()
+
 
 def summarize(workload: Workload, step_times: list[float], compile_s: float, flops: tuple, peak: float,
               framework: str = "bigjax") -> dict:

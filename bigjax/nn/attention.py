@@ -36,23 +36,72 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
   return combined
 
 
-def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None):
-  """Float32 softmax(q k^T / sqrt(K)) as [B, G, R, T, S]: each group of R query heads shares one key head."""
+def _grouped_scaled_queries(q_BHTK, num_groups: int):
+  """[B, H, T, K] -> [B, G, R, T, K], scaled by 1 / sqrt(K)."""
   batch, num_heads, q_len, head_dim = q_BHTK.shape
-  num_groups = k_BGSK.shape[1]
   q_BGRTK = q_BHTK.reshape(batch, num_groups, num_heads // num_groups, q_len, head_dim)
-  q_BGRTK = q_BGRTK * jnp.asarray(head_dim ** -0.5, q_BGRTK.dtype)
+  return q_BGRTK * jnp.asarray(head_dim ** -0.5, q_BGRTK.dtype)
+
+
+def _masked_softmax(q_BGRTK, k_BGSK, mask_B1TS):
   scores_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
   if mask_B1TS is not None:
     scores_BGRTS = jnp.where(mask_B1TS[:, :, None], scores_BGRTS, _MASKED_SCORE)
   return nn.softmax(scores_BGRTS, axis=-1)
 
 
+def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None):
+  """Float32 softmax(q k^T / sqrt(K)) as [B, G, R, T, S]: each group of R query heads shares one key head."""
+  return _masked_softmax(_grouped_scaled_queries(q_BHTK, k_BGSK.shape[1]), k_BGSK, mask_B1TS)
+
+
+def _ungroup(out_BGRTK):
+  batch, num_groups, per_group, q_len, head_dim = out_BGRTK.shape
+  return out_BGRTK.reshape(batch, num_groups * per_group, q_len, head_dim)
+
+
 def attend(probs_BGRTS, v_BGSK, dtype=jnp.float32):
   """Weighted sum of values: [B, H, T, K] from grouped probabilities and values."""
-  batch, num_groups, per_group, q_len, _ = probs_BGRTS.shape
-  out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BGRTS.astype(dtype), v_BGSK.astype(dtype))
-  return out_BGRTK.reshape(batch, num_groups * per_group, q_len, v_BGSK.shape[-1])
+  return _ungroup(jnp.einsum("bgrts,bgsk->bgrtk", probs_BGRTS.astype(dtype), v_BGSK.astype(dtype)))
+
+
+def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, dtype=jnp.float32):
+  """softmax(q k^T / sqrt(K)) v as [B, H, T, K], with the backward written out (_attention_core)."""
+  q_BGRTK = _grouped_scaled_queries(q_BHTK.astype(dtype), k_BGSK.shape[1])
+  return _ungroup(_attention_core(q_BGRTK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS))
+
+
+@jax.custom_vjp
+def _attention_core(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS):
+  return _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS)[0]
+
+
+def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS):
+  probs_BGRTS = _masked_softmax(q_BGRTK, k_BGSK, mask_B1TS)
+  out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BGRTS.astype(v_BGSK.dtype), v_BGSK)
+  return out_BGRTK, (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK)
+
+
+def _attention_core_bwd(residuals, dout_BGRTK):
+  """The softmax backward dS = P * (dP - rowsum(dP * P)) uses rowsum(dP * P) = rowsum(dO * O)
+  (as FlashAttention does): a reduction over [T, K] instead of [T, S], and no [T, S]-sized product
+  beside dP. Autodiff of the plain forward fused the dP matmul with that [T, S] reduction, which
+  XLA's CPU backend ran several times slower than the matmul alone (benchmarks/README.md)."""
+  q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK = residuals
+  dtype = v_BGSK.dtype
+  dv_BGSK = jnp.einsum("bgrts,bgrtk->bgsk", probs_BGRTS.astype(dtype), dout_BGRTK)
+  dprobs_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", dout_BGRTK, v_BGSK, preferred_element_type=jnp.float32)
+  delta_BGRT1 = jnp.sum(dout_BGRTK.astype(jnp.float32) * out_BGRTK.astype(jnp.float32), axis=-1, keepdims=True)
+  dscores_BGRTS = probs_BGRTS * (dprobs_BGRTS - delta_BGRT1)
+  if mask_B1TS is not None:  # a fully masked row has uniform probabilities but no gradient
+    dscores_BGRTS = jnp.where(mask_B1TS[:, :, None], dscores_BGRTS, 0.0)
+  dscores_BGRTS = dscores_BGRTS.astype(dtype)
+  dq_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", dscores_BGRTS, k_BGSK)
+  dk_BGSK = jnp.einsum("bgrts,bgrtk->bgsk", dscores_BGRTS, q_BGRTK)
+  return dq_BGRTK, dk_BGSK, dv_BGSK, None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class _Einsum(nn.Module):
@@ -135,9 +184,13 @@ class MultiHeadAttention(nn.Module):
     v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     if decode:
       k_BGSK, v_BGSK, mask_B1TS = self._extend_cache(k_BGSK, v_BGSK)
-    probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
-    probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=not train)
-    out_BTHK = attend(probs_BGRTS, v_BGSK, self.dtype).transpose(0, 2, 1, 3)
+    if train and self.dropout_rate > 0.0:  # dropout on the probabilities: plain autodiff
+      probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
+      probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
+      out_BHTK = attend(probs_BGRTS, v_BGSK, self.dtype)
+    else:
+      out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, self.dtype)
+    out_BTHK = out_BHTK.transpose(0, 2, 1, 3)
     return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, x_BTD.shape[-1]),
                    ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
