@@ -54,9 +54,10 @@ def test_bits_per_byte_is_loss_over_the_evaluated_texts_bytes(spm_tokenizer):
   ids = np.concatenate([spm_tokenizer.encode(text), [spm_tokenizer.eod_id]]).astype(np.int32)
   batch = {"tokens": np.stack([ids, ids[::-1]]), "weights": np.array([1.0, 0.0], np.float32)}
   task = tasks.LanguageModelling(token_bytes=tuple(int(b) for b in spm_tokenizer.token_bytes))
-  variables = task.init(model, jax.random.PRNGKey(0), batch)
-  sums, _ = task.loss_sums(model, variables, batch)
-  logits = np.asarray(model.apply(variables, batch["tokens"][:1, :-1]), np.float64)[0]
+  variables = jax.jit(lambda rng: task.init(model, rng, batch))(jax.random.PRNGKey(0))
+  sums, logits = jax.jit(lambda v: (task.loss_sums(model, v, batch)[0], model.apply(v, batch["tokens"][:1, :-1])))(
+      variables)
+  logits = np.asarray(logits, np.float64)[0]
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   nats = -log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
@@ -127,3 +128,40 @@ def test_text_files_train_with_sentencepiece_which_resume_and_sampling_reuse(tmp
   assert sampled.returncode == 0, sampled.stderr
   assert "step 2 checkpoint" in sampled.stdout and "Document " in sampled.stdout
   assert (workdir / tokenizers.MODEL_FILE).read_bytes() == model_bytes  # reused, not retrained
+
+
+def test_packed_windows_hold_only_stream_tokens_and_mark_their_documents(data_dir):
+  validation = sources.load_source("python_stdlib_text", "validation", data_dir)
+  stream = lm.token_stream(validation)
+  windows = lm.TokenWindows(stream, seq_len=64, eod_id=lm.DOCUMENT_SEPARATOR)
+  examples = [windows[i] for i in range(len(windows))]
+  # Window i holds stream[64i : 64i + 65]: windows minus their one-token overlaps are the stream
+  # itself, so nothing was padded or dropped but the last partial window.
+  rebuilt = np.concatenate([examples[0]["tokens"]] + [e["tokens"][1:] for e in examples[1:]])
+  np.testing.assert_array_equal(rebuilt, stream[:len(rebuilt)])
+  assert len(stream) - len(rebuilt) < 64
+  for example in examples:
+    tokens, segments, positions = example["tokens"], example["segment_ids"], example["positions"]
+    assert tokens.shape == segments.shape == positions.shape == (65,)
+    new_document = np.diff(segments) == 1
+    np.testing.assert_array_equal(new_document, tokens[:-1] == lm.DOCUMENT_SEPARATOR)
+    np.testing.assert_array_equal(positions[1:][new_document], 0)
+  batch = next(iter(lm.train_batches(windows, 8, seed=0, workers=0)))
+  assert batch["tokens"].shape == batch["segment_ids"].shape == (8, 65)
+
+
+def test_segment_mask_stops_attention_across_documents_by_gradient():
+  from bigjax.nn import attention
+  segment_ids = lm.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)["segment_ids"][None]
+  rng = np.random.default_rng(0)
+  q, k, v = (jax.numpy.asarray(rng.normal(size=(1, 2, 8, 4)), jax.numpy.float32) for _ in range(3))
+
+  def doc2_output(k, v, mask):
+    return attention.dot_product_attention(q, k, v, mask)[:, :, 3:7].sum()
+
+  packed = attention.combine_masks(attention.causal_mask(8), lm.segment_mask(segment_ids))
+  grad_k, grad_v = jax.grad(doc2_output, argnums=(0, 1))(k, v, packed)
+  assert np.all(np.asarray(grad_k)[:, :, :3] == 0) and np.all(np.asarray(grad_v)[:, :, :3] == 0)
+  assert np.all(np.abs(np.asarray(grad_v)[:, :, 3:7]).sum(-1) > 0)  # its own document does reach it
+  _, leaky = jax.grad(doc2_output, argnums=(0, 1))(k, v, attention.causal_mask(8))
+  assert np.all(np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0)  # without the segment mask it leaks

@@ -63,16 +63,43 @@ class TokenWindows:
   """Random-access windows over a token stream: window i is stream[i*T : i*T + T + 1].
 
   Consecutive windows overlap by one token, so every token but the first is a target exactly once.
+  The stream is documents packed end to end, each closed by the end-of-document token, so every
+  window is full: no step computes on padding. With `eod_id` set, a window also carries
+  `segment_ids` (1 for the document the window starts in, +1 after each end-of-document token,
+  which belongs to the document it ends) and `positions` (restarting at 0 with each document), for
+  models that keep attention inside a document (see segment_mask).
   """
   stream: np.ndarray
   seq_len: int
+  eod_id: int | None = None
 
   def __len__(self) -> int:
     return max(0, (len(self.stream) - 1) // self.seq_len)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     start = index * self.seq_len
-    return {"tokens": self.stream[start:start + self.seq_len + 1].astype(np.int32)}
+    tokens = self.stream[start:start + self.seq_len + 1].astype(np.int32)
+    if self.eod_id is None:
+      return {"tokens": tokens}
+    return {"tokens": tokens, **document_segments(tokens, self.eod_id)}
+
+
+def document_segments(tokens: np.ndarray, eod_id: int) -> dict[str, np.ndarray]:
+  """Segment ids (from 1) and within-document positions of a packed window (see TokenWindows)."""
+  ends = tokens == eod_id
+  starts_new = np.concatenate([[False], ends[:-1]])  # the token after an end starts a document
+  segment_ids = (1 + np.cumsum(starts_new)).astype(np.int32)
+  index = np.arange(len(tokens))
+  first = np.maximum.accumulate(np.where(starts_new, index, 0))
+  return {"segment_ids": segment_ids, "positions": (index - first).astype(np.int32)}
+
+
+def segment_mask(segment_ids_BT) -> "jax.Array":
+  """[B, 1, T, T] boolean mask: a query attends only to keys of its own document. AND it with
+  bigjax.nn.attention.causal_mask for a packed decoder."""
+  import jax.numpy as jnp  # only models need the mask; the loader stays numpy
+  segment_ids_BT = jnp.asarray(segment_ids_BT)
+  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
 def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None, tokenizer=None,
