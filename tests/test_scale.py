@@ -45,9 +45,21 @@ def _one_device_losses(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_on_every_mesh_gives_the_one_device_losses(family, spec):
   want = _one_device_losses(family)
-  got, _ = run_steps(spec, jax.devices(), **FAMILIES[family]())
+  got, state = run_steps(spec, jax.devices(), **FAMILIES[family]())
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert want[-1] < want[0]  # the steps really trained
+  params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  if "data:8" not in spec:  # a model-parallel axis really splits some parameters
+    assert any(x.addressable_shards[0].data.size < x.size for x in params.values())
+  for path, x in params.items():  # AdamW's moments follow their parameter
+    moments = _moments_of(state.opt_state, path)
+    assert len(moments) == 2 and all(m.sharding.is_equivalent_to(x.sharding, x.ndim) for m in moments)
+
+
+def _moments_of(opt_state, param_path):
+  """AdamW's mu and nu leaves of the parameter at `param_path`."""
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+          if path[-len(param_path):] == param_path and any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
 
 
 def _one_update(spec, devices, grad_accum, batch):
@@ -142,3 +154,35 @@ def test_compile_only_prints_memory_per_device_and_exits(tmp_path, data_dir):
   assert "blocks/attn/query/kernel" in out and "(12, 768, 12, 64)" in out  # the sharding table
   assert "124,439,808 parameters" in out
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_all_the_devices(tmp_path, data_dir):
+  common = [f"--flagfile={REPO}/experiments/configs/transformer_tiny.flags", f"--data_dir={data_dir}",
+            "--seq_len=32", "--batch_size=8", "--model_override=num_layers=1", "--model_override=embed_dim=32",
+            "--model_override=mlp_dim=64", "--num_steps=3", "--log_every=1", "--eval_every=3",
+            "--eval_batches=2", "--mesh=data:2,fsdp:4,tensor:1"]
+  # Prepare the data once, so that the two processes below only read it.
+  single = _cli("experiments.transformer", *common, f"--workdir={tmp_path / 'one'}", devices=8)
+  _, err = single.communicate(timeout=600)
+  assert single.returncode == 0, err
+  coordinator = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  pair = [_cli("experiments.transformer", *common, f"--workdir={tmp_path / 'two'}", coordinator, "--num_processes=2",
+               f"--process_id={i}", devices=4) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in pair]
+  for p, (_, err) in zip(pair, outputs, strict=True):
+    assert p.returncode == 0, err
+  assert "process 0 of 2, 4 local / 8 global devices" in outputs[0][0]
+  assert "step 3/3" in outputs[0][0] and "step 3/3" not in outputs[1][0]  # only process 0 logs
+  from bigjax import metrics  # pylint: disable=g-import-not-at-top
+  want = metrics.read_jsonl(tmp_path / "one" / "metrics.jsonl")
+  got = metrics.read_jsonl(tmp_path / "two" / "metrics.jsonl")  # written by process 0 alone
+  assert [r["step"] for r in got] == [1, 2, 3]
+  np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in want], atol=1e-5)
+  np.testing.assert_allclose(got[-1]["eval_loss"], want[-1]["eval_loss"], atol=1e-5)
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["3"]  # one checkpoint, written by both
