@@ -1,5 +1,5 @@
-"""Grain pipelines shared by every data set: per-process sharding, shuffled training batches, and
-padded evaluation batches."""
+"""Grain pipelines shared by every data set: per-process sharding, shuffled training batches read
+ahead by worker processes (Loader), and padded evaluation batches."""
 
 import dataclasses
 import os
