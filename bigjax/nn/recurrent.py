@@ -77,6 +77,71 @@ def cell_step(cell: CellKind, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH
   raise ValueError(f"unknown cell {cell!r}: use rnn, lstm or gru")
 
 
+def _masked_scan(cell: CellKind, recurrent_HGH, recurrent_bias_GH, carry, xproj_TBGH, valid_TB):
+  """The recurrence under plain autodiff: (final carry, outputs [T, B, H])."""
+  def step(carry, inputs):
+    xproj_BGH, valid_B = inputs
+    new_carry = cell_step(cell, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH)
+    # Padding steps keep the old state, so the final carry is the state at each true end.
+    new_carry = jax.tree.map(lambda new, old: jnp.where(valid_B[:, None], new, old), new_carry, carry)
+    return new_carry, jnp.where(valid_B[:, None], carry_output(cell, new_carry), 0.0)
+  return jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
+
+
+@jax.custom_vjp
+def lstm_scan(recurrent_HGH, carry, xproj_TBGH, valid_TB):
+  """The LSTM recurrence (as _masked_scan) with its backward written out. Under autodiff the
+  scan's backward accumulates the recurrent kernel's gradient at every step (a [B, H] x [B, 4H]
+  matmul with only B to contract, plus a full-kernel add) and copies its stacked residuals; here
+  each backward step only propagates dh through the kernel, and the kernel's gradient is one
+  matmul over all T x B steps after the loop."""
+  return _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB)[0]
+
+
+def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
+  def step(carry, inputs):
+    c_BH, h_BH = carry
+    xproj_BGH, valid_B1 = inputs[0], inputs[1][:, None]
+    gates_BGH = xproj_BGH + jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH)
+    i, f, o = (nn.sigmoid(gates_BGH[:, k]) for k in (0, 1, 3))
+    g = jnp.tanh(gates_BGH[:, 2])
+    new_c_BH = f * c_BH + i * g
+    tanh_c_BH = jnp.tanh(new_c_BH)
+    new_h_BH = o * tanh_c_BH
+    carry_out = (jnp.where(valid_B1, new_c_BH, c_BH), jnp.where(valid_B1, new_h_BH, h_BH))
+    saved = (c_BH, h_BH, jnp.stack([i, f, g, o], axis=1), tanh_c_BH)
+    return carry_out, (jnp.where(valid_B1, new_h_BH, 0.0), saved)
+
+  final, (outputs_TBH, saved) = jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
+  return (final, outputs_TBH), (recurrent_HGH, valid_TB, saved)
+
+
+def _lstm_scan_bwd(residuals, cotangents):
+  recurrent_HGH, valid_TB, saved = residuals
+  (dc_final, dh_final), doutputs_TBH = cotangents
+
+  def step(carry, inputs):
+    dc_BH, dh_BH = carry
+    (c_BH, _, gates_BGH, tanh_c_BH), dout_BH, valid_B1 = inputs[0], inputs[1], inputs[2][:, None]
+    i, f, g, o = (gates_BGH[:, k] for k in range(4))
+    # A padding step passed the state through unchanged: its cotangent goes straight back.
+    dnew_h = jnp.where(valid_B1, dh_BH + dout_BH, 0.0)
+    dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH ** 2)
+    dgates_BGH = jnp.stack([dnew_c * g * i * (1.0 - i), dnew_c * c_BH * f * (1.0 - f),
+                            dnew_c * i * (1.0 - g ** 2), dnew_h * tanh_c_BH * o * (1.0 - o)], axis=1)
+    dh_prev = jnp.einsum("bgk,hgk->bh", dgates_BGH, recurrent_HGH) + jnp.where(valid_B1, 0.0, dh_BH)
+    dc_prev = dnew_c * f + jnp.where(valid_B1, 0.0, dc_BH)
+    return (dc_prev, dh_prev), dgates_BGH
+
+  dcarry, dgates_TBGH = jax.lax.scan(step, (dc_final, dh_final), (saved, doutputs_TBH, valid_TB), reverse=True)
+  h_prev_TBH = saved[1]
+  drecurrent_HGH = jnp.einsum("tbh,tbgk->hgk", h_prev_TBH, dgates_TBGH).astype(recurrent_HGH.dtype)
+  return drecurrent_HGH, dcarry, dgates_TBGH, None
+
+
+lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+
+
 class Recurrent(nn.Module):
   """One direction of one layer: runs a cell over [B, T, D] and returns ([B, T, H] outputs, final carry).
 
@@ -120,14 +185,11 @@ class Recurrent(nn.Module):
     carry = zero_carry(self.cell, batch, hidden, self.dtype) if initial_carry is None else initial_carry
     recurrent_kernel = recurrent_kernel.astype(self.dtype)
 
-    def step(carry, inputs):
-      xproj_BGH, valid_B = inputs
-      new_carry = cell_step(self.cell, carry, xproj_BGH, recurrent_kernel, recurrent_bias)
-      # Padding steps keep the old state, so the final carry is the state at each true end.
-      new_carry = jax.tree.map(lambda new, old: jnp.where(valid_B[:, None], new, old), new_carry, carry)
-      return new_carry, jnp.where(valid_B[:, None], carry_output(self.cell, new_carry), 0.0)
-
-    carry, outputs_TBH = jax.lax.scan(step, carry, (xproj_BTGH.transpose(1, 0, 2, 3), valid_TB))
+    xproj_TBGH = xproj_BTGH.transpose(1, 0, 2, 3)
+    if self.cell == "lstm":
+      carry, outputs_TBH = lstm_scan(recurrent_kernel, tuple(carry), xproj_TBGH, valid_TB)
+    else:
+      carry, outputs_TBH = _masked_scan(self.cell, recurrent_kernel, recurrent_bias, carry, xproj_TBGH, valid_TB)
     outputs_BTH = outputs_TBH.transpose(1, 0, 2)
     if reverse:
       outputs_BTH = reverse_within_lengths(outputs_BTH, lengths_B)
