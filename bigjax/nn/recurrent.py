@@ -119,6 +119,10 @@ def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
 def _lstm_scan_bwd(residuals, cotangents):
   recurrent_HGH, valid_TB, saved = residuals
   (dc_final, dh_final), doutputs_TBH = cotangents
+  hidden, gates, _ = recurrent_HGH.shape
+  # Transposed once here: XLA does not hoist the loop-invariant transpose out of the loop body and
+  # would copy the whole kernel at every step.
+  recurrent_T_PH = recurrent_HGH.reshape(hidden, gates * hidden).T
 
   def step(carry, inputs):
     dc_BH, dh_BH = carry
@@ -129,7 +133,7 @@ def _lstm_scan_bwd(residuals, cotangents):
     dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH ** 2)
     dgates_BGH = jnp.stack([dnew_c * g * i * (1.0 - i), dnew_c * c_BH * f * (1.0 - f),
                             dnew_c * i * (1.0 - g ** 2), dnew_h * tanh_c_BH * o * (1.0 - o)], axis=1)
-    dh_prev = jnp.einsum("bgk,hgk->bh", dgates_BGH, recurrent_HGH) + jnp.where(valid_B1, 0.0, dh_BH)
+    dh_prev = dgates_BGH.reshape(dgates_BGH.shape[0], -1) @ recurrent_T_PH + jnp.where(valid_B1, 0.0, dh_BH)
     dc_prev = dnew_c * f + jnp.where(valid_B1, 0.0, dc_BH)
     return (dc_prev, dh_prev), dgates_BGH
 
