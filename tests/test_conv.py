@@ -158,15 +158,6 @@ def test_batch_norm_statistics_change_in_training_and_are_used_at_eval():
   assert new_state == {}
 
 
-@pytest.mark.parametrize("spec", ["data:2,fsdp:4,tensor:1", "data:2,fsdp:1,tensor:4"])
-def test_sharded_cnn_step_matches_one_device(spec):
-  kwargs = dict(num_steps=3, task=tasks.Classification(), batch=_digits_batch())
-  want, _ = run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1], model=models.create("cnn-small"), **kwargs)
-  got, _ = run_steps(spec, jax.devices(), model=models.create("cnn-small"), **kwargs)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  assert want[-1] < want[0]
-
-
 @pytest.mark.parametrize("name", ["cnn-small", "mlp", "resnet18", "vit-ti16"])
 def test_wrong_image_shape_names_the_expected_shape(name):
   model = models.create(name)
