@@ -41,3 +41,18 @@ def test_attention_backward_matches_autodiff(num_heads, num_kv_heads, masked):
   np.testing.assert_allclose(got[0], want[0], atol=1e-5)
   for g, w in zip(got[1], want[1], strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_flash_attention_call_matches_dot_product_attention():
+  """The cuDNN path's call (run here with XLA's implementation of the same function): same
+  layout, scaling, grouping and causal mask as the CPU path."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  q_BTHK = jax.random.normal(keys[0], (2, 6, 4, 8))
+  k_BTGK, v_BTGK = (jax.random.normal(key, (2, 6, 2, 8)) for key in keys[1:])
+  got = attention.flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=True, implementation="xla")
+  want = attention.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK)),
+                                         attention.causal_mask(6)).transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert attention._is_causal(attention.causal_mask(6))
+  assert not attention._is_causal(jnp.asarray(attention.causal_mask(6)))  # only numpy constants count
+  assert not attention._flash_attention_applies(attention.causal_mask(6), jnp.float32, 64)

@@ -7,6 +7,7 @@ G key/value heads (groups), R = H / G query heads per group, K head dim.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.nn import position
 
@@ -15,9 +16,17 @@ from bigjax.nn import position
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
-def causal_mask(length: int) -> jnp.ndarray:
-  """[1, 1, T, T] boolean mask: query t may attend to keys s <= t."""
-  return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+def causal_mask(length: int) -> np.ndarray:
+  """[1, 1, T, T] boolean mask: query t may attend to keys s <= t. A numpy constant, so that
+  attention can see under jit that a mask is exactly causal (see _flash_attention_applies)."""
+  return np.tril(np.ones((length, length), dtype=np.bool_))[None, None]
+
+
+def _is_causal(mask_B1TS) -> bool:
+  """Whether the mask is a concrete [1, 1, T, T] causal mask (a traced mask is never assumed so)."""
+  if not isinstance(mask_B1TS, np.ndarray) or mask_B1TS.ndim != 4 or mask_B1TS.shape[:2] != (1, 1):
+    return False
+  return mask_B1TS.shape[2] == mask_B1TS.shape[3] and np.array_equal(mask_B1TS, causal_mask(mask_B1TS.shape[2]))
 
 
 def padding_mask(valid_BS: jnp.ndarray) -> jnp.ndarray:
@@ -63,6 +72,24 @@ def _ungroup(out_BGRTK):
 def attend(probs_BGRTS, v_BGSK, dtype=jnp.float32):
   """Weighted sum of values: [B, H, T, K] from grouped probabilities and values."""
   return _ungroup(jnp.einsum("bgrts,bgsk->bgrtk", probs_BGRTS.astype(dtype), v_BGSK.astype(dtype)))
+
+
+def _flash_attention_applies(mask_B1TS, dtype, head_dim: int) -> bool:
+  """cuDNN's fused (flash) attention: on an NVIDIA GPU of compute capability 8.0 or newer, in
+  bfloat16 or float16, head width a multiple of 8 up to 128, no mask or a causal one. Decided at
+  trace time; everything else takes dot_product_attention."""
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return False
+  if head_dim % 8 or head_dim > 128 or not (mask_B1TS is None or _is_causal(mask_B1TS)):
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  return float(capability) >= 8.0
+
+
+def flash_attention(q_BTHK, k_BTGK, v_BTGK, *, causal: bool, implementation: str | None = "cudnn"):
+  """jax.nn.dot_product_attention in the [B, T, heads, K] layout the projections produce;
+  implementation="cudnn" never materialises the [T, S] scores (and skips the masked half)."""
+  return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=causal, implementation=implementation)
 
 
 def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, dtype=jnp.float32):
@@ -177,6 +204,11 @@ class MultiHeadAttention(nn.Module):
       q_BTHK = position.apply_rotary(q_BTHK, positions_BT, self.rotary_base)
       k_BTGK = position.apply_rotary(k_BTGK, positions_BT, self.rotary_base)
 
+    dropout = train and self.dropout_rate > 0.0
+    if not (decode or dropout) and _flash_attention_applies(mask_B1TS, self.dtype, self.head_dim):
+      out_BTHK = flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=mask_B1TS is not None)
+      return self._output(out_BTHK, x_BTD.shape[-1])
+
     # Heads before time: the score and value matmuls then batch over (B, H) with contiguous
     # [T, K] operands, which is markedly faster on CPU than contracting the [B, T, H, K] layout.
     q_BHTK = nn.with_logical_constraint(q_BTHK.transpose(0, 2, 1, 3), ("batch", "act_heads", "length", None))
@@ -184,14 +216,16 @@ class MultiHeadAttention(nn.Module):
     v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     if decode:
       k_BGSK, v_BGSK, mask_B1TS = self._extend_cache(k_BGSK, v_BGSK)
-    if train and self.dropout_rate > 0.0:  # dropout on the probabilities: plain autodiff
+    if dropout:  # dropout on the probabilities: plain autodiff
       probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
       probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
       out_BHTK = attend(probs_BGRTS, v_BGSK, self.dtype)
     else:
       out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, self.dtype)
-    out_BTHK = out_BHTK.transpose(0, 2, 1, 3)
-    return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, x_BTD.shape[-1]),
+    return self._output(out_BHTK.transpose(0, 2, 1, 3), x_BTD.shape[-1])
+
+  def _output(self, out_BTHK, width: int):
+    return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, width),
                    ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
 
