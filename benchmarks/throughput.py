@@ -16,6 +16,7 @@ synchronised with `block_until_ready`. MFU is model FLOPs (see `flops_per_unit`)
 peak of the device kind where it is known (GPU/TPU).
 """
 
+import ast
 import dataclasses
 import json
 import statistics
@@ -43,6 +44,11 @@ IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image models: height and 
                                   lower_bound=1)
 BENCH_WARMUP = flags.DEFINE_integer("bench_warmup", 3, "Untimed steps after compilation.", lower_bound=0)
 BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps (the median is reported).", lower_bound=1)
+ROUNDS = flags.DEFINE_integer("rounds", 4, "Comparisons (--ab_override, torch_reference --side_by_side): "
+                              "alternating rounds of --bench_steps steps per variant.", lower_bound=1)
+AB_OVERRIDE = flags.DEFINE_multi_string("ab_override", [], "Compare the preset as configured (A) with the same "
+                                        "plus these name=value overrides (B) in alternating rounds; prints both "
+                                        "records and the speed ratio B / A.")
 PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", None, "n of the n x n x n matmul that measures the "
                                  "device's peak (default 2048 on CPU, 8192 elsewhere).", lower_bound=64)
 
@@ -263,6 +269,36 @@ class BigjaxRunner:
     return self._step.as_text()
 
 
+def alternate_rounds(steps: dict[str, Callable], rounds: int, steps_per_round: int, warmup: int = 1):
+  """Step times per variant over `rounds` rounds of `steps_per_round` steps each, after `warmup`
+  steps of each; the order turns around every round (ABBA), so that drift in the machine's speed
+  falls on every variant alike. Returns (times per variant, per-round medians per variant)."""
+  for step in steps.values():
+    time_calls(step, max(warmup, 1))
+  times = {name: [] for name in steps}
+  medians = []
+  order = list(steps)
+  for r in range(rounds):
+    round_medians = {}
+    for name in (order if r % 2 == 0 else order[::-1]):
+      round_times = time_calls(steps[name], steps_per_round)
+      times[name] += round_times
+      round_medians[name] = statistics.median(round_times)
+    medians.append(round_medians)
+  return times, medians
+
+
+def comparison(times: dict[str, list[float]], medians: list[dict], unit: str, new: str, base: str) -> dict:
+  """Speed of `new` over `base` (>1: new is faster): of the median steps, per round, and of the
+  fastest steps (the least disturbed by other load on a shared machine)."""
+  round_ratios = [m[base] / m[new] for m in medians]
+  return {"compare": f"{new} / {base} ({unit}/s)",
+          "ratio": statistics.median(times[base]) / statistics.median(times[new]),
+          "round_ratios": [round(r, 3) for r in round_ratios], "median_round_ratio": statistics.median(round_ratios),
+          "ratio_of_fastest_steps": min(times[base]) / min(times[new]),
+          "rounds": len(medians), "steps_per_round": len(times[new]) // max(len(medians), 1)}
+
+
 def summarize(workload: Workload, step_times: list[float], compile_s: float, flops: tuple, peak: float,
               framework: str = "bigjax") -> dict:
   """The JSON record: speed, model FLOPs and MFU of one framework's timed steps."""
@@ -297,9 +333,41 @@ def run_bigjax(workload: Workload) -> dict:
   return record
 
 
+def run_ab(workload: Workload) -> list[dict]:
+  """The preset as configured (A) against the same with --ab_override (B), alternating rounds."""
+  items = dict(item.partition("=")[::2] for item in AB_OVERRIDE.value)
+  b_overrides = {**bigjax_flags.model_overrides(), **{k.strip(): _literal(v.strip()) for k, v in items.items()}}
+  variant = dataclasses.replace(workload, model=build_model(workload.name, b_overrides, IMAGE_SIZE.value))
+  mesh = sharding.make_mesh(bigjax_flags.MESH.value)
+  tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
+  runners = {"A": BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value),
+             "B": BigjaxRunner(variant, mesh, tx, bigjax_flags.SEED.value)}
+  times, medians = alternate_rounds({k: r.step for k, r in runners.items()}, ROUNDS.value, BENCH_STEPS.value,
+                                    BENCH_WARMUP.value)
+  peak = measured_matmul_peak(workload.dtype, PEAK_SIZE.value)
+  records = []
+  for name, w in (("A", workload), ("B", variant)):
+    state = runners[name].state
+    record = summarize(w, times[name], runners[name].compile_s, flops_per_unit(w, state.params, state.model_state),
+                       peak, framework=f"bigjax {name}")
+    records.append(record)
+  records.append({**comparison(times, medians, workload.unit, "B", "A"), "B": AB_OVERRIDE.value})
+  return records
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def main(argv):
   del argv
-  print(json.dumps(run_bigjax(workload_from_flags())), flush=True)
+  workload = workload_from_flags()
+  records = run_ab(workload) if AB_OVERRIDE.value else [run_bigjax(workload)]
+  for record in records:
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

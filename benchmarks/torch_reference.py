@@ -13,7 +13,6 @@ F.scaled_dot_product_attention (causal), a torchvision-style ResNet in NCHW, nn.
 """
 
 import json
-import statistics
 import time
 
 import jax
@@ -34,7 +33,6 @@ from bigjax.nn import transformer
 
 SIDE_BY_SIDE = flags.DEFINE_bool("side_by_side", False, "Run bigjax and PyTorch in this process, alternating "
                                  "rounds of --bench_steps steps, and print the throughput ratio bigjax / PyTorch.")
-ROUNDS = flags.DEFINE_integer("rounds", 4, "--side_by_side: rounds per framework.", lower_bound=1)
 
 _TORCH_ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu}
 
@@ -225,36 +223,20 @@ def run_torch(workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops
 
 
 def side_by_side(workload: throughput.Workload, optim_cfg: optim.OptimConfig) -> list[dict]:
-  """Both frameworks in this process: warm-up, then ROUNDS rounds of BENCH_STEPS steps each, the
-  order flipped every round (ABBA) so that drift in the machine's speed falls on both alike."""
+  """Both frameworks in this process, in alternating rounds (throughput.alternate_rounds)."""
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   ours = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(optim_cfg, 1000), bigjax_flags.SEED.value)
   theirs = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
-  steps, warmup = throughput.BENCH_STEPS.value, max(throughput.BENCH_WARMUP.value, 1)
-  throughput.time_calls(ours.step, warmup)
-  throughput.time_calls(theirs.step, warmup)
-  times = {"bigjax": [], "pytorch": []}
-  round_ratios = []
-  for r in range(ROUNDS.value):
-    order = (("bigjax", ours), ("pytorch", theirs)) if r % 2 == 0 else (("pytorch", theirs), ("bigjax", ours))
-    medians = {}
-    for name, runner in order:
-      round_times = throughput.time_calls(runner.step, steps)
-      times[name] += round_times
-      medians[name] = statistics.median(round_times)
-    round_ratios.append(medians["pytorch"] / medians["bigjax"])
+  times, medians = throughput.alternate_rounds({"bigjax": ours.step, "pytorch": theirs.step}, throughput.ROUNDS.value,
+                                               throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value)
   flops = throughput.flops_per_unit(workload, ours.state.params, ours.state.model_state)
   peak = throughput.measured_matmul_peak(workload.dtype, throughput.PEAK_SIZE.value)
   records = [throughput.summarize(workload, times["bigjax"], ours.compile_s, flops, peak),
              throughput.summarize(workload, times["pytorch"], 0.0, flops, peak, framework="pytorch")]
   records[1]["compile_s"] = None
   records[1]["torch_matmul_peak_flops"] = torch_matmul_peak()
-  unit = f"{workload.unit}_per_s"
-  records.append({
-      "ratio_bigjax_over_pytorch": records[0][unit] / records[1][unit],
-      "round_ratios": round_ratios, "median_round_ratio": statistics.median(round_ratios),
-      "rounds": ROUNDS.value, "steps_per_round": steps, "torch_threads": torch.get_num_threads(),
-      "jax_devices": jax.device_count()})
+  records.append({**throughput.comparison(times, medians, workload.unit, "bigjax", "pytorch"),
+                  "torch_threads": torch.get_num_threads(), "jax_devices": jax.device_count()})
   return records
 
 
