@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from benchmarks import flops
 from bigjax import flags as bigjax_flags
 from bigjax import models
 from bigjax import optim
@@ -87,7 +88,10 @@ def is_language_model(model: nn.Module) -> bool:
 
 def build_model(name: str, overrides: dict, image_size: int | None) -> nn.Module:
   if image_size is not None:
-    channels = models.create(name).config.input_shape[-1]
+    preset_cfg = models.create(name).config
+    if not hasattr(preset_cfg, "input_shape"):
+      raise UserError(f"--image_size applies to image models; {name} takes tokens (use --seq_len)")
+    channels = preset_cfg.input_shape[-1]
     overrides = {"input_shape": (image_size, image_size, channels), **overrides}
   return models.create(name, **overrides)
 
@@ -118,88 +122,22 @@ def workload_from_flags() -> Workload:
   return Workload(bigjax_flags.MODEL.value, model, task, batch, unit, units, overrides["dtype"])
 
 
-# ---- model FLOPs ---------------------------------------------------------------------------------
-
-def matmul_params(params) -> int:
-  """Parameters that multiply activations in a matmul: every kernel (dense, attention, recurrent,
-  convolution, heads), not embedding tables that are only looked up, nor biases or norms."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return sum(int(np.prod(x.shape)) for path, x in leaves if sharding.path_name(path).endswith("kernel"))
-
-
-def transformer_flops_per_token(cfg: transformer.TransformerConfig, params, seq_len: int) -> float:
-  """Training FLOPs per token, PaLM's estimate (Chowdhery et al. 2022, appendix B):
-    6 * N + 12 * L * T * D
-  N: matmul parameters (the logits head counts, tied or not: it is a V x D matmul per token);
-  6 = 2 FLOPs per multiply-add x (1 forward + 2 backward). 12 * L * T * D: the attention score
-  and value matmuls (2 x 2 * T * D per token and layer forward, x3 with the backward), counted over
-  the full T x T matrix: NO causal halving (the kernels here compute the masked half too)."""
-  n = matmul_params(params)
-  if cfg.tie_embeddings:
-    n += cfg.vocab_size * cfg.embed_dim
-  attention_dim = cfg.num_heads * cfg.resolved_head_dim
-  return 6.0 * n + 12.0 * cfg.num_layers * seq_len * attention_dim
-
-
-def rnn_flops_per_token(cfg: recurrent.RNNLMConfig, params) -> float:
-  """6 * N per token: the input, recurrent and head kernels are each one matmul per token (gate
-  nonlinearities are elementwise and not counted)."""
-  n = matmul_params(params)
-  if cfg.tie_embeddings:
-    n += cfg.vocab_size * cfg.embed_dim
-  return 6.0 * n
-
-
-def counted_forward_flops(fn: Callable, *args) -> float:
-  """2 x multiply-adds of every dot_general and convolution in fn's jaxpr (scan bodies times their
-  length): an analytic count of the forward pass's matmul FLOPs, independent of XLA."""
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def _jaxpr_flops(jaxpr) -> float:
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      lhs_shape = eqn.invars[0].aval.shape
-      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs_shape[d] for d in lhs_contract])
-    elif name == "conv_general_dilated":
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
-      rhs_shape = eqn.invars[1].aval.shape
-      per_output = np.prod([rhs_shape[d] for d in rhs_spec[1:]])
-      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
-    else:
-      times = eqn.params.get("length", 1) if name == "scan" else 1
-      for sub in _subjaxprs(eqn.params):
-        total += times * _jaxpr_flops(sub)
-  return total
-
-
-def _subjaxprs(params):
-  for value in params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        yield item
-
-
 def flops_per_unit(workload: Workload, params, model_state) -> tuple[float, str, float]:
   """(model training FLOPs per token or image, how they were counted, the jaxpr-counted figure).
 
   Training is taken as 3 x the forward (the backward computes two matmuls per forward matmul)."""
   model, batch = workload.model, workload.batch
   task = workload.task
-  counted = 3.0 * counted_forward_flops(
+  counted = 3.0 * flops.counted_forward_flops(
       lambda p, s, b: task.loss_sums(model, {"params": p, **s}, b)[0]["loss"],
       params, model_state, batch) / batch[next(iter(batch))].shape[0]
   if isinstance(model, transformer.TransformerLM):
     seq_len = batch["tokens"].shape[1] - 1
-    return transformer_flops_per_token(model.config, params, seq_len), "6N+12LTD (no causal halving)", counted / seq_len
+    per_token = flops.transformer_flops_per_token(model.config, params, seq_len)
+    return per_token, "6N+12LTD (no causal halving)", counted / seq_len
   if isinstance(model, recurrent.RNNLM):
     seq_len = batch["tokens"].shape[1] - 1
-    return rnn_flops_per_token(model.config, params), "6N", counted / seq_len
+    return flops.rnn_flops_per_token(model.config, params), "6N", counted / seq_len
   return counted, "3 x forward matmul/conv FLOPs counted in the jaxpr", counted
 
 
@@ -299,10 +237,10 @@ def comparison(times: dict[str, list[float]], medians: list[dict], unit: str, ne
           "rounds": len(medians), "steps_per_round": len(times[new]) // max(len(medians), 1)}
 
 
-def summarize(workload: Workload, step_times: list[float], compile_s: float, flops: tuple, peak: float,
+def summarize(workload: Workload, step_times: list[float], compile_s: float, model_flops: tuple, peak: float,
               framework: str = "bigjax") -> dict:
   """The JSON record: speed, model FLOPs and MFU of one framework's timed steps."""
-  per_unit, how, counted = flops
+  per_unit, how, counted = model_flops
   step_s = statistics.median(step_times)
   achieved = per_unit * workload.units_per_step / step_s
   device = jax.devices()[0]
@@ -326,9 +264,9 @@ def run_bigjax(workload: Workload) -> dict:
   runner = BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value)
   time_calls(runner.step, BENCH_WARMUP.value)
   step_times = time_calls(runner.step, BENCH_STEPS.value)
-  flops = flops_per_unit(workload, runner.state.params, runner.state.model_state)
+  model_flops = flops_per_unit(workload, runner.state.params, runner.state.model_state)
   peak = measured_matmul_peak(workload.dtype, PEAK_SIZE.value)
-  record = summarize(workload, step_times, runner.compile_s, flops, peak)
+  record = summarize(workload, step_times, runner.compile_s, model_flops, peak)
   record["mesh"] = sharding.describe(mesh)
   return record
 
