@@ -12,11 +12,20 @@ import time
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from bigjax.errors import UserError
 from bigjax.sharding import path_name as sharding_path
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds in every process (one all-gather when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
@@ -72,12 +81,17 @@ class Checkpointer:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        return self.restore(step, abstract_state, data_iterator), step
+        restored, error = self.restore(step, abstract_state, data_iterator), None
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        kept_at = self._set_aside(step)
-        print(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {first_line}); "
-              f"moved it to {kept_at} and trying the previous one", file=sys.stderr, flush=True)
+        restored, error = None, e
+      # Every process must take the same step, even when only one of them could not read its shards.
+      if _everywhere(error is None):
+        return restored, step
+      reason = "another process could not read its part" if error is None else \
+          f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+      kept_at = self._set_aside(step)
+      print(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); "
+            f"moved it to {kept_at} and trying the previous one", file=sys.stderr, flush=True)
     return None, 0
 
   def _set_aside(self, step: int) -> str:
@@ -86,6 +100,8 @@ class Checkpointer:
     target = f"{source}.unreadable-{int(time.time())}"
     if jax.process_index() == 0:
       os.rename(source, target)
+    if jax.process_count() > 1:  # nobody looks again before the rename is done
+      multihost_utils.sync_global_devices(f"bigjax: set aside checkpoint step {step}")
     self._manager.reload()
     return target
 
