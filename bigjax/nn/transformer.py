@@ -256,11 +256,11 @@ class ViT(nn.Module):
     block_cfg = cfg.block_config()
     dtype = block_cfg.compute_dtype
     p = cfg.patch_size
-    x = nn.Conv(cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                param_dtype=block_cfg.storage_dtype, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         (None, None, "conv_in", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(images_BHWC.astype(dtype))
+    x = conv.Conv(cfg.embed_dim, (p, p), strides=(p, p), dtype=dtype,
+                  param_dtype=block_cfg.storage_dtype, name="patch_embed",
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                           (None, None, "conv_in", "embed")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(images_BHWC.astype(dtype))
     batch = x.shape[0]
     x_BTD = x.reshape(batch, -1, cfg.embed_dim)
     num_patches = x_BTD.shape[1]
