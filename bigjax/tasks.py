@@ -36,7 +36,10 @@ class LanguageModelling:
     weights_B = batch.get("weights", jnp.ones(targets_BT.shape[:1])).astype(jnp.float32)
     loss_mask_BT = batch.get("loss_mask", jnp.ones(targets_BT.shape)).astype(jnp.float32)
     weights_BT = weights_B[:, None] * loss_mask_BT
-    logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs)
+    packed = {}
+    if "segment_ids" in batch:  # packed documents: attention stays inside each one
+      packed = {"segment_ids_BT": batch["segment_ids"][:, :-1], "positions_BT": batch["positions"][:, :-1]}
+    logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs, **packed)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
     sums = {"loss": jnp.sum(losses_BT * weights_BT), "correct": jnp.sum(correct_BT * weights_BT),

@@ -159,9 +159,25 @@ def test_segment_mask_stops_attention_across_documents_by_gradient():
   def doc2_output(k, v, mask):
     return attention.dot_product_attention(q, k, v, mask)[:, :, 3:7].sum()
 
-  packed = attention.combine_masks(attention.causal_mask(8), lm.segment_mask(segment_ids))
+  packed = attention.combine_masks(attention.causal_mask(8), attention.segment_mask(jax.numpy.asarray(segment_ids)))
   grad_k, grad_v = jax.grad(doc2_output, argnums=(0, 1))(k, v, packed)
   assert np.all(np.asarray(grad_k)[:, :, :3] == 0) and np.all(np.asarray(grad_v)[:, :, :3] == 0)
   assert np.all(np.abs(np.asarray(grad_v)[:, :, 3:7]).sum(-1) > 0)  # its own document does reach it
   _, leaky = jax.grad(doc2_output, argnums=(0, 1))(k, v, attention.causal_mask(8))
   assert np.all(np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0)  # without the segment mask it leaks
+
+
+def test_a_packed_transformer_sees_each_document_as_if_it_were_alone():
+  import flax.linen as nn
+  from bigjax import models
+  tokens = np.array([[5, 6, 0, 7, 8, 9, 0, 1, 2]], np.int32)
+  packed = lm.document_segments(tokens[0], eod_id=0)
+  model = models.create("transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16)
+  params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+  together = model.apply({"params": params}, tokens, segment_ids_BT=packed["segment_ids"][None],
+                         positions_BT=packed["positions"][None])
+  for start, end in [(0, 3), (3, 7), (7, 9)]:  # each document with its end-of-document token
+    alone = model.apply({"params": params}, tokens[:, start:end])
+    np.testing.assert_allclose(together[:, start:end], alone, atol=1e-5)
+  leaky = model.apply({"params": params}, tokens)  # plain concatenation: document 2 sees document 1
+  assert not np.allclose(leaky[:, 3:7], together[:, 3:7], atol=1e-3)

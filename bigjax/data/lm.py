@@ -67,7 +67,7 @@ class TokenWindows:
   window is full: no step computes on padding. With `eod_id` set, a window also carries
   `segment_ids` (1 for the document the window starts in, +1 after each end-of-document token,
   which belongs to the document it ends) and `positions` (restarting at 0 with each document), for
-  models that keep attention inside a document (see segment_mask).
+  models that keep attention inside a document (see bigjax.nn.attention.segment_mask).
   """
   stream: np.ndarray
   seq_len: int
@@ -94,20 +94,14 @@ def document_segments(tokens: np.ndarray, eod_id: int) -> dict[str, np.ndarray]:
   return {"segment_ids": segment_ids, "positions": (index - first).astype(np.int32)}
 
 
-def segment_mask(segment_ids_BT) -> "jax.Array":
-  """[B, 1, T, T] boolean mask: a query attends only to keys of its own document. AND it with
-  bigjax.nn.attention.causal_mask for a packed decoder."""
-  import jax.numpy as jnp  # only models need the mask; the loader stays numpy
-  segment_ids_BT = jnp.asarray(segment_ids_BT)
-  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-
-
 def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None, tokenizer=None,
-                 text_key: str | None = None) -> TokenWindows:
-  """[seq_len + 1]-token windows over the split's documents, tokenized (bytes by default)."""
+                 text_key: str | None = None, segments: bool = False) -> TokenWindows:
+  """[seq_len + 1]-token windows over the split's documents, tokenized (bytes by default); with
+  `segments`, also their segment ids and within-document positions."""
   source = sources.load_source(dataset, split, data_dir)
   field = pick_text_key(sources.feature_names(dataset, data_dir), text_key, dataset)
-  windows = TokenWindows(token_stream(source, field, tokenizer or tokenizers.ByteTokenizer()), seq_len)
+  tokenizer = tokenizer or tokenizers.ByteTokenizer()
+  windows = TokenWindows(token_stream(source, field, tokenizer), seq_len, tokenizer.eod_id if segments else None)
   if len(windows) == 0:
     raise UserError(f"{dataset}/{split} holds {len(windows.stream)} tokens, too few for one window "
                     f"of --seq_len={seq_len}")

@@ -34,6 +34,11 @@ def padding_mask(valid_BS: jnp.ndarray) -> jnp.ndarray:
   return valid_BS.astype(jnp.bool_)[:, None, None, :]
 
 
+def segment_mask(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+  """[B, 1, T, T] boolean mask: a query attends only to keys of its own packed document."""
+  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+
+
 def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
   """Logical AND of broadcastable boolean masks; None entries are ignored."""
   present = [m for m in masks if m is not None]

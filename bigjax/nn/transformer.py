@@ -159,14 +159,17 @@ def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, trai
 class TransformerLM(nn.Module):
   """Decoder-only language model: token (+ position) embedding, causal blocks, final LN, logits.
 
-  Returns float32 logits [B, T, vocab]. `valid_BT` (True for real tokens) masks padding keys.
+  Returns float32 logits [B, T, vocab]. `valid_BT` (True for real tokens) masks padding keys;
+  `segment_ids_BT` keeps each token's attention inside its own packed document (pass the
+  within-document `positions_BT` with them).
   `decode=True` runs with a KV cache (the `cache` collection, see bigjax.sample): pass the new
   tokens and their absolute `positions_BT`.
   """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, train: bool = False, decode: bool = False):
+  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, segment_ids_BT=None, train: bool = False,
+               decode: bool = False):
     cfg = self.config
     length = tokens_BT.shape[1]
     if length > cfg.max_len:
@@ -189,6 +192,8 @@ class TransformerLM(nn.Module):
     mask = attention.causal_mask(length)
     if valid_BT is not None:
       mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
+    if segment_ids_BT is not None:
+      mask = attention.combine_masks(mask, attention.segment_mask(segment_ids_BT))
     x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, train=train, decode=decode)
     x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
 
