@@ -135,7 +135,7 @@ def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state=model_state)
-  return new_state, {"sums": sums, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+  return new_state, {"sums": sums, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
 
 
 def eval_step(state: TrainState, batch, *, model, task):
