@@ -5,6 +5,8 @@
       --mode=sample --prompt="def " --num_tokens=200 --temperature=0.8
 """
 
+import inspect
+
 import jax
 import numpy as np
 from absl import flags
@@ -22,9 +24,10 @@ from bigjax.data import tokenizers
 from bigjax.errors import UserError
 
 DOCUMENT_MASKS = flags.DEFINE_bool(
-    "document_masks", True, "Windows pack documents end to end; keep each token's attention inside its own "
-    "document (segment ids and positions restart at each end-of-document token). --nodocument_masks lets "
-    "attention run across document ends, as plain concatenation does.")
+    "document_masks", True, "Windows pack documents end to end; in models that take segment ids "
+    "(TransformerLM) keep each token's attention inside its own document (segment ids and positions "
+    "restart at each end-of-document token). --nodocument_masks lets attention run across document "
+    "ends, as plain concatenation does.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per training window.", lower_bound=1)
 TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes, or spm:VOCAB: a SentencePiece model of VOCAB ids "
                                 "trained on the training split and kept in the workdir.")
@@ -79,8 +82,11 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
                                                      workers=workers),
                    eval_data=pipeline.eval_batches(eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
   tokenizer = open_tokenizer(exp, train_split)
+  # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
+  # packed stream as it comes).
+  segments = DOCUMENT_MASKS.value and "segment_ids_BT" in inspect.signature(exp.model.__call__).parameters
   windows = {split: lm.open_windows(exp.dataset, split, SEQ_LEN.value, exp.data_dir, tokenizer,
-                                    bigjax_flags.TEXT_KEY.value, segments=DOCUMENT_MASKS.value)
+                                    bigjax_flags.TEXT_KEY.value, segments=segments)
              for split in (train_split, eval_split)}
   metrics.console(f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
                   f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})")

@@ -94,6 +94,16 @@ def test_cnn_experiment_reports_accuracy(tmp_path, data_dir):
   assert {"train_loss", "train_accuracy", "eval_loss", "images_per_sec"} <= set(rows[-1])
 
 
+def test_rnn_experiment_trains_a_language_model(tmp_path, data_dir):
+  result = _run_experiment("experiments.rnn", f"--flagfile={REPO}/experiments/configs/lstm_lm_tiny.flags",
+                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=3", "--seq_len=32",
+                           "--batch_size=8", "--model_override=hidden_size=32", "--eval_every=3",
+                           "--eval_batches=2", "--log_every=1")
+  assert result.returncode == 0, result.stderr
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert rows[-1]["step"] == 3 and 0 < rows[-1]["eval_bits_per_byte"] < 10
+
+
 def test_mlp_experiment_defaults_to_the_mlp(tmp_path, data_dir):
   result = _run_experiment("experiments.mlp", "--dataset=sklearn_digits", f"--workdir={tmp_path}",
                            f"--data_dir={data_dir}", "--num_steps=5", "--log_every=5")
