@@ -24,9 +24,9 @@ def test_examples_are_the_files_bytes(data_dir):
   assert example["bytes"].tobytes() == by_name[example["name"].decode()].read_bytes()
 
 
-def test_byte_stream_separates_documents():
+def test_token_stream_separates_documents():
   source = [{"bytes": np.frombuffer(b"ab", np.uint8)}, {"bytes": np.frombuffer(b"cde", np.uint8)}]
-  np.testing.assert_array_equal(lm.byte_stream(source), [97, 98, 0, 99, 100, 101, 0])
+  np.testing.assert_array_equal(lm.token_stream(source), [97, 98, 0, 99, 100, 101, 0])
 
 
 def test_windows_overlap_by_one_token_so_every_target_appears_once():

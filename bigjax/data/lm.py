@@ -12,7 +12,6 @@ from bigjax.errors import UserError
 # Separates documents in the byte stream. NUL never occurs in source text, so the model learns it as
 # "end of file" without it colliding with a real byte.
 DOCUMENT_SEPARATOR = tokenizers.ByteTokenizer.eod_id
-BYTE_VOCAB_SIZE = tokenizers.ByteTokenizer.vocab_size
 # Text features tried, in order, when --text_key is not given.
 TEXT_KEYS = ("text", "bytes", "content")
 
@@ -51,11 +50,6 @@ def token_stream(source, field: str = "bytes", tokenizer=tokenizers.ByteTokenize
   for text in documents(source, field):
     pieces += [tokenizer.encode(text).astype(dtype), end]
   return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-
-
-def byte_stream(source, field: str = "bytes") -> np.ndarray:
-  """Every document of a TFDS source, each followed by the separator, as one uint8 array."""
-  return token_stream(source, field)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,8 @@ class LoaderIterator(grain.DatasetIterator):
       self.start_prefetch()
     batch = next(self._reader)
     self._next += 1
+    if self._loader.workers == 0:
+      return batch
     # Batches from workers live in shared memory; a copy frees it now rather than at garbage
     # collection (or never, for one still referenced when the interpreter exits).
     return jax.tree.map(np.array, batch)
