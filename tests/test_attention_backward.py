@@ -51,8 +51,31 @@ def test_flash_attention_call_matches_dot_product_attention():
   k_BTGK, v_BTGK = (jax.random.normal(key, (2, 6, 2, 8)) for key in keys[1:])
   got = attention.flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=True, implementation="xla")
   want = attention.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK)),
-                                         attention.causal_mask(6)).transpose(0, 2, 1, 3)
+                                         causal=True).transpose(0, 2, 1, 3)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  assert attention._is_causal(attention.causal_mask(6))
-  assert not attention._is_causal(jnp.asarray(attention.causal_mask(6)))  # only numpy constants count
-  assert not attention._flash_attention_applies(attention.causal_mask(6), jnp.float32, 64)
+  assert not attention._flash_attention_applies(None, jnp.float32, 64)  # float32: never cuDNN
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2)])
+def test_causal_flag_equals_explicit_causal_mask(num_heads, num_kv_heads):
+  """`causal=True` (iota mask, alone or with a padding mask) gives what the explicit mask gives, in
+  value and gradient."""
+  keys = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(keys[0], (2, num_heads, 7, 8))
+  k, v = (jax.random.normal(key, (2, num_kv_heads, 7, 8)) for key in keys[1:])
+  padding = attention.padding_mask(jnp.asarray([[True] * 7, [True] * 5 + [False] * 2]))
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v)))
+
+  for extra in (None, padding):
+    flagged = jax.value_and_grad(lambda *a: loss(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, extra, causal=True), *a), argnums=(0, 1, 2))(q, k, v)
+    explicit_mask = attention.combine_masks(attention.causal_mask(7), extra)
+    explicit = jax.value_and_grad(lambda *a: loss(lambda q, k, v: _plain_attention(q, k, v, explicit_mask), *a),
+                                  argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(flagged[0], explicit[0], rtol=1e-5)
+    for g, w in zip(flagged[1], explicit[1], strict=True):
+      np.testing.assert_allclose(g, w, atol=1e-5)
+  with pytest.raises(ValueError, match="causal attention needs as many queries as keys"):
+    attention.dot_product_attention(q, k[:, :, :5], v[:, :, :5], causal=True)

@@ -4,6 +4,8 @@ Shapes are named by suffix: B batch, T query time, S key time, D model width, H 
 G key/value heads (groups), R = H / G query heads per group, K head dim.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,16 +19,8 @@ _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
 def causal_mask(length: int) -> np.ndarray:
-  """[1, 1, T, T] boolean mask: query t may attend to keys s <= t. A numpy constant, so that
-  attention can see under jit that a mask is exactly causal (see _flash_attention_applies)."""
+  """[1, 1, T, T] boolean mask: query t may attend to keys s <= t (a numpy constant)."""
   return np.tril(np.ones((length, length), dtype=np.bool_))[None, None]
-
-
-def _is_causal(mask_B1TS) -> bool:
-  """Whether the mask is a concrete [1, 1, T, T] causal mask (a traced mask is never assumed so)."""
-  if not isinstance(mask_B1TS, np.ndarray) or mask_B1TS.ndim != 4 or mask_B1TS.shape[:2] != (1, 1):
-    return False
-  return mask_B1TS.shape[2] == mask_B1TS.shape[3] and np.array_equal(mask_B1TS, causal_mask(mask_B1TS.shape[2]))
 
 
 def padding_mask(valid_BS: jnp.ndarray) -> jnp.ndarray:
@@ -50,6 +44,12 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
   return combined
 
 
+def _check_causal(causal: bool, q_len: int, kv_len: int):
+  if causal and q_len != kv_len:
+    raise ValueError(f"causal attention needs as many queries as keys, got {q_len} queries and {kv_len} keys; "
+                     "pass an explicit mask instead")
+
+
 def _grouped_scaled_queries(q_BHTK, num_groups: int):
   """[B, H, T, K] -> [B, G, R, T, K], scaled by 1 / sqrt(K)."""
   batch, num_heads, q_len, head_dim = q_BHTK.shape
@@ -57,16 +57,15 @@ def _grouped_scaled_queries(q_BHTK, num_groups: int):
   return q_BGRTK * jnp.asarray(head_dim ** -0.5, q_BGRTK.dtype)
 
 
-def _masked_softmax(q_BGRTK, k_BGSK, mask_B1TS):
-  scores_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
-  if mask_B1TS is not None:
-    scores_BGRTS = jnp.where(mask_B1TS[:, :, None], scores_BGRTS, _MASKED_SCORE)
-  return nn.softmax(scores_BGRTS, axis=-1)
-
-
-def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None):
+def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None, *, causal: bool = False):
   """Float32 softmax(q k^T / sqrt(K)) as [B, G, R, T, S]: each group of R query heads shares one key head."""
-  return _masked_softmax(_grouped_scaled_queries(q_BHTK, k_BGSK.shape[1]), k_BGSK, mask_B1TS)
+  _check_causal(causal, q_BHTK.shape[2], k_BGSK.shape[2])
+  q_BGRTK = _grouped_scaled_queries(q_BHTK, k_BGSK.shape[1])
+  scores_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
+  mask = _full_mask(mask_B1TS, causal, q_BHTK.shape[2], k_BGSK.shape[2])
+  if mask is not None:
+    scores_BGRTS = jnp.where(mask, scores_BGRTS, _MASKED_SCORE)
+  return nn.softmax(scores_BGRTS, axis=-1)
 
 
 def _ungroup(out_BGRTK):
@@ -81,11 +80,11 @@ def attend(probs_BGRTS, v_BGSK, dtype=jnp.float32):
 
 def _flash_attention_applies(mask_B1TS, dtype, head_dim: int) -> bool:
   """cuDNN's fused (flash) attention: on an NVIDIA GPU of compute capability 8.0 or newer, in
-  bfloat16 or float16, head width a multiple of 8 up to 128, no mask or a causal one. Decided at
-  trace time; everything else takes dot_product_attention."""
+  bfloat16 or float16, head width a multiple of 8 up to 128, and no mask beyond causality.
+  Decided at trace time; everything else takes dot_product_attention."""
   if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return False
-  if head_dim % 8 or head_dim > 128 or not (mask_B1TS is None or _is_causal(mask_B1TS)):
+  if head_dim % 8 or head_dim > 128 or mask_B1TS is not None:
     return False
   capability = getattr(jax.devices()[0], "compute_capability", "0")
   return float(capability) >= 8.0
@@ -97,39 +96,72 @@ def flash_attention(q_BTHK, k_BTGK, v_BTGK, *, causal: bool, implementation: str
   return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=causal, implementation=implementation)
 
 
-def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, dtype=jnp.float32):
-  """softmax(q k^T / sqrt(K)) v as [B, H, T, K], with the backward written out (_attention_core)."""
+def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal: bool = False, dtype=jnp.float32):
+  """softmax(q k^T / sqrt(K)) v as [B, H, T, K], under `mask_B1TS` (any shape broadcastable to
+  [B, 1, T, S]) and, with `causal`, query t seeing only keys s <= t. The backward is written out
+  (_attention_core)."""
+  _check_causal(causal, q_BHTK.shape[2], k_BGSK.shape[2])
+  if mask_B1TS is not None:
+    mask_B1TS = jnp.asarray(mask_B1TS, jnp.bool_)
   q_BGRTK = _grouped_scaled_queries(q_BHTK.astype(dtype), k_BGSK.shape[1])
-  return _ungroup(_attention_core(q_BGRTK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS))
+  return _ungroup(_attention_core(q_BGRTK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, causal))
 
 
-@jax.custom_vjp
-def _attention_core(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS):
-  return _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS)[0]
+def _merge_heads_and_time(x_BGRTX):
+  """[B, G, R, T, X] -> [B, G, R * T, X]: the R query heads of a group stacked as rows, so that the
+  score and value products are plain batched matmuls over (B, G). XLA's CPU backend ran the 5-D
+  grouped contraction about twice as slowly (benchmarks/README.md)."""
+  batch, groups, per_group, length, last = x_BGRTX.shape
+  return x_BGRTX.reshape(batch, groups, per_group * length, last)
 
 
-def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS):
-  probs_BGRTS = _masked_softmax(q_BGRTK, k_BGSK, mask_B1TS)
-  out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BGRTS.astype(v_BGSK.dtype), v_BGSK)
+def _full_mask(mask_B1TS, causal: bool, q_len: int, kv_len: int):
+  """[B?, 1, 1, T, S] mask for [B, G, R, T, S] scores, or None. Causality from iotas rather than a
+  constant, which XLA's CPU backend broadcast several times more slowly."""
+  parts = [] if mask_B1TS is None else [mask_B1TS[:, :, None]]
+  if causal:
+    query_TS = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+    parts.append(jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1) <= query_TS)
+  return combine_masks(*parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
+  return _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal)[0]
+
+
+def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
+  scores_BGMS = jnp.einsum("bgmk,bgsk->bgms", _merge_heads_and_time(q_BGRTK), k_BGSK,
+                           preferred_element_type=jnp.float32)
+  scores_BGRTS = scores_BGMS.reshape(q_BGRTK.shape[:-1] + k_BGSK.shape[2:3])
+  mask = _full_mask(mask_B1TS, causal, q_BGRTK.shape[3], k_BGSK.shape[2])
+  if mask is not None:
+    scores_BGRTS = jnp.where(mask, scores_BGRTS, _MASKED_SCORE)
+  probs_BGRTS = nn.softmax(scores_BGRTS, axis=-1)
+  out_BGMK = jnp.einsum("bgms,bgsk->bgmk", _merge_heads_and_time(probs_BGRTS).astype(v_BGSK.dtype), v_BGSK)
+  out_BGRTK = out_BGMK.reshape(q_BGRTK.shape)
   return out_BGRTK, (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK)
 
 
-def _attention_core_bwd(residuals, dout_BGRTK):
+def _attention_core_bwd(causal: bool, residuals, dout_BGRTK):
   """The softmax backward dS = P * (dP - rowsum(dP * P)) uses rowsum(dP * P) = rowsum(dO * O)
   (as FlashAttention does): a reduction over [T, K] instead of [T, S], and no [T, S]-sized product
   beside dP. Autodiff of the plain forward fused the dP matmul with that [T, S] reduction, which
   XLA's CPU backend ran several times slower than the matmul alone (benchmarks/README.md)."""
+  del causal  # masked probabilities are exactly 0, so their gradient is too
   q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK = residuals
   dtype = v_BGSK.dtype
-  dv_BGSK = jnp.einsum("bgrts,bgrtk->bgsk", probs_BGRTS.astype(dtype), dout_BGRTK)
-  dprobs_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", dout_BGRTK, v_BGSK, preferred_element_type=jnp.float32)
+  probs_BGMS = _merge_heads_and_time(probs_BGRTS).astype(dtype)
+  dout_BGMK = _merge_heads_and_time(dout_BGRTK)
+  dv_BGSK = jnp.einsum("bgms,bgmk->bgsk", probs_BGMS, dout_BGMK)
+  dprobs_BGMS = jnp.einsum("bgmk,bgsk->bgms", dout_BGMK, v_BGSK, preferred_element_type=jnp.float32)
   delta_BGRT1 = jnp.sum(dout_BGRTK.astype(jnp.float32) * out_BGRTK.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores_BGRTS = probs_BGRTS * (dprobs_BGRTS - delta_BGRT1)
-  if mask_B1TS is not None:  # a fully masked row has uniform probabilities but no gradient
+  dscores_BGRTS = probs_BGRTS * (dprobs_BGMS.reshape(probs_BGRTS.shape) - delta_BGRT1)
+  if mask_B1TS is not None:  # a row whose every key is masked has uniform probabilities but no gradient
     dscores_BGRTS = jnp.where(mask_B1TS[:, :, None], dscores_BGRTS, 0.0)
-  dscores_BGRTS = dscores_BGRTS.astype(dtype)
-  dq_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", dscores_BGRTS, k_BGSK)
-  dk_BGSK = jnp.einsum("bgrts,bgrtk->bgsk", dscores_BGRTS, q_BGRTK)
+  dscores_BGMS = _merge_heads_and_time(dscores_BGRTS).astype(dtype)
+  dq_BGRTK = jnp.einsum("bgms,bgsk->bgmk", dscores_BGMS, k_BGSK).reshape(q_BGRTK.shape)
+  dk_BGSK = jnp.einsum("bgms,bgmk->bgsk", dscores_BGMS, _merge_heads_and_time(q_BGRTK))
   return dq_BGRTK, dk_BGSK, dv_BGSK, None
 
 
@@ -188,9 +220,11 @@ class MultiHeadAttention(nn.Module):
   out_kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False, decode: bool = False):
-    """With `decode=True` the new keys and values are appended to the `cache` collection and the
-    queries attend causally to everything cached so far (`mask_B1TS` is then ignored)."""
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, causal: bool = False, train: bool = False,
+               decode: bool = False):
+    """Query t sees the keys `mask_B1TS` allows and, with `causal`, only keys s <= t.
+    With `decode=True` the new keys and values are appended to the `cache` collection and the
+    queries attend causally to everything cached so far (`mask_B1TS` and `causal` are then ignored)."""
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
@@ -211,7 +245,7 @@ class MultiHeadAttention(nn.Module):
 
     dropout = train and self.dropout_rate > 0.0
     if not (decode or dropout) and _flash_attention_applies(mask_B1TS, self.dtype, self.head_dim):
-      out_BTHK = flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=mask_B1TS is not None)
+      out_BTHK = flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=causal)
       return self._output(out_BTHK, x_BTD.shape[-1])
 
     # Heads before time: the score and value matmuls then batch over (B, H) with contiguous
@@ -220,13 +254,13 @@ class MultiHeadAttention(nn.Module):
     k_BGSK = nn.with_logical_constraint(k_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
     if decode:
-      k_BGSK, v_BGSK, mask_B1TS = self._extend_cache(k_BGSK, v_BGSK)
+      k_BGSK, v_BGSK, mask_B1TS, causal = self._extend_cache(k_BGSK, v_BGSK)
     if dropout:  # dropout on the probabilities: plain autodiff
-      probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS)
+      probs_BGRTS = attention_weights(q_BHTK, k_BGSK, mask_B1TS, causal=causal)
       probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
       out_BHTK = attend(probs_BGRTS, v_BGSK, self.dtype)
     else:
-      out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, self.dtype)
+      out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype)
     return self._output(out_BHTK.transpose(0, 2, 1, 3), x_BTD.shape[-1])
 
   def _output(self, out_BTHK, width: int):
@@ -235,8 +269,9 @@ class MultiHeadAttention(nn.Module):
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
 
   def _extend_cache(self, k_BGTK, v_BGTK):
-    """Writes this call's T keys and values at the cache index; returns the whole cache and the mask
-    under which query t (at position index + t) sees the cached positions up to its own."""
+    """Writes this call's T keys and values at the cache index; returns the whole cache, the mask
+    under which query t (at position index + t) sees the cached positions up to its own, and
+    whether attention is (additionally) causal."""
     batch, groups, length, head_dim = k_BGTK.shape
     initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, groups, self.cache_len, head_dim), k_BGTK.dtype)
@@ -244,11 +279,11 @@ class MultiHeadAttention(nn.Module):
                                  v_BGTK.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialized:  # creating the empty cache (model.init): plain causal attention
-      return k_BGTK, v_BGTK, causal_mask(length)
+      return k_BGTK, v_BGTK, None, True
     start = index.value
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BGTK, (0, 0, start, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BGTK, (0, 0, start, 0))
     index.value = start + length
     query_pos_T1 = start + jnp.arange(length)[:, None]
     mask_11TS = (jnp.arange(self.cache_len)[None, :] <= query_pos_T1)[None, None]
-    return cached_key.value, cached_value.value, mask_11TS
+    return cached_key.value, cached_value.value, mask_11TS, False

@@ -112,32 +112,34 @@ def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
 class TransformerBlock(nn.Module):
   """x + Attention(LN(x)), then x + Mlp(LN(x)): GPT-2's pre-LayerNorm block.
 
-  A decoder block under a causal mask, an encoder (ViT) block with no mask.
+  A decoder block is causal, an encoder (ViT) block is not.
   """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, train: bool = False, decode: bool = False):
+  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, causal: bool = False, train: bool = False,
+               decode: bool = False):
     cfg = self.config
     h_BTD = attention.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
         use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
         rotary_base=cfg.rotary_base if cfg.position == "rotary" else None, cache_len=cfg.max_len,
         dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, out_kernel_init=_residual_init(cfg), name="attn",
-    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, train=train, decode=decode)
+    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, causal=causal, train=train, decode=decode)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
 
-def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, train: bool, decode: bool):
+def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, causal: bool, train: bool,
+                 decode: bool):
   """Runs `cfg.num_layers` blocks (call inside a compact method): as block_0, block_1, ..., or with
   `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV caches) have a leading
   layers axis, which compiles one block instead of num_layers. `cfg.remat` wraps each block in
   jax.checkpoint with the named policy."""
   def block(module, x_BTD, mask_B1TS, positions_BT):
-    return module(x_BTD, mask_B1TS, positions_BT, train=train, decode=decode)
+    return module(x_BTD, mask_B1TS, positions_BT, causal=causal, train=train, decode=decode)
 
   policy = REMAT_POLICIES[cfg.remat]
   if cfg.remat != "none":
@@ -189,12 +191,10 @@ class TransformerLM(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
-    mask = attention.causal_mask(length)
-    if valid_BT is not None:
-      mask = attention.combine_masks(mask, attention.padding_mask(valid_BT))
-    if segment_ids_BT is not None:
-      mask = attention.combine_masks(mask, attention.segment_mask(segment_ids_BT))
-    x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, train=train, decode=decode)
+    mask = attention.combine_masks(
+        None if valid_BT is None else attention.padding_mask(valid_BT),
+        None if segment_ids_BT is None else attention.segment_mask(segment_ids_BT))
+    x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, causal=True, train=train, decode=decode)
     x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:
@@ -282,7 +282,7 @@ class ViT(nn.Module):
       x_BTD = jnp.concatenate([jnp.broadcast_to(cls_11D.astype(dtype), (batch, 1, cfg.embed_dim)), x_BTD], axis=1)
     x_BTD = x_BTD + pos_TD.astype(dtype)[None]
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
-    x_BTD = apply_blocks(block_cfg, x_BTD, None, None, train=train, decode=False)
+    x_BTD = apply_blocks(block_cfg, x_BTD, None, None, causal=False, train=train, decode=False)
     x_BTD = _layer_norm(block_cfg, "ln_final")(x_BTD)
     pooled_BD = x_BTD[:, 0] if cfg.pool == "cls" else jnp.mean(x_BTD, axis=1)
     return conv.classifier_head(pooled_BD, cfg.num_classes, block_cfg.storage_dtype)
