@@ -36,3 +36,25 @@ def test_counted_flops_of_a_strided_convolution_and_a_matmul():
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert flops.counted_forward_flops(conv, x, kernel) == 2 * (2 * 5 * 5 * 4) * (3 * 3 * 3)
   assert flops.counted_forward_flops(jnp.matmul, np.zeros((7, 5)), np.zeros((5, 3))) == 2 * 7 * 5 * 3
+
+
+def test_breakdown_skeleton_flops_and_attention_ablation():
+  """The dense skeleton's stated FLOPs are 3 x its counted forward matmuls; the ablation without the
+  attention core changes the gradient, and puts the real attention back afterwards."""
+  from benchmarks import breakdown
+  from benchmarks import throughput
+  from bigjax import tasks
+  from bigjax.nn import attention
+
+  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)
+  chain, params, stated = breakdown.dense_skeleton(model.config, tokens=8)
+  assert stated == 3 * flops.counted_forward_flops(chain, params)
+  batch = throughput.random_batch(model, 2, 8)
+  workload = throughput.Workload("transformer-tiny", model, tasks.LanguageModelling(), batch, "tokens", 16, "float32")
+  real_fn, real_params = breakdown.loss_gradient(workload)
+  ablated_fn, ablated_params = breakdown.without_attention_core(workload)
+  assert attention.dot_product_attention is not breakdown._attention_without_core
+  real, ablated = real_fn(real_params), ablated_fn(ablated_params)
+  query_grad = lambda g: g["block_0"]["attn"]["query"]["kernel"]  # noqa: E731
+  assert np.all(np.isfinite(query_grad(ablated)))
+  assert not np.allclose(query_grad(real), query_grad(ablated))
