@@ -52,6 +52,9 @@ AB_OVERRIDE = flags.DEFINE_multi_string("ab_override", [], "Compare the preset a
                                         "records and the speed ratio B / A.")
 PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", None, "n of the n x n x n matmul that measures the "
                                  "device's peak (default 2048 on CPU, 8192 elsewhere).", lower_bound=64)
+# compile_s is a compilation, not a load from the persistent cache the experiments use; pass
+# --compilation_cache_dir=DIR to time a cached start instead.
+flags.FLAGS.set_default("compilation_cache_dir", "")
 
 # Dense (no sparsity) matmul peaks per chip from the vendors' datasheets, in FLOP/s, by compute dtype.
 # float32 on NVIDIA tensor cores is TF32, which XLA uses for float32 matmuls at default precision.

@@ -71,6 +71,9 @@ COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step 
                                  "print the FLOPs and memory per device and the parameter shardings, and exit.")
 SHOW_SHARDING = flags.DEFINE_bool("show_sharding", False, "Print every parameter's shape and sharding "
                                   "before training.")
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/bigjax/xla", "Persistent XLA compilation cache: a rerun, resume or "
+    "eval with the same shapes loads its compiled steps instead of compiling again. Empty turns it off.")
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process runs: host:port of process 0. Without it, TPU pods, SLURM, "
     "Open MPI and Kubernetes are detected by JAX itself.")
@@ -236,6 +239,8 @@ def run(main) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
+      if COMPILATION_CACHE_DIR.value:
+        train.enable_compilation_cache(COMPILATION_CACHE_DIR.value)
       main(argv)
     except UserError as e:
       sys.stderr.write(f"error: {e}\n")

@@ -49,6 +49,16 @@ class TrainConfig:
   grad_accum: int = 1  # micro-batches per optimizer step
 
 
+def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> None:
+  """JAX's persistent compilation cache in `directory` (created if missing): a later process that
+  compiles the same program (a rerun, a resume, an eval) loads it instead of compiling it again.
+  Programs that compiled faster than `min_compile_secs` are not stored."""
+  directory = os.path.expanduser(directory)
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+
+
 @contextlib.contextmanager
 def mesh_context(mesh):
   """The mesh and logical-axis rules that tracing needs for the modules' sharding constraints."""

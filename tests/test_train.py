@@ -68,3 +68,30 @@ def test_metrics_after_the_restored_step_are_dropped(tmp_path):
   path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 6)))
   metrics.MetricsLog(str(tmp_path), unit="tokens", num_steps=10, resumed_step=3)
   assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
+
+
+_CACHE_PROBE = """
+import sys
+import jax
+import jax.numpy as jnp
+from jax._src import monitoring
+from bigjax import train
+events = []
+monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+train.enable_compilation_cache(sys.argv[1], min_compile_secs=0.0)
+jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print(events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
+  import subprocess
+  import sys
+
+  cache = tmp_path / "not" / "yet" / "there"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  hits = [subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(cache)], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()[-1]
+          for _ in range(2)]
+  assert int(hits[0]) == 0 and int(hits[1]) >= 1  # every program the second process compiles is a hit
+  assert any(cache.iterdir())
