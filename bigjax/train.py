@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,14 +50,23 @@ class TrainConfig:
   grad_accum: int = 1  # micro-batches per optimizer step
 
 
-def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> None:
+def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> bool:
   """JAX's persistent compilation cache in `directory` (created if missing): a later process that
   compiles the same program (a rerun, a resume, an eval) loads it instead of compiling it again.
-  Programs that compiled faster than `min_compile_secs` are not stored."""
+  Programs that compiled faster than `min_compile_secs` are not stored. A directory that cannot be
+  created (a read-only home on a cluster) turns the cache off with a warning, not the run."""
   directory = os.path.expanduser(directory)
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    # stderr, not metrics.console: asking JAX for the process index would start its backend
+    # before jax.distributed.initialize.
+    sys.stderr.write(f"warning: compilation cache off: cannot create {directory} ({e.strerror}); "
+                     "pass --compilation_cache_dir=DIR to choose another\n")
+    return False
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+  return True
 
 
 @contextlib.contextmanager

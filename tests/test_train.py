@@ -95,3 +95,6 @@ def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
           for _ in range(2)]
   assert int(hits[0]) == 0 and int(hits[1]) >= 1  # every program the second process compiles is a hit
   assert any(cache.iterdir())
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  assert not train.enable_compilation_cache(str(blocker / "cache"))  # warns, and the run goes on
