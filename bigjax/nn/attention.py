@@ -60,12 +60,7 @@ def _grouped_scaled_queries(q_BHTK, num_groups: int):
 def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None, *, causal: bool = False):
   """Float32 softmax(q k^T / sqrt(K)) as [B, G, R, T, S]: each group of R query heads shares one key head."""
   _check_causal(causal, q_BHTK.shape[2], k_BGSK.shape[2])
-  q_BGRTK = _grouped_scaled_queries(q_BHTK, k_BGSK.shape[1])
-  scores_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
-  mask = _full_mask(mask_B1TS, causal, q_BHTK.shape[2], k_BGSK.shape[2])
-  if mask is not None:
-    scores_BGRTS = jnp.where(mask, scores_BGRTS, _MASKED_SCORE)
-  return nn.softmax(scores_BGRTS, axis=-1)
+  return _masked_probs(_grouped_scaled_queries(q_BHTK, k_BGSK.shape[1]), k_BGSK, mask_B1TS, causal)
 
 
 def _ungroup(out_BGRTK):
@@ -130,14 +125,19 @@ def _attention_core(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
   return _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal)[0]
 
 
-def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
+def _masked_probs(q_BGRTK, k_BGSK, mask_B1TS, causal: bool):
+  """Float32 softmax of the (already scaled) scores q k^T as [B, G, R, T, S], masked keys at 0."""
   scores_BGMS = jnp.einsum("bgmk,bgsk->bgms", _merge_heads_and_time(q_BGRTK), k_BGSK,
                            preferred_element_type=jnp.float32)
   scores_BGRTS = scores_BGMS.reshape(q_BGRTK.shape[:-1] + k_BGSK.shape[2:3])
   mask = _full_mask(mask_B1TS, causal, q_BGRTK.shape[3], k_BGSK.shape[2])
   if mask is not None:
     scores_BGRTS = jnp.where(mask, scores_BGRTS, _MASKED_SCORE)
-  probs_BGRTS = nn.softmax(scores_BGRTS, axis=-1)
+  return nn.softmax(scores_BGRTS, axis=-1)
+
+
+def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
+  probs_BGRTS = _masked_probs(q_BGRTK, k_BGSK, mask_B1TS, causal)
   out_BGMK = jnp.einsum("bgms,bgsk->bgmk", _merge_heads_and_time(probs_BGRTS).astype(v_BGSK.dtype), v_BGSK)
   out_BGRTK = out_BGMK.reshape(q_BGRTK.shape)
   return out_BGRTK, (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK)
