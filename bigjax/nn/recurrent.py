@@ -98,18 +98,36 @@ def lstm_scan(recurrent_HGH, carry, xproj_TBGH, valid_TB):
   return _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB)[0]
 
 
+# All four LSTM activations as one elementwise pass over the [B, 4, H] gates: sigmoid(z) =
+# 0.5 tanh(0.5 z) + 0.5 and tanh(z) = 1 tanh(1 z) + 0, so a = tanh(scale z) scale + shift with a
+# per-gate scale and shift. XLA's CPU backend otherwise emits a separate loop (and a slice of the
+# gates) per activation plus a concatenation to save them; its derivative is just as uniform:
+# da/dz = scale^2 - (a - shift)^2 (= a (1 - a) for a sigmoid gate, 1 - a^2 for the tanh gate).
+_GATE_SCALE_G1 = np.array([0.5, 0.5, 1.0, 0.5], np.float32)[:, None]
+_GATE_SHIFT_G1 = np.array([0.5, 0.5, 0.0, 0.5], np.float32)[:, None]
+
+
+def _lstm_activations(gates_BGH):
+  scale, shift = _GATE_SCALE_G1.astype(gates_BGH.dtype), _GATE_SHIFT_G1.astype(gates_BGH.dtype)
+  return jnp.tanh(gates_BGH * scale) * scale + shift
+
+
+def _lstm_activations_grad(activations_BGH):
+  scale, shift = _GATE_SCALE_G1.astype(activations_BGH.dtype), _GATE_SHIFT_G1.astype(activations_BGH.dtype)
+  return scale * scale - (activations_BGH - shift) ** 2
+
+
 def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
   def step(carry, inputs):
     c_BH, h_BH = carry
     xproj_BGH, valid_B1 = inputs[0], inputs[1][:, None]
-    gates_BGH = xproj_BGH + jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH)
-    i, f, o = (nn.sigmoid(gates_BGH[:, k]) for k in (0, 1, 3))
-    g = jnp.tanh(gates_BGH[:, 2])
+    activations_BGH = _lstm_activations(xproj_BGH + jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH))
+    i, f, g, o = (activations_BGH[:, k] for k in range(4))
     new_c_BH = f * c_BH + i * g
     tanh_c_BH = jnp.tanh(new_c_BH)
     new_h_BH = o * tanh_c_BH
     carry_out = (jnp.where(valid_B1, new_c_BH, c_BH), jnp.where(valid_B1, new_h_BH, h_BH))
-    saved = (c_BH, h_BH, jnp.stack([i, f, g, o], axis=1), tanh_c_BH)
+    saved = (c_BH, h_BH, activations_BGH, tanh_c_BH)
     return carry_out, (jnp.where(valid_B1, new_h_BH, 0.0), saved)
 
   final, (outputs_TBH, saved) = jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
@@ -126,13 +144,13 @@ def _lstm_scan_bwd(residuals, cotangents):
 
   def step(carry, inputs):
     dc_BH, dh_BH = carry
-    (c_BH, _, gates_BGH, tanh_c_BH), dout_BH, valid_B1 = inputs[0], inputs[1], inputs[2][:, None]
-    i, f, g, o = (gates_BGH[:, k] for k in range(4))
+    (c_BH, _, activations_BGH, tanh_c_BH), dout_BH, valid_B1 = inputs[0], inputs[1], inputs[2][:, None]
+    i, f, g, o = (activations_BGH[:, k] for k in range(4))
     # A padding step passed the state through unchanged: its cotangent goes straight back.
     dnew_h = jnp.where(valid_B1, dh_BH + dout_BH, 0.0)
     dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH ** 2)
-    dgates_BGH = jnp.stack([dnew_c * g * i * (1.0 - i), dnew_c * c_BH * f * (1.0 - f),
-                            dnew_c * i * (1.0 - g ** 2), dnew_h * tanh_c_BH * o * (1.0 - o)], axis=1)
+    dactivations_BGH = jnp.stack([dnew_c * g, dnew_c * c_BH, dnew_c * i, dnew_h * tanh_c_BH], axis=1)
+    dgates_BGH = dactivations_BGH * _lstm_activations_grad(activations_BGH)
     dh_prev = dgates_BGH.reshape(dgates_BGH.shape[0], -1) @ recurrent_T_PH + jnp.where(valid_B1, 0.0, dh_BH)
     dc_prev = dnew_c * f + jnp.where(valid_B1, 0.0, dc_BH)
     return (dc_prev, dh_prev), dgates_BGH
