@@ -128,9 +128,13 @@ def workload_from_flags() -> Workload:
 def flops_per_unit(workload: Workload, params, model_state) -> tuple[float, str, float]:
   """(model training FLOPs per token or image, how they were counted, the jaxpr-counted figure).
 
-  Training is taken as 3 x the forward (the backward computes two matmuls per forward matmul)."""
+  Training is taken as 3 x the forward (the backward computes two matmuls per forward matmul).
+  Convolutions are counted as XLA's convolution primitive, i.e. every kernel tap at every output:
+  the model's FLOPs, not those of an implementation that skips taps reading only padding."""
   model, batch = workload.model, workload.batch
   task = workload.task
+  if hasattr(getattr(model, "config", None), "conv_impl"):
+    model = model.clone(config=dataclasses.replace(model.config, conv_impl="xla"))
   counted = 3.0 * flops.counted_forward_flops(
       lambda p, s, b: task.loss_sums(model, {"params": p, **s}, b)[0]["loss"],
       params, model_state, batch) / batch[next(iter(batch))].shape[0]

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops
+from benchmarks import throughput
 from bigjax import models
+from bigjax import tasks
 
 
 def _forward_flops(model, inputs):
@@ -58,3 +60,26 @@ def test_breakdown_skeleton_flops_and_attention_ablation():
   query_grad = lambda g: g["block_0"]["attn"]["query"]["kernel"]  # noqa: E731
   assert np.all(np.isfinite(query_grad(ablated)))
   assert not np.allclose(query_grad(real), query_grad(ablated))
+
+
+def _resnet18_flops_per_image(image_size: int, conv_impl: str) -> tuple[float, float]:
+  """(the benchmark's training FLOPs per image, 3 x the forward counted with `conv_impl`)."""
+  model = models.create("resnet18", input_shape=(image_size, image_size, 3), conv_impl=conv_impl)
+  batch = throughput.random_batch(model, 1, 0)
+  workload = throughput.Workload("resnet18", model, tasks.Classification(), batch, "images", 1, "float32")
+  per_image, _, _ = throughput.flops_per_unit(workload, *throughput.abstract_variables(workload))
+  variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch["image"]))
+  return per_image, 3 * flops.counted_forward_flops(
+      lambda v, x: model.apply(v, x, train=False), variables, batch["image"])
+
+
+def test_resnet_flops_are_the_published_figure_whichever_convolution_runs():
+  # torchvision's ResNet-18 at 224 x 224: 1.814 G multiply-adds per image (forward).
+  per_image, _ = _resnet18_flops_per_image(224, "matmul")
+  np.testing.assert_allclose(per_image, 3 * 2 * 1.814e9, rtol=2e-3)
+  # At 32 x 32 the last stage's maps are 1 x 1 and the matmul convolution skips the taps that read
+  # only padding; the benchmark still counts every tap, as XLA's convolution defines them.
+  per_image, via_matmul = _resnet18_flops_per_image(32, "matmul")
+  _, via_xla = _resnet18_flops_per_image(32, "xla")
+  assert per_image == via_xla
+  assert via_matmul < 0.85 * via_xla
