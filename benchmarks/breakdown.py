@@ -1,7 +1,10 @@
-"""Where a Transformer LM's training time goes on this machine, beside PyTorch's: prints JSON lines.
+"""Where a Transformer or LSTM LM's training time goes on this machine, beside PyTorch's: prints
+JSON lines.
 
   python -m benchmarks.breakdown --model=transformer-tiny --model_override=num_layers=4 \
       --batch_size=16 --seq_len=256
+  python -m benchmarks.breakdown --model=lstm-lm --model_override=num_layers=2 \
+      --batch_size=16 --seq_len=128
 
 bigjax, forward + backward of the real loss (no optimizer), each variant compiled once and timed
 in alternating rounds (benchmarks.throughput.alternate_rounds):
@@ -14,11 +17,20 @@ PyTorch (when installed; profiled first, before XLA's thread pools exist): torch
 reference train step (benchmarks.torch_reference), milliseconds per step in matmuls, in
 scaled_dot_product_attention (forward and backward), and in everything else (optimizer included).
 
+For an LSTM LM, in alternating rounds, forward + backward of:
+  model            the preset's loss as configured;
+  recurrent_stack  its recurrent layers alone, on a random [B, T, embed] input;
+  matmul_floor     the same layers' matmuls and nothing else: per layer the input projection and its
+                   two backward matmuls, T recurrent [B, H] x [H, 4H] steps in a scan, T backward
+                   [B, 4H] x [4H, H] steps, and the recurrent kernel's gradient as one matmul;
+  torch_stack      (when PyTorch is installed) nn.LSTM of the same sizes on the same shapes.
+
 A per-operation profile (benchmarks/profile_step.py) cannot answer this on CPU: XLA runs
 independent operations concurrently, so their individual times overlap, and removing an operation
 the profile blames does not always shorten the step (benchmarks/README.md).
 """
 
+import functools
 import json
 import statistics
 
@@ -31,6 +43,7 @@ from benchmarks import throughput
 from bigjax import flags as bigjax_flags
 from bigjax.errors import UserError
 from bigjax.nn import attention
+from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
 
@@ -110,11 +123,92 @@ def torch_breakdown(workload: throughput.Workload, steps: int = 3) -> dict | Non
   return {"framework": "pytorch", "profiled_steps": steps, **{f"{k}_ms": round(v, 1) for k, v in groups.items()}}
 
 
-def main(argv):
-  del argv
-  workload = throughput.workload_from_flags()
-  if not isinstance(workload.model, transformer.TransformerLM):
-    raise UserError(f"benchmarks.breakdown takes a Transformer LM preset, not {workload.name}")
+def recurrent_stack_gradient(cfg: recurrent.RNNConfig, batch: int, length: int):
+  """Compiled forward + backward of the preset's recurrent layers alone (a random input and output
+  cotangent), and its parameters."""
+  stack = cfg.stack()
+  rng = np.random.default_rng(0)
+  x_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.embed_dim), np.float32))
+  dy_BTH = jnp.asarray(rng.standard_normal((batch, length, cfg.hidden_size), np.float32))
+  params = nn.unbox(stack.init(jax.random.key(0), x_BTD))
+  return jax.jit(jax.grad(lambda p: jnp.sum(stack.apply(p, x_BTD)[0] * dy_BTH))), params
+
+
+def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):
+  """The matmuls of an LSTM stack's forward + backward and nothing else, as (function, its
+  parameters, FLOPs). The steps stay sequential (each feeds the next through a tanh), as in the
+  real scans; the input projection and the kernel gradients are single large matmuls, as bigjax
+  computes them."""
+  rng = np.random.default_rng(0)
+  hidden, rows = cfg.hidden_size, batch * length
+  widths = [cfg.embed_dim] + [hidden] * (cfg.num_layers - 1)
+  def normal(*shape):
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
+
+  params = [{"input": normal(width, 4 * hidden), "recurrent": normal(hidden, 4 * hidden),
+             "x": normal(rows, width), "dgates": normal(rows, 4 * hidden), "h": normal(rows, hidden)}
+            for width in widths]
+
+  def forward_step(kernel_HG, h_BH, _):
+    return jnp.tanh(sum(jnp.split(h_BH @ kernel_HG, 4, axis=1))), None
+
+  def backward_step(kernel_GH, dgates_BG, _):
+    return jnp.tile(jnp.tanh(dgates_BG @ kernel_GH), (1, 4)), None
+
+  def matmuls(params):
+    total = 0.0
+    for p in params:
+      xproj = p["x"] @ p["input"]
+      forward = jax.lax.scan(functools.partial(forward_step, p["recurrent"]), xproj[:batch, :hidden], None,
+                             length=length)[0]
+      backward = jax.lax.scan(functools.partial(backward_step, p["recurrent"].T), p["dgates"][:batch], None,
+                              length=length)[0]
+      drecurrent = p["h"].T @ p["dgates"]
+      dinput, dx = p["x"].T @ p["dgates"], p["dgates"] @ p["input"].T
+      total += sum(jnp.sum(a) for a in (xproj, forward, backward, drecurrent, dinput, dx))
+    return total
+
+  flops = sum(2 * rows * 4 * hidden * (3 * width + 3 * hidden) for width in widths)
+  return jax.jit(matmuls), params, flops
+
+
+def torch_lstm_step(cfg: recurrent.RNNConfig, batch: int, length: int):
+  """nn.LSTM of the preset's sizes: one forward + backward per call; None without PyTorch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  lstm = torch.nn.LSTM(cfg.embed_dim, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True)
+  x = torch.randn(batch, length, cfg.embed_dim, requires_grad=True)
+  dy = torch.randn(batch, length, cfg.hidden_size)
+
+  def step():
+    lstm.zero_grad(set_to_none=True)
+    (lstm(x)[0] * dy).sum().backward()
+  return step
+
+
+def rnn_main(workload: throughput.Workload):
+  cfg = workload.model.config
+  if cfg.cell != "lstm":
+    raise UserError(f"benchmarks.breakdown covers LSTM language models, not cell={cfg.cell!r}")
+  batch, length = workload.batch["tokens"].shape[0], workload.batch["tokens"].shape[1] - 1
+  floor_fn, floor_params, floor_flops = lstm_matmul_floor(cfg, batch, length)
+  variants = {"model": loss_gradient(workload), "recurrent_stack": recurrent_stack_gradient(cfg, batch, length),
+              "matmul_floor": (floor_fn, floor_params)}
+  steps = {name: (lambda fn=fn, params=params: fn(params)) for name, (fn, params) in variants.items()}
+  torch_step = torch_lstm_step(cfg, batch, length)
+  if torch_step is not None:
+    steps["torch_stack"] = torch_step
+  times, _ = throughput.alternate_rounds(steps, throughput.ROUNDS.value, throughput.BENCH_STEPS.value,
+                                         throughput.BENCH_WARMUP.value)
+  medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  print(json.dumps({"pass": "forward+backward", **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
+                    "matmul_floor_gflops": round(floor_flops / medians["matmul_floor"] / 1e6, 1)}), flush=True)
+
+
+def transformer_main(workload: throughput.Workload):
   torch_record = torch_breakdown(workload)
   variants = {"model": loss_gradient(workload), "no_attention": without_attention_core(workload)}
   chain, skeleton_params, skeleton_flops = dense_skeleton(workload.model.config, workload.units_per_step)
@@ -129,6 +223,17 @@ def main(argv):
                     "dense_skeleton_gflops": round(skeleton_flops / medians["dense_skeleton"] / 1e6, 1)}), flush=True)
   if torch_record is not None:
     print(json.dumps(torch_record), flush=True)
+
+
+def main(argv):
+  del argv
+  workload = throughput.workload_from_flags()
+  if isinstance(workload.model, transformer.TransformerLM):
+    transformer_main(workload)
+  elif isinstance(workload.model, recurrent.RNNLM):
+    rnn_main(workload)
+  else:
+    raise UserError(f"benchmarks.breakdown takes a Transformer or LSTM LM preset, not {workload.name}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,6 @@ def test_breakdown_skeleton_flops_and_attention_ablation():
   """The dense skeleton's stated FLOPs are 3 x its counted forward matmuls; the ablation without the
   attention core changes the gradient, and puts the real attention back afterwards."""
   from benchmarks import breakdown
-  from benchmarks import throughput
-  from bigjax import tasks
   from bigjax.nn import attention
 
   model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)
@@ -83,3 +81,18 @@ def test_resnet_flops_are_the_published_figure_whichever_convolution_runs():
   _, via_xla = _resnet18_flops_per_image(32, "xla")
   assert per_image == via_xla
   assert via_matmul < 0.85 * via_xla
+
+
+def test_lstm_breakdown_floor_flops_and_stack_gradient():
+  """The LSTM matmul floor's stated FLOPs are its jaxpr-counted matmuls (scan bodies times their
+  length); the recurrent stack's gradient reaches every layer's kernels."""
+  from benchmarks import breakdown
+
+  cfg = models.create("lstm-lm", num_layers=2, embed_dim=8, hidden_size=16, vocab_size=32).config
+  floor_fn, floor_params, stated = breakdown.lstm_matmul_floor(cfg, batch=2, length=5)
+  assert stated == flops.counted_forward_flops(floor_fn, floor_params)
+  grad_fn, params = breakdown.recurrent_stack_gradient(cfg, batch=2, length=5)
+  grads = grad_fn(params)["params"]
+  for layer in ("layer0_forward", "layer1_forward"):
+    assert np.any(grads[layer]["recurrent_kernel"] != 0)
+    assert np.all(np.isfinite(grads[layer]["input_kernel"]))
