@@ -125,13 +125,15 @@ def torch_breakdown(workload: throughput.Workload, steps: int = 3) -> dict | Non
 
 def recurrent_stack_gradient(cfg: recurrent.RNNConfig, batch: int, length: int):
   """Compiled forward + backward of the preset's recurrent layers alone (a random input and output
-  cotangent), and its parameters."""
+  cotangent), and its arguments (parameters, input). The gradient reaches the input too, as the
+  embedding below it needs in the model (and as the floor and PyTorch compute it)."""
   stack = cfg.stack()
   rng = np.random.default_rng(0)
   x_BTD = jnp.asarray(rng.standard_normal((batch, length, cfg.embed_dim), np.float32))
   dy_BTH = jnp.asarray(rng.standard_normal((batch, length, cfg.hidden_size), np.float32))
   params = nn.unbox(stack.init(jax.random.key(0), x_BTD))
-  return jax.jit(jax.grad(lambda p: jnp.sum(stack.apply(p, x_BTD)[0] * dy_BTH))), params
+  grads = jax.grad(lambda args: jnp.sum(stack.apply(args[0], args[1])[0] * dy_BTH))
+  return jax.jit(grads), (params, x_BTD)
 
 
 def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):

@@ -85,14 +85,18 @@ def test_resnet_flops_are_the_published_figure_whichever_convolution_runs():
 
 def test_lstm_breakdown_floor_flops_and_stack_gradient():
   """The LSTM matmul floor's stated FLOPs are its jaxpr-counted matmuls (scan bodies times their
-  length); the recurrent stack's gradient reaches every layer's kernels."""
+  length) and equal the counted matmuls of the recurrent stack's forward + backward, whose
+  gradient reaches every layer's kernels and the input."""
   from benchmarks import breakdown
 
   cfg = models.create("lstm-lm", num_layers=2, embed_dim=8, hidden_size=16, vocab_size=32).config
   floor_fn, floor_params, stated = breakdown.lstm_matmul_floor(cfg, batch=2, length=5)
   assert stated == flops.counted_forward_flops(floor_fn, floor_params)
-  grad_fn, params = breakdown.recurrent_stack_gradient(cfg, batch=2, length=5)
-  grads = grad_fn(params)["params"]
+  grad_fn, args = breakdown.recurrent_stack_gradient(cfg, batch=2, length=5)
+  assert stated == flops.counted_forward_flops(grad_fn, args)
+  grads, dx = grad_fn(args)
+  grads = grads["params"]
+  assert np.any(dx != 0)
   for layer in ("layer0_forward", "layer1_forward"):
     assert np.any(grads[layer]["recurrent_kernel"] != 0)
     assert np.all(np.isfinite(grads[layer]["input_kernel"]))

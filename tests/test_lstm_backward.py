@@ -29,3 +29,24 @@ def test_lstm_scan_matches_autodiff_with_padding_and_initial_state():
         lambda w, c, x: recurrent._masked_scan("lstm", w, None, c, x, valid)))()
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_fused_gate_activations_keep_relative_precision_in_bfloat16():
+  """lstm_scan's one-pass activations (sigmoid as a scaled tanh) and their derivative, in bfloat16,
+  against jax.nn.sigmoid / tanh in float32: relative error of bfloat16 rounding, small gates kept."""
+  z = np.linspace(-12.0, 12.0, 97, dtype=np.float32)
+  gates = jnp.asarray(np.broadcast_to(z, (1, 4, z.size)), jnp.bfloat16)
+  z = np.asarray(gates[0, 0], np.float32)
+  want = np.stack([jax.nn.sigmoid(z), jax.nn.sigmoid(z), np.tanh(z), jax.nn.sigmoid(z)])
+  want_grad = np.stack([want[0] * (1 - want[0])] * 2 + [1 - want[2] ** 2, want[3] * (1 - want[3])])
+  got = recurrent._lstm_activations(gates)
+  got_grad = recurrent._lstm_activations_grad(got)
+  assert got.dtype == got_grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got[0], np.float32), want, rtol=1e-2, atol=1e-6)
+  # The derivative from a bfloat16 activation a: a (1 - a) keeps its relative precision where a is
+  # small (z <= 0); near a = 1 (and |tanh| = 1) the stored a itself has rounded to 1, as it would
+  # with any activation function stored in bfloat16.
+  small = z <= 0
+  sigmoid_rows = [0, 1, 3]
+  np.testing.assert_allclose(np.asarray(got_grad[0], np.float32)[sigmoid_rows][:, small],
+                             want_grad[sigmoid_rows][:, small], rtol=3e-2, atol=1e-7)

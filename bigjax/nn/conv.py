@@ -13,6 +13,7 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.errors import UserError
 
@@ -101,8 +102,8 @@ def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Seque
                         (1, sh, sw, 1))
           for i in rows for j in cols]
   patches_BHWP = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  if len(rows) < kh or len(cols) < kw:  # the live taps are a contiguous range along each axis
-    kernel_HWIO = kernel_HWIO[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  if len(rows) < kh or len(cols) < kw:  # not always contiguous: a stride wider than the input leaves gaps
+    kernel_HWIO = kernel_HWIO[np.ix_(rows, cols)]
   return jnp.einsum("bhwp,po->bhwo", patches_BHWP, kernel_HWIO.reshape(-1, cout))
 
 

@@ -103,18 +103,20 @@ def lstm_scan(recurrent_HGH, carry, xproj_TBGH, valid_TB):
 # per-gate scale and shift. XLA's CPU backend otherwise emits a separate loop (and a slice of the
 # gates) per activation plus a concatenation to save them; its derivative is just as uniform:
 # da/dz = scale^2 - (a - shift)^2 (= a (1 - a) for a sigmoid gate, 1 - a^2 for the tanh gate).
+# Both are computed in float32: in bfloat16, 0.5 tanh + 0.5 would round small sigmoids to zero
+# and the derivative's difference would cancel.
 _GATE_SCALE_G1 = np.array([0.5, 0.5, 1.0, 0.5], np.float32)[:, None]
 _GATE_SHIFT_G1 = np.array([0.5, 0.5, 0.0, 0.5], np.float32)[:, None]
 
 
 def _lstm_activations(gates_BGH):
-  scale, shift = _GATE_SCALE_G1.astype(gates_BGH.dtype), _GATE_SHIFT_G1.astype(gates_BGH.dtype)
-  return jnp.tanh(gates_BGH * scale) * scale + shift
+  gates32_BGH = gates_BGH.astype(jnp.float32)
+  return (jnp.tanh(gates32_BGH * _GATE_SCALE_G1) * _GATE_SCALE_G1 + _GATE_SHIFT_G1).astype(gates_BGH.dtype)
 
 
 def _lstm_activations_grad(activations_BGH):
-  scale, shift = _GATE_SCALE_G1.astype(activations_BGH.dtype), _GATE_SHIFT_G1.astype(activations_BGH.dtype)
-  return scale * scale - (activations_BGH - shift) ** 2
+  activations32_BGH = activations_BGH.astype(jnp.float32)
+  return (_GATE_SCALE_G1 ** 2 - (activations32_BGH - _GATE_SHIFT_G1) ** 2).astype(activations_BGH.dtype)
 
 
 def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
