@@ -191,6 +191,16 @@ def torch_lstm_step(cfg: recurrent.RNNConfig, batch: int, length: int):
   return step
 
 
+def _median_ms_alternating(variants: dict, other_steps: dict | None = None) -> dict[str, float]:
+  """Median milliseconds per call of each compiled (function, arguments) variant and of each plain
+  callable in `other_steps`, timed in alternating rounds (the --rounds, --bench_steps and
+  --bench_warmup flags)."""
+  steps = {name: (lambda fn=fn, args=args: fn(args)) for name, (fn, args) in variants.items()}
+  times, _ = throughput.alternate_rounds({**steps, **(other_steps or {})}, throughput.ROUNDS.value,
+                                         throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value)
+  return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def rnn_main(workload: throughput.Workload):
   cfg = workload.model.config
   if cfg.cell != "lstm":
@@ -199,13 +209,8 @@ def rnn_main(workload: throughput.Workload):
   floor_fn, floor_params, floor_flops = lstm_matmul_floor(cfg, batch, length)
   variants = {"model": loss_gradient(workload), "recurrent_stack": recurrent_stack_gradient(cfg, batch, length),
               "matmul_floor": (floor_fn, floor_params)}
-  steps = {name: (lambda fn=fn, params=params: fn(params)) for name, (fn, params) in variants.items()}
   torch_step = torch_lstm_step(cfg, batch, length)
-  if torch_step is not None:
-    steps["torch_stack"] = torch_step
-  times, _ = throughput.alternate_rounds(steps, throughput.ROUNDS.value, throughput.BENCH_STEPS.value,
-                                         throughput.BENCH_WARMUP.value)
-  medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  medians = _median_ms_alternating(variants, {} if torch_step is None else {"torch_stack": torch_step})
   print(json.dumps({"pass": "forward+backward", **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
                     "matmul_floor_gflops": round(floor_flops / medians["matmul_floor"] / 1e6, 1)}), flush=True)
 
@@ -215,10 +220,7 @@ def transformer_main(workload: throughput.Workload):
   variants = {"model": loss_gradient(workload), "no_attention": without_attention_core(workload)}
   chain, skeleton_params, skeleton_flops = dense_skeleton(workload.model.config, workload.units_per_step)
   variants["dense_skeleton"] = (jax.jit(jax.grad(chain)), skeleton_params)
-  steps = {name: (lambda fn=fn, params=params: fn(params)) for name, (fn, params) in variants.items()}
-  times, _ = throughput.alternate_rounds(steps, throughput.ROUNDS.value, throughput.BENCH_STEPS.value,
-                                         throughput.BENCH_WARMUP.value)
-  medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  medians = _median_ms_alternating(variants)
   print(json.dumps({"framework": "bigjax", "pass": "forward+backward",
                     **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
                     "attention_core_ms": round(medians["model"] - medians["no_attention"], 1),
