@@ -71,6 +71,12 @@ COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step 
                                  "print the FLOPs and memory per device and the parameter shardings, and exit.")
 SHOW_SHARDING = flags.DEFINE_bool("show_sharding", False, "Print every parameter's shape and sharding "
                                   "before training.")
+XLA_OPTIONS = flags.DEFINE_multi_string(
+    "xla_option", [], "NAME=VALUE: an XLA compiler option for the jitted init, train and eval steps "
+    "(repeatable; true/false and numbers are parsed). xla_cpu_* options apply only on CPU, xla_gpu_* only "
+    "on GPU, xla_tpu_* only on TPU. On CPU, xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE "
+    "runs matmuls on XLA's own kernels instead of YNNPACK: faster for Transformers, slower for ResNets "
+    "(benchmarks/README.md).")
 COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/bigjax/xla", "Persistent XLA compilation cache: a rerun, resume or "
     "eval with the same shapes loads its compiled steps instead of compiling again. Empty turns it off.")
@@ -106,7 +112,30 @@ def train_config() -> train.TrainConfig:
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
       keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
-      grad_accum=GRAD_ACCUM.value)
+      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(XLA_OPTIONS))
+
+
+def xla_options(holder: flags.FlagHolder) -> dict[str, Any]:
+  """A multi-flag's NAME=VALUE pairs as XLA compiler options; true/false become bools and numbers
+  numbers, as XLA wants them."""
+  options = {}
+  for item in holder.value:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+      raise UserError(f"--{holder.name}={item!r} must look like NAME=VALUE (VALUE may be empty)")
+    options[name.strip()] = _option_value(value.strip())
+  return options
+
+
+def _option_value(text: str):
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  return text
 
 
 def optim_config() -> optim.OptimConfig:

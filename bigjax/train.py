@@ -48,6 +48,8 @@ class TrainConfig:
   init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
   grad_accum: int = 1  # micro-batches per optimizer step
+  # XLA compiler options for the jitted steps; see `platform_xla_options` for which apply where
+  xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> bool:
@@ -186,19 +188,48 @@ class Compiled:
   eval_step: Callable  # (state, global batch) -> sums
 
 
-def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int = 1) -> Compiled:
-  """Shardings and jitted init / train / eval for this model on this mesh (call in mesh_context)."""
+# XLA names its backend-specific options by platform; the others apply everywhere.
+_PLATFORM_OPTION_PREFIXES = {"xla_cpu_": "cpu", "xla_gpu_": "gpu", "xla_tpu_": "tpu"}
+
+
+def platform_xla_options(xla_options: dict[str, Any], platform: str) -> dict[str, Any]:
+  """The options that apply on `platform` ("cpu", "gpu", "tpu"): xla_cpu_* only on CPU, and so on,
+  so that one flagfile can carry tuning for the CPU and still run on an accelerator."""
+  def owner(name):
+    return next((p for prefix, p in _PLATFORM_OPTION_PREFIXES.items() if name.startswith(prefix)), None)
+  return {name: value for name, value in xla_options.items() if owner(name) in (None, platform)}
+
+
+def check_xla_options(xla_options: dict[str, Any]) -> None:
+  """Compiles a trivial program with `xla_options`, so that a misspelt option or a bad value fails
+  here in one line instead of deep inside the first train step's compilation."""
+  if not xla_options:
+    return
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=xla_options).lower(jnp.float32(0)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).splitlines()[0].removeprefix("INVALID_ARGUMENT: ")
+    raise UserError(f"bad XLA compiler option (--xla_option): {message}") from None
+
+
+def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int = 1,
+                  xla_options: dict[str, Any] | None = None) -> Compiled:
+  """Shardings and jitted init / train / eval for this model on this mesh (call in mesh_context),
+  each compiled with those of `xla_options` (XLA compiler options) that apply on the mesh's platform."""
+  options = platform_xla_options(xla_options or {}, mesh.devices.flat[0].platform)
+  check_xla_options(options)
+  jit = functools.partial(jax.jit, compiler_options=options or None)
   shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
   batch_sharding = sharding.batch_sharding(mesh)
   return Compiled(
       shardings=shardings,
-      init=jax.jit(functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
-                   out_shardings=shardings),
-      train_step=jax.jit(functools.partial(train_step, model=model, tx=tx, task=task, grad_accum=grad_accum),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0),
-      eval_step=jax.jit(functools.partial(eval_step, model=model, task=task),
-                        in_shardings=(shardings, batch_sharding)))
+      init=jit(functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
+               out_shardings=shardings),
+      train_step=jit(functools.partial(train_step, model=model, tx=tx, task=task, grad_accum=grad_accum),
+                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                     donate_argnums=0),
+      eval_step=jit(functools.partial(eval_step, model=model, task=task),
+                    in_shardings=(shardings, batch_sharding)))
 
 
 def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: TrainConfig, mesh,
@@ -217,7 +248,7 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
                                  best_metric=config.keep_best_metric)
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                          grad_accum=config.grad_accum)
+                          grad_accum=config.grad_accum, xla_options=config.xla_options)
     abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     state, start = ckpt.restore_newest_readable(abstract, train_iter)
     if state is None:
@@ -258,7 +289,7 @@ def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh)
   rng = jax.random.PRNGKey(config.seed)
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                          grad_accum=config.grad_accum)
+                          grad_accum=config.grad_accum, xla_options=config.xla_options)
     abstract_state = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = jax.tree.map(
@@ -306,7 +337,8 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
   if step is None:
     raise UserError(f"no checkpoint in {ckpt.directory}; train first with the same --workdir")
   rng = jax.random.PRNGKey(config.seed)
-  steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+  steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
+                        xla_options=config.xla_options)
   state = ckpt.restore(step, checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings))
   ckpt.close()
   return state, step, steps

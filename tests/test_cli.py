@@ -147,3 +147,10 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
   evaluated = _run(*tiny, "--num_steps=8", "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr
   assert "step 3/3" in evaluated.stdout and "nan" not in evaluated.stdout.lower()
+
+
+def test_xla_options_are_parsed_and_a_bad_one_is_one_line(tiny):
+  _assert_one_line_error(_run(*tiny, "--xla_option=xla_cpu_enable_fast_math"), 1,
+                         "--xla_option='xla_cpu_enable_fast_math' must look like NAME=VALUE")
+  _assert_one_line_error(_run(*tiny, "--xla_option=xla_cpu_enable_fast_math=maybe"), 1,
+                         "xla_cpu_enable_fast_math, 'maybe' is not a valid bool value")

@@ -98,3 +98,50 @@ def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   assert not train.enable_compilation_cache(str(blocker / "cache"))  # warns, and the run goes on
+
+
+def _mlp_steps(xla_options):
+  model = models.create("mlp", hidden=(64,))
+  batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label": np.zeros((16,), np.int32)}
+  mesh = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
+  rng = jax.random.PRNGKey(0)
+  with train.mesh_context(mesh):
+    steps = train.compile_steps(model=model, tx=optim.make_optimizer(optim.OptimConfig(), 10),
+                                task=tasks.Classification(), example_batch=batch, mesh=mesh, rng=rng,
+                                xla_options=xla_options)
+    state = steps.init(rng)
+    return steps, state, sharding.host_to_global(batch, mesh)
+
+
+def test_xla_options_reach_the_compiled_steps_and_a_bad_one_is_a_one_line_error():
+  import pytest
+
+  from bigjax.errors import UserError
+
+  def compiled_text(xla_options):
+    steps, state, batch = _mlp_steps(xla_options)
+    return steps.train_step.lower(state, batch).compile().as_text()
+
+  # XLA's CPU backend runs matmuls through YNNPACK unless this option takes them back.
+  assert "ynn_fusion" in compiled_text(None)
+  assert "ynn_fusion" not in compiled_text({"xla_cpu_experimental_ynn_fusion_type": ""})
+  with pytest.raises(UserError, match=r"^bad XLA compiler option \(--xla_option\): No such compile option: "
+                                      r"'xla_cpu_no_such_option'$"):
+    _mlp_steps({"xla_cpu_no_such_option": 1})
+
+
+def test_xla_option_values_are_typed_as_xla_wants_them():
+  import types
+
+  from bigjax import flags as bigjax_flags
+
+  holder = types.SimpleNamespace(name="xla_option", value=[
+      "a=true", "b=False", "c=16", "d=0.5", "e=", " f = some text "])
+  assert bigjax_flags.xla_options(holder) == {"a": True, "b": False, "c": 16, "d": 0.5, "e": "", "f": "some text"}
+
+
+def test_platform_specific_xla_options_apply_only_on_their_platform():
+  options = {"xla_cpu_a": 1, "xla_gpu_b": True, "xla_tpu_c": "x", "xla_d": 0.5}
+  assert train.platform_xla_options(options, "cpu") == {"xla_cpu_a": 1, "xla_d": 0.5}
+  assert train.platform_xla_options(options, "gpu") == {"xla_gpu_b": True, "xla_d": 0.5}
+  assert train.platform_xla_options(options, "tpu") == {"xla_tpu_c": "x", "xla_d": 0.5}
