@@ -25,6 +25,8 @@ For an LSTM LM, in alternating rounds, forward + backward of:
                    [B, 4H] x [4H, H] steps, and the recurrent kernel's gradient as one matmul;
   torch_stack      (when PyTorch is installed) nn.LSTM of the same sizes on the same shapes.
 
+Every bigjax variant compiles with --xla_option's options, as the train step does.
+
 A per-operation profile (benchmarks/profile_step.py) cannot answer this on CPU: XLA runs
 independent operations concurrently, so their individual times overlap, and removing an operation
 the profile blames does not always shorten the step (benchmarks/README.md).
@@ -38,13 +40,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from benchmarks import throughput
 from bigjax import flags as bigjax_flags
+from bigjax import train
 from bigjax.errors import UserError
 from bigjax.nn import attention
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
+
+
+def _jit(fn):
+  """jax.jit with --xla_option's options for this platform, as the train step gets them (none when
+  the flags are not parsed: a test calling these functions directly)."""
+  options = {}
+  if flags.FLAGS.is_parsed():
+    options = train.platform_xla_options(bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS), jax.default_backend())
+  return jax.jit(fn, compiler_options=options or None)
 
 
 def loss_gradient(workload: throughput.Workload):
@@ -55,7 +68,7 @@ def loss_gradient(workload: throughput.Workload):
     sums, _ = workload.task.loss_sums(workload.model, {**variables, "params": params}, workload.batch)
     return sums["loss"] / sums["count"]
 
-  return jax.jit(jax.grad(loss)), variables["params"]
+  return _jit(jax.grad(loss)), variables["params"]
 
 
 def _attention_without_core(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal=False, dtype=jnp.float32):
@@ -133,7 +146,7 @@ def recurrent_stack_gradient(cfg: recurrent.RNNConfig, batch: int, length: int):
   dy_BTH = jnp.asarray(rng.standard_normal((batch, length, cfg.hidden_size), np.float32))
   params = nn.unbox(stack.init(jax.random.key(0), x_BTD))
   grads = jax.grad(lambda args: jnp.sum(stack.apply(args[0], args[1])[0] * dy_BTH))
-  return jax.jit(grads), (params, x_BTD)
+  return _jit(grads), (params, x_BTD)
 
 
 def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):
@@ -171,7 +184,7 @@ def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):
     return total
 
   flops = sum(2 * rows * 4 * hidden * (3 * width + 3 * hidden) for width in widths)
-  return jax.jit(matmuls), params, flops
+  return _jit(matmuls), params, flops
 
 
 def torch_lstm_step(cfg: recurrent.RNNConfig, batch: int, length: int):
@@ -219,7 +232,7 @@ def transformer_main(workload: throughput.Workload):
   torch_record = torch_breakdown(workload)
   variants = {"model": loss_gradient(workload), "no_attention": without_attention_core(workload)}
   chain, skeleton_params, skeleton_flops = dense_skeleton(workload.model.config, workload.units_per_step)
-  variants["dense_skeleton"] = (jax.jit(jax.grad(chain)), skeleton_params)
+  variants["dense_skeleton"] = (_jit(jax.grad(chain)), skeleton_params)
   medians = _median_ms_alternating(variants)
   print(json.dumps({"framework": "bigjax", "pass": "forward+backward",
                     **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
