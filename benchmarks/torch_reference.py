@@ -211,12 +211,12 @@ def torch_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
   return 2.0 * size ** 3 / min(times)
 
 
-def run_torch(workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops: tuple, peak: float) -> dict:
+def run_torch(workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops: tuple, peaks: tuple) -> dict:
   runner = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
   first = throughput.time_calls(runner.step, 1)[0]
   throughput.time_calls(runner.step, throughput.BENCH_WARMUP.value)
   record = throughput.summarize(workload, throughput.time_calls(runner.step, throughput.BENCH_STEPS.value), first,
-                                flops, peak, framework="pytorch")
+                                flops, peaks, framework="pytorch")
   record["compile_s"] = None
   record["first_step_s"] = first
   return record
@@ -228,12 +228,13 @@ def side_by_side(workload: throughput.Workload, optim_cfg: optim.OptimConfig) ->
   ours = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(optim_cfg, 1000), bigjax_flags.SEED.value,
                                  bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS))
   theirs = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
-  times, medians = throughput.alternate_rounds({"bigjax": ours.step, "pytorch": theirs.step}, throughput.ROUNDS.value,
-                                               throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value)
+  (times, medians), peaks = throughput.between_peak_measurements(
+      lambda: throughput.alternate_rounds({"bigjax": ours.step, "pytorch": theirs.step}, throughput.ROUNDS.value,
+                                          throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value),
+      workload.dtype)
   flops = throughput.flops_per_unit(workload, ours.state.params, ours.state.model_state)
-  peak = throughput.measured_matmul_peak(workload.dtype, throughput.PEAK_SIZE.value)
-  records = [throughput.summarize(workload, times["bigjax"], ours.compile_s, flops, peak),
-             throughput.summarize(workload, times["pytorch"], 0.0, flops, peak, framework="pytorch")]
+  records = [throughput.summarize(workload, times["bigjax"], ours.compile_s, flops, peaks),
+             throughput.summarize(workload, times["pytorch"], 0.0, flops, peaks, framework="pytorch")]
   records[1]["compile_s"] = None
   records[1]["torch_matmul_peak_flops"] = torch_matmul_peak()
   records.append({**throughput.comparison(times, medians, workload.unit, "bigjax", "pytorch"),
@@ -250,7 +251,7 @@ def main(argv):
   else:
     # FLOPs from the bigjax twin's parameters: the same network, so the same count.
     flops = throughput.flops_per_unit(workload, *throughput.abstract_variables(workload))
-    records = [run_torch(workload, optim_cfg, flops, torch_matmul_peak())]
+    records = [run_torch(workload, optim_cfg, flops, (torch_matmul_peak(),))]
   for record in records:
     print(json.dumps(record), flush=True)
 

@@ -1,5 +1,6 @@
-"""The benchmark's FLOP formulas against an independent count of the matmuls in the jaxpr, and
-that count against convolution and matmul FLOPs worked out by hand."""
+"""The benchmark's FLOP formulas against an independent count of the matmuls in the jaxpr, that
+count against convolution and matmul FLOPs worked out by hand, and the throughput script's A/B run
+end to end."""
 
 import flax.linen as nn
 import jax
@@ -100,3 +101,26 @@ def test_lstm_breakdown_floor_flops_and_stack_gradient():
   for layer in ("layer0_forward", "layer1_forward"):
     assert np.any(grads[layer]["recurrent_kernel"] != 0)
     assert np.all(np.isfinite(grads[layer]["input_kernel"]))
+
+
+def test_throughput_ab_of_an_xla_option_runs_end_to_end():
+  import json
+  import os
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.throughput", "--model=transformer-tiny", "--model_override=num_layers=1",
+       "--model_override=embed_dim=32", "--model_override=mlp_dim=64", "--batch_size=2", "--seq_len=16",
+       "--bench_steps=1", "--bench_warmup=0", "--rounds=1", "--peak_matmul_size=64",
+       "--ab_xla_option=xla_cpu_experimental_ynn_fusion_type="],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=True)
+  a, b, compare = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert (a["framework"], b["framework"]) == ("bigjax A", "bigjax B")
+  assert compare["B"] == ["xla:xla_cpu_experimental_ynn_fusion_type="]
+  for record in (a, b):
+    assert len(record["peak_measurements"]) == 2  # before and after the timed rounds
+    assert record["measured_peak_flops"] == max(record["peak_measurements"])
+    assert record["mfu_measured_peak"] == record["achieved_flops"] / record["measured_peak_flops"]
