@@ -56,7 +56,7 @@ def _jit(fn):
   the flags are not parsed: a test calling these functions directly)."""
   options = {}
   if flags.FLAGS.is_parsed():
-    options = train.platform_xla_options(bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS), jax.default_backend())
+    options = train.platform_xla_options(bigjax_flags.xla_options(), jax.default_backend())
   return jax.jit(fn, compiler_options=options or None)
 
 

@@ -289,7 +289,8 @@ def summarize(workload: Workload, step_times: list[float], compile_s: float, mod
 def run_bigjax(workload: Workload) -> dict:
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
-  runner = BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS))
+  runner = BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, bigjax_flags.xla_options())
+
   def warm_up_and_time():
     time_calls(runner.step, BENCH_WARMUP.value)
     return time_calls(runner.step, BENCH_STEPS.value)
@@ -309,7 +310,7 @@ def run_ab(workload: Workload) -> list[dict]:
   variant = dataclasses.replace(workload, model=build_model(workload.name, b_overrides, IMAGE_SIZE.value))
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
-  a_options = bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS)
+  a_options = bigjax_flags.xla_options()
   b_options = {**a_options, **bigjax_flags.xla_options(AB_XLA_OPTION)}
   runners = {"A": BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, a_options),
              "B": BigjaxRunner(variant, mesh, tx, bigjax_flags.SEED.value, b_options)}

@@ -226,7 +226,7 @@ def side_by_side(workload: throughput.Workload, optim_cfg: optim.OptimConfig) ->
   """Both frameworks in this process, in alternating rounds (throughput.alternate_rounds)."""
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   ours = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(optim_cfg, 1000), bigjax_flags.SEED.value,
-                                 bigjax_flags.xla_options(bigjax_flags.XLA_OPTIONS))
+                                 bigjax_flags.xla_options())
   theirs = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
   (times, medians), peaks = throughput.between_peak_measurements(
       lambda: throughput.alternate_rounds({"bigjax": ours.step, "pytorch": theirs.step}, throughput.ROUNDS.value,

@@ -112,12 +112,12 @@ def train_config() -> train.TrainConfig:
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
       keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
-      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(XLA_OPTIONS))
+      grad_accum=GRAD_ACCUM.value, xla_options=xla_options())
 
 
-def xla_options(holder: flags.FlagHolder) -> dict[str, Any]:
-  """A multi-flag's NAME=VALUE pairs as XLA compiler options; true/false become bools and numbers
-  numbers, as XLA wants them."""
+def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
+  """--xla_option's (or another multi-flag's) NAME=VALUE pairs as XLA compiler options; true/false
+  become bools and numbers numbers, as XLA wants them."""
   options = {}
   for item in holder.value:
     name, sep, value = item.partition("=")
