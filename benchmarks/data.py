@@ -62,7 +62,7 @@ def train_step_rate(batch: dict, num_steps: int) -> float:
   rng = jax.random.PRNGKey(0)
   with train.mesh_context(mesh):
     steps = train.compile_steps(model=model, tx=tx, task=task, example_batch=jax.tree.map(lambda x: x[:1], batch),
-                                mesh=mesh, rng=rng)
+                                mesh=mesh, rng=rng, xla_options=bigjax_flags.xla_options())
     state = steps.init(rng)
     device_batch = sharding.host_to_global(batch, mesh)
     times = []

@@ -92,7 +92,7 @@ def main(argv):
   workload = throughput.workload_from_flags()
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   runner = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(bigjax_flags.optim_config(), 1000),
-                                   bigjax_flags.SEED.value)
+                                   bigjax_flags.SEED.value, bigjax_flags.xla_options())
   hlo_text = runner.compiled_text()
   os.makedirs(PROFILE_DIR.value, exist_ok=True)
   with open(os.path.join(PROFILE_DIR.value, "train_step.hlo.txt"), "w") as f:

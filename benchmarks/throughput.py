@@ -312,6 +312,10 @@ def run_ab(workload: Workload) -> list[dict]:
   tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
   a_options = bigjax_flags.xla_options()
   b_options = {**a_options, **bigjax_flags.xla_options(AB_XLA_OPTION)}
+  platform = jax.default_backend()
+  if not AB_OVERRIDE.value and train.platform_xla_options(a_options, platform) == train.platform_xla_options(
+      b_options, platform):
+    raise UserError(f"--ab_xla_option={AB_XLA_OPTION.value} changes nothing on {platform}: B would compile as A")
   runners = {"A": BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, a_options),
              "B": BigjaxRunner(variant, mesh, tx, bigjax_flags.SEED.value, b_options)}
   (times, medians), peaks = between_peak_measurements(

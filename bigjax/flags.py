@@ -73,10 +73,11 @@ SHOW_SHARDING = flags.DEFINE_bool("show_sharding", False, "Print every parameter
                                   "before training.")
 XLA_OPTIONS = flags.DEFINE_multi_string(
     "xla_option", [], "NAME=VALUE: an XLA compiler option for the jitted init, train and eval steps "
-    "(repeatable; true/false and numbers are parsed). xla_cpu_* options apply only on CPU, xla_gpu_* only "
+    "(repeatable; the last value of a name wins; true/false become booleans, any other value goes to XLA "
+    "as text, which XLA parses as its option's type). xla_cpu_* options apply only on CPU, xla_gpu_* only "
     "on GPU, xla_tpu_* only on TPU. On CPU, xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE "
     "runs matmuls on XLA's own kernels instead of YNNPACK: faster for Transformers, slower for ResNets "
-    "(benchmarks/README.md).")
+    "(benchmarks/README.md); XLA's default is LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/bigjax/xla", "Persistent XLA compilation cache: a rerun, resume or "
     "eval with the same shapes loads its compiled steps instead of compiling again. Empty turns it off.")
@@ -116,8 +117,8 @@ def train_config() -> train.TrainConfig:
 
 
 def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
-  """--xla_option's (or another multi-flag's) NAME=VALUE pairs as XLA compiler options; true/false
-  become bools and numbers numbers, as XLA wants them."""
+  """--xla_option's (or another multi-flag's) NAME=VALUE pairs as XLA compiler options. XLA parses
+  text values as each option's type (int, float, enum, string) but wants booleans as bools."""
   options = {}
   for item in holder.value:
     name, sep, value = item.partition("=")
@@ -128,14 +129,7 @@ def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
 
 
 def _option_value(text: str):
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  for parse in (int, float):
-    try:
-      return parse(text)
-    except ValueError:
-      pass
-  return text
+  return text.lower() == "true" if text.lower() in ("true", "false") else text
 
 
 def optim_config() -> optim.OptimConfig:

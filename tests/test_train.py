@@ -130,14 +130,22 @@ def test_xla_options_reach_the_compiled_steps_and_a_bad_one_is_a_one_line_error(
     _mlp_steps({"xla_cpu_no_such_option": 1})
 
 
-def test_xla_option_values_are_typed_as_xla_wants_them():
+def test_xla_option_values_of_every_type_are_accepted_by_xla():
   import types
 
   from bigjax import flags as bigjax_flags
 
   holder = types.SimpleNamespace(name="xla_option", value=[
-      "a=true", "b=False", "c=16", "d=0.5", "e=", " f = some text "])
-  assert bigjax_flags.xla_options(holder) == {"a": True, "b": False, "c": 16, "d": 0.5, "e": "", "f": "some text"}
+      "xla_cpu_enable_fast_math=False",  # bool
+      "xla_cpu_parallel_codegen_split_count=2",  # int
+      "xla_gpu_auto_spmd_partitioning_memory_budget_ratio=1",  # float, written as a whole number
+      "xla_dump_hlo_pass_re=1",  # string that looks like a number
+      " xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE ",
+      "xla_cpu_experimental_ynn_fusion_type=",  # empty: the last value of a name wins
+  ])
+  options = bigjax_flags.xla_options(holder)
+  assert options["xla_cpu_enable_fast_math"] is False and options["xla_cpu_experimental_ynn_fusion_type"] == ""
+  train.check_xla_options(options)  # XLA takes each one (raises UserError otherwise)
 
 
 def test_platform_specific_xla_options_apply_only_on_their_platform():
