@@ -259,7 +259,9 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         metrics_lib.console(f"parameters from {config.init_from}")
     else:
       metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
-    metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}")
+    options = platform_xla_options(config.xla_options, mesh.devices.flat[0].platform)
+    metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}"
+                        + "".join(f"; XLA option {name}={value}" for name, value in options.items()))
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
     # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
     with _StopSignals() as stop:
