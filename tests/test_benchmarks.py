@@ -124,3 +124,10 @@ def test_throughput_ab_of_an_xla_option_runs_end_to_end():
     assert len(record["peak_measurements"]) == 2  # before and after the timed rounds
     assert record["measured_peak_flops"] == max(record["peak_measurements"])
     assert record["mfu_measured_peak"] == record["achieved_flops"] / record["measured_peak_flops"]
+  # An option for another platform would leave B the same as A: a one-line error, not a silent 1.0x.
+  gpu_only = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--model=transformer-tiny",
+                             "--ab_xla_option=xla_gpu_autotune_level=0"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=300)
+  assert gpu_only.returncode == 1
+  assert gpu_only.stderr.strip().splitlines()[-1] == (
+      "error: --ab_xla_option=['xla_gpu_autotune_level=0'] changes nothing on cpu: B would compile as A")
