@@ -186,6 +186,7 @@ class Compiled:
   init: Callable  # rng -> TrainState, created already sharded
   train_step: Callable  # (state, global batch) -> (state, metrics); donates the state
   eval_step: Callable  # (state, global batch) -> sums
+  xla_options: dict[str, Any]  # the compiler options they were jitted with (those for this platform)
 
 
 # XLA names its backend-specific options by platform; the others apply everywhere.
@@ -229,7 +230,8 @@ def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int 
                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                      donate_argnums=0),
       eval_step=jit(functools.partial(eval_step, model=model, task=task),
-                    in_shardings=(shardings, batch_sharding)))
+                    in_shardings=(shardings, batch_sharding)),
+      xla_options=options)
 
 
 def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: TrainConfig, mesh,
@@ -259,9 +261,8 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         metrics_lib.console(f"parameters from {config.init_from}")
     else:
       metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
-    options = platform_xla_options(config.xla_options, mesh.devices.flat[0].platform)
     metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}"
-                        + "".join(f"; XLA option {name}={value}" for name, value in options.items()))
+                        + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items()))
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
     # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
     with _StopSignals() as stop:
