@@ -62,13 +62,23 @@ def _check_conv_impl(impl: str) -> None:
     raise ValueError(f"unknown conv_impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' is the matmul form on CPU, where XLA's own convolution trains ResNets about 4x slower
-  than slices + one matmul, and XLA's convolution (cuDNN, the TPU's MXU) everywhere else."""
+def resolve_conv_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int], out_hw: tuple[int, int]) -> str:
+  """'auto' is XLA's convolution (cuDNN, the TPU's MXU) on GPU and TPU. On CPU it is chosen per
+  convolution (benchmarks/README.md, "Convolution on CPU"): XLA's own ran forward + backward
+  1.2-4.5x faster than the matmul form where its kernel fits the map, but 10-50x slower where the
+  kernel is larger than the input map or the output has fewer than 16 positions (ResNet's last
+  stages at 32 x 32 input), where the matmul form also leaves out the taps that read only padding."""
   _check_conv_impl(impl)
-  if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
-  return impl
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "xla"
+  kernel_fits = all(k <= n for k, n in zip(kernel_hw, in_hw))
+  return "xla" if kernel_fits and out_hw[0] * out_hw[1] >= 16 else "matmul"
+
+
+def conv_output_size(in_size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
+  return (in_size + pad[0] + pad[1] - kernel) // stride + 1
 
 
 def _reads_real_input(tap: int, stride: int, out_size: int, pad_before: int, in_size: int) -> bool:
@@ -92,7 +102,8 @@ def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Seque
   sh, sw = strides
   (pad_top, pad_bottom), (pad_left, pad_right) = (tuple(p) for p in padding)
   batch, in_h, in_w, _ = x_BHWC.shape
-  out_h, out_w = (in_h + pad_top + pad_bottom - kh) // sh + 1, (in_w + pad_left + pad_right - kw) // sw + 1
+  out_h = conv_output_size(in_h, kh, sh, (pad_top, pad_bottom))
+  out_w = conv_output_size(in_w, kw, sw, (pad_left, pad_right))
   rows = [i for i in range(kh) if _reads_real_input(i, sh, out_h, pad_top, in_h)]
   cols = [j for j in range(kw) if _reads_real_input(j, sw, out_w, pad_left, in_w)]
   if not rows or not cols:  # padding wider than the kernel's reach: every output is zero
@@ -132,8 +143,10 @@ class Conv(nn.Module):
                              self.param_dtype)
     bias_O = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype)
-    run = conv_as_matmul if resolve_conv_impl(self.impl) == "matmul" else conv_xla
-    y_BHWO = run(x_BHWC, kernel_HWIO, tuple(self.strides), self.padding)
+    in_hw, strides, padding = x_BHWC.shape[1:3], tuple(self.strides), [tuple(p) for p in self.padding]
+    out_hw = tuple(conv_output_size(n, k, s, p) for n, k, s, p in zip(in_hw, self.kernel_size, strides, padding))
+    impl = resolve_conv_impl(self.impl, in_hw, self.kernel_size, out_hw)
+    y_BHWO = (conv_as_matmul if impl == "matmul" else conv_xla)(x_BHWC, kernel_HWIO, strides, padding)
     return y_BHWO if bias_O is None else y_BHWO + bias_O
 
 
