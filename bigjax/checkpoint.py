@@ -5,6 +5,7 @@ mid-save never leaves a half-written step that looks finished. Saves are asynchr
 arrays are copied to host, then written while training goes on.
 """
 
+import functools
 import json
 import os
 import sys
@@ -26,6 +27,31 @@ def _everywhere(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _key_name(key) -> str:
+  """One spelling for a path entry of a live state (attributes, dict keys, tuple indices) and of
+  Orbax's saved metadata (dicts and lists)."""
+  for field in ("key", "name", "idx"):
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"opt_state/1/0/mu/head/kernel": shape} for every array in `tree`."""
+  return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def state_differences(saved: dict, expected: dict) -> list[str]:
+  """How a saved state's arrays differ from the ones this run builds, one phrase each; parameters
+  before optimizer state, as they name the model setting that changed."""
+  order = functools.partial(sorted, key=lambda path: (path.startswith("opt_state/"), path))
+  return ([f"{path}: saved {saved[path]}, this run {expected[path]}"
+           for path in order(saved.keys() & expected.keys()) if saved[path] != expected[path]]
+          + [f"{path} only in the checkpoint" for path in order(saved.keys() - expected.keys())]
+          + [f"{path} only in this run" for path in order(expected.keys() - saved.keys())])
 
 
 class Checkpointer:
@@ -79,6 +105,7 @@ class Checkpointer:
     A step that fails to restore (files cut short or deleted) is reported in one line and skipped
     for the one before it, so a damaged newest save costs only the steps since the previous one.
     """
+    self.check_some_step_fits(abstract_state)
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored, error = self.restore(step, abstract_state, data_iterator), None
@@ -93,6 +120,31 @@ class Checkpointer:
       print(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); "
             f"moved it to {kept_at} and trying the previous one", file=sys.stderr, flush=True)
     return None, 0
+
+  def _differences(self, step: int, expected: dict) -> list[str] | None:
+    """How `step`'s saved state differs from `expected` (leaf_shapes), or None when its metadata
+    cannot be read."""
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        saved = leaf_shapes(reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore decides
+      return None
+    return state_differences(saved, expected)
+
+  def check_some_step_fits(self, abstract_state) -> None:
+    """A one-line error when steps were saved but none fits the state these flags build (another
+    model or optimizer): every restore would fail, and setting them all aside would throw a good
+    run away. A step that does not fit while another does is damaged; restoring sets it aside."""
+    expected = leaf_shapes(abstract_state)
+    differences = {step: self._differences(step, expected) for step in sorted(self._manager.all_steps(), reverse=True)}
+    if any(found == [] for found in differences.values()):
+      return
+    for step, found in differences.items():
+      if found:
+        more = f" and {len(found) - 1} more difference(s)" if len(found) > 1 else ""
+        raise UserError(f"checkpoint step {step} in {self.directory} does not fit the state these flags build "
+                        f"({found[0]}{more}); resume with the flags it was trained with "
+                        f"(--flagfile={os.path.dirname(self.directory)}/flags.txt) or use a new --workdir")
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of the manager's view (kept for inspection, not overwritten)."""

@@ -208,10 +208,10 @@ class Experiment:
                                     config=self.config, mesh=self.mesh)
       metrics.console(train.format_compile_report(report, self.mesh))
       return report
-    save_flags(self.config.workdir)
     return train.fit(model=self.model, task=task, tx=self.tx,
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
-                     train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh)
+                     train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh,
+                     on_start=lambda: save_flags(self.config.workdir))
 
 
 def experiment() -> Experiment:

@@ -235,11 +235,14 @@ def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int 
 
 
 def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: TrainConfig, mesh,
-        learning_rate: Callable[[int], float] | None = None) -> dict:
+        learning_rate: Callable[[int], float] | None = None, on_start: Callable[[], None] | None = None) -> dict:
   """Trains `model` on `train_data` (a grain dataset of host batches) until `config.num_steps`.
 
-  Resumes from the newest checkpoint in `config.workdir` if there is one. Returns the last logged
-  record (with the final evaluation, when `eval_data` is given).
+  Resumes from the newest checkpoint in `config.workdir` if there is one; one that holds another
+  model's or optimizer's state is a one-line error, never a silent restart. `on_start` runs once
+  the state is restored or initialised (the experiments save their flags there, so a refused
+  resume leaves the workdir as it was). Returns the last logged record (with the final
+  evaluation, when `eval_data` is given).
   """
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   train_iter = iter(train_data)
@@ -261,6 +264,8 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         metrics_lib.console(f"parameters from {config.init_from}")
     else:
       metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
+    if on_start is not None:
+      on_start()
     metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}"
                         + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items()))
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
@@ -335,15 +340,19 @@ def format_compile_report(report: dict, mesh) -> str:
 def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh):
   """The newest checkpoint's (state, step), placed on `mesh` (call in mesh_context), and the
   compiled steps. Fails with a one-line error when `config.workdir` holds no checkpoint."""
-  ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"), every=0)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"no checkpoint in {ckpt.directory}; train first with the same --workdir")
+  directory = os.path.abspath(os.path.join(config.workdir, "checkpoints"))
+  missing = UserError(f"no checkpoint in {directory}; train first with the same --workdir")
+  if not os.path.isdir(directory):  # checked first: the Checkpointer would create it
+    raise missing
+  ckpt = checkpoint.Checkpointer(directory, every=0)
   rng = jax.random.PRNGKey(config.seed)
   steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                         xla_options=config.xla_options)
-  state = ckpt.restore(step, checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings))
+  state, step = ckpt.restore_newest_readable(checkpoint.abstract_like(jax.eval_shape(steps.init, rng),
+                                                                      steps.shardings))
   ckpt.close()
+  if state is None:
+    raise missing
   return state, step, steps
 
 

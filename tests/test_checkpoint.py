@@ -125,6 +125,35 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_d
   assert [r["step"] for r in metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)] == list(range(1, 9))
 
 
+def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(tmp_path, data_dir):
+  _run("transformer", tmp_path, data_dir, "--num_steps=3")
+  before = {name: (tmp_path / name).read_text() for name in ("flags.txt", metrics.METRICS_FILE)}
+  refused = subprocess.run(_command("transformer", tmp_path, data_dir, "--num_steps=6", "--optimizer=sgd"),
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+  error = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1 and error[0].startswith("error: checkpoint step 3 in ") and "opt_state/" in error[0]
+  assert f"--flagfile={tmp_path}/flags.txt" in error[0]
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]  # nothing set aside as "unreadable"
+  assert {name: (tmp_path / name).read_text() for name in before} == before
+
+
+def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, data_dir):
+  _, eval_data, tx = _fit_tiny(tmp_path, data_dir, _tiny_lm(), num_steps=2)
+  config = train.TrainConfig(workdir=str(tmp_path), num_steps=2, batch_size=8)
+  mesh = sharding.make_mesh("data:-1")
+  with train.mesh_context(mesh), pytest.raises(
+      UserError, match=r"checkpoint step 2 in .* does not fit the state these flags build "
+                       r"\(params/block_0/mlp/wi/bias: saved \(64,\), this run \(128,\) and 8 more"):
+    train.load_checkpoint(model=_tiny_lm(mlp_dim=128), task=tasks.LanguageModelling(), tx=tx,
+                          example_batch=eval_data[0], config=config, mesh=mesh)
+  with pytest.raises(UserError, match="no checkpoint in .*; train first"):
+    train.load_checkpoint(model=_tiny_lm(), task=tasks.LanguageModelling(), tx=tx, example_batch=eval_data[0],
+                          config=train.TrainConfig(workdir=str(tmp_path / "new"), num_steps=2, batch_size=8),
+                          mesh=mesh)
+  assert not os.path.exists(tmp_path / "new")
+
+
 def test_fsdp_checkpoint_restores_on_one_device_with_the_same_eval_loss(tmp_path, data_dir):
   model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32)
   task = tasks.LanguageModelling()
