@@ -251,7 +251,10 @@ def _parse_flags_or_exit(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f"error: {e}\n")
+    message = str(e).removeprefix("ERROR:: ")  # absl's own prefix, for a flagfile it cannot open
+    if "Unable to open flagfile" in message:
+      message += f" (a relative path is read from the current directory, {os.getcwd()})"
+    sys.stderr.write(f"error: {message}\n")
     sys.exit(2)
 
 

@@ -476,6 +476,10 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       metrics_lib.console(f"{stop.received}: saved step {step} to {ckpt.directory}; stopping")
       break
   log.close()
+  if start >= config.num_steps:
+    metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
+                        f"--num_steps={config.num_steps}; raise --num_steps to train further")
+    return record
   summary = f"done: steps {start + 1}-{record.get('step', start)} in {metrics_lib.format_seconds(time.perf_counter() - run_start)}"
   if best is not None:
     summary += f"; best {best[2]} {best[0]:.4f} at step {best[1]}"

@@ -136,6 +136,8 @@ def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(tmp_
   assert f"--flagfile={tmp_path}/flags.txt" in error[0]
   assert os.listdir(tmp_path / "checkpoints") == ["3"]  # nothing set aside as "unreadable"
   assert {name: (tmp_path / name).read_text() for name in before} == before
+  again = _run("transformer", tmp_path, data_dir, "--num_steps=3")
+  assert f"nothing to train: the checkpoint in {tmp_path}/checkpoints is at step 3" in again.stdout
 
 
 def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, data_dir):

@@ -68,7 +68,9 @@ def test_batch_that_does_not_divide(tiny):
 
 
 def test_unreadable_flagfile(tmp_path):
-  _assert_one_line_error(_run(f"--flagfile={tmp_path}/missing.flags"), 2, "missing.flags")
+  result = _run(f"--flagfile={tmp_path}/missing.flags")
+  _assert_one_line_error(result, 2, "error: Unable to open flagfile")
+  assert "missing.flags" in result.stderr and "ERROR::" not in result.stderr
 
 
 def test_bad_flag_value(tiny):
@@ -116,6 +118,7 @@ def test_image_of_the_wrong_shape_is_a_one_line_error(tmp_path, data_dir):
   result = _run_experiment("experiments.cnn", "--model=resnet18", "--dataset=sklearn_digits",
                            f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=1")
   _assert_one_line_error(result, 1, "images have shape (1, 8, 8, 1) but the model expects [batch, 224, 224, 3]")
+  assert "--model_override='input_shape=(8, 8, 1)'" in result.stderr
 
 
 def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):

@@ -137,8 +137,8 @@ def _prepared_versions(data_dir: str, base: str) -> list[str]:
 
 
 def _prepared_builder(name: str, base: str, data_dir: str):
-  how_to_prepare = (f"prepare it with {_build_command(name, data_dir)} on a machine with internet, then copy "
-                    f"{os.path.join(data_dir, base)} there")
+  how_to_prepare = (f"prepare it with {_build_command(name, data_dir)} on a machine with internet and "
+                    f"TensorFlow, then copy {os.path.join(data_dir, base)} there")
   prepared = _prepared_versions(data_dir, base)
   where = (f"{data_dir} holds only {', '.join(f'{base}/{v}' for v in prepared)}" if prepared else
            f"{data_dir} holds no version of it; bigjax's offline data sets are {', '.join(LOCAL_BUILDERS)}")

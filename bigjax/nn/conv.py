@@ -25,8 +25,8 @@ def check_image_shape(images, expected: tuple[int, int, int]) -> None:
   """One clear error instead of a shape failure deep inside a convolution."""
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected):
     raise UserError(f"images have shape {tuple(images.shape)} but the model expects [batch, "
-                    f"{', '.join(map(str, expected))}] (height, width, channels); set the model's "
-                    f"input_shape or resize the data")
+                    f"{', '.join(map(str, expected))}] (height, width, channels); set the model's input_shape "
+                    f"(--model_override='input_shape={tuple(images.shape[1:])}') or resize the data")
 
 
 def _checked_input(images_BHWC, cfg):

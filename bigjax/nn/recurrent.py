@@ -363,7 +363,8 @@ class RNNClassifier(nn.Module):
     cfg = self.config
     if tuple(inputs.shape[1:]) != tuple(cfg.input_shape):
       raise UserError(f"inputs have shape {tuple(inputs.shape)} but the model expects "
-                      f"[batch, {', '.join(map(str, cfg.input_shape))}]; set the model's input_shape")
+                      f"[batch, {', '.join(map(str, cfg.input_shape))}]; set the model's input_shape "
+                      f"(--model_override='input_shape={tuple(inputs.shape[1:])}')")
     x_BTD = inputs.reshape(inputs.shape[0], inputs.shape[1], -1).astype(jnp.dtype(cfg.dtype))
     cfg.check_length(x_BTD.shape[1])
     h_BTH, carries = cfg.stack()(x_BTD, lengths_B, train=train)
