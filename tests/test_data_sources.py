@@ -159,3 +159,11 @@ def test_text_lines_are_documents_and_repeated_lines_share_a_split(tmp_path):
       everything[i]["text"] for i in range(len(everything)) if not files.is_validation(everything[i]["text"]))
   with pytest.raises(UserError, match="matches no files"):
     files.open_split(f"textlines:{tmp_path}/*.md", "train")
+
+
+def test_an_offline_data_set_is_built_locally_and_says_nothing_is_downloaded(tmp_path, capsys):
+  builder = sources.open_builder("sklearn_digits", str(tmp_path))
+  assert builder.info.splits["train"].num_examples + builder.info.splits["test"].num_examples == 1797
+  printed = capsys.readouterr().out
+  assert "preparing sklearn_digits in" in printed and "nothing is downloaded" in printed
+  assert "Downloading" not in printed
