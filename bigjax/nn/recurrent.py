@@ -158,8 +158,11 @@ def _lstm_scan_bwd(residuals, cotangents):
     return (dc_prev, dh_prev), dgates_BGH
 
   dcarry, dgates_TBGH = jax.lax.scan(step, (dc_final, dh_final), (saved, doutputs_TBH, valid_TB), reverse=True)
-  h_prev_TBH = saved[1]
-  drecurrent_HGH = jnp.einsum("tbh,tbgk->hgk", h_prev_TBH, dgates_TBGH).astype(recurrent_HGH.dtype)
+  # Steps and examples flattened into one contracting axis first: contracting (t, b) as two axes,
+  # XLA transposed the whole [T, B, 4, H] gate gradient to (b, t) order before the matmul.
+  h_prev_NH = saved[1].reshape(-1, hidden)
+  drecurrent_HGH = (h_prev_NH.T @ dgates_TBGH.reshape(h_prev_NH.shape[0], -1)).reshape(recurrent_HGH.shape)
+  drecurrent_HGH = drecurrent_HGH.astype(recurrent_HGH.dtype)
   return drecurrent_HGH, dcarry, dgates_TBGH, None
 
 
