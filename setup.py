@@ -18,6 +18,7 @@ setuptools.setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
+        "etils[epath]>=1.15",  # paths for Orbax's metadata reader (orbax depends on it too)
         "tensorflow-datasets>=4.9.10,<5",
         "importlib_resources>=6",  # tensorflow-datasets needs it without TensorFlow but does not declare it
         "grain>=0.2.18,<0.3",

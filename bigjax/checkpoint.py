@@ -15,6 +15,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
@@ -38,15 +39,15 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{"opt_state/1/0/mu/head/kernel": shape} for every array in `tree`."""
-  return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+def leaf_arrays(tree) -> dict[str, str]:
+  """{"opt_state/1/0/mu/head/kernel": "float32[256, 10]"} for every array in `tree`."""
+  return {"/".join(_key_name(k) for k in path): f"{np.dtype(leaf.dtype).name}{list(getattr(leaf, 'shape', ()))}"
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def state_differences(saved: dict, expected: dict) -> list[str]:
-  """How a saved state's arrays differ from the ones this run builds, one phrase each; parameters
-  before optimizer state, as they name the model setting that changed."""
+  """How a saved state's arrays (leaf_arrays) differ from the ones this run builds, one phrase
+  each; parameters before optimizer state, as they name the model setting that changed."""
   order = functools.partial(sorted, key=lambda path: (path.startswith("opt_state/"), path))
   return ([f"{path}: saved {saved[path]}, this run {expected[path]}"
            for path in order(saved.keys() & expected.keys()) if saved[path] != expected[path]]
@@ -99,11 +100,13 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"]
 
-  def restore_newest_readable(self, abstract_state, data_iterator=None):
+  def restore_newest_readable(self, abstract_state, data_iterator=None, *, set_aside: bool = True):
     """(state, step) from the newest checkpoint that restores, or (None, 0) when there is none.
 
     A step that fails to restore (files cut short or deleted) is reported in one line and skipped
     for the one before it, so a damaged newest save costs only the steps since the previous one.
+    Training sets such a step aside (renamed, so that new saves do not build on it); read-only
+    callers (evaluation, export) pass set_aside=False and leave the workdir as it is.
     """
     self.check_some_step_fits(abstract_state)
     for step in sorted(self._manager.all_steps(), reverse=True):
@@ -116,35 +119,39 @@ class Checkpointer:
         return restored, step
       reason = "another process could not read its part" if error is None else \
           f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-      kept_at = self._set_aside(step)
-      print(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); "
-            f"moved it to {kept_at} and trying the previous one", file=sys.stderr, flush=True)
+      action = f"moved it to {self._set_aside(step)}" if set_aside else "left it in place"
+      print(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); {action} and trying the "
+            "previous one", file=sys.stderr, flush=True)
     return None, 0
 
   def _differences(self, step: int, expected: dict) -> list[str] | None:
-    """How `step`'s saved state differs from `expected` (leaf_shapes), or None when its metadata
+    """How `step`'s saved state differs from `expected` (leaf_arrays), or None when its metadata
     cannot be read."""
     try:
-      with ocp.PyTreeCheckpointer() as reader:
-        saved = leaf_shapes(reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata)
+      metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+      saved = leaf_arrays(metadata.tree)
     except Exception:  # noqa: BLE001 - unreadable metadata: the restore decides
       return None
     return state_differences(saved, expected)
 
   def check_some_step_fits(self, abstract_state) -> None:
-    """A one-line error when steps were saved but none fits the state these flags build (another
-    model or optimizer): every restore would fail, and setting them all aside would throw a good
-    run away. A step that does not fit while another does is damaged; restoring sets it aside."""
-    expected = leaf_shapes(abstract_state)
+    """A one-line error when steps were saved but none holds arrays of the shapes, dtypes and
+    structure these flags build (another model, optimizer or parameter dtype): every restore
+    would fail or cast, and setting them all aside would throw a good run away. A step that does
+    not fit while another does is damaged; restoring sets it aside. All processes agree."""
+    expected = leaf_arrays(abstract_state)
     differences = {step: self._differences(step, expected) for step in sorted(self._manager.all_steps(), reverse=True)}
-    if any(found == [] for found in differences.values()):
-      return
-    for step, found in differences.items():
+    refusal = None
+    if not any(found == [] for found in differences.values()):
+      step, found = next(((step, found) for step, found in differences.items() if found), (None, None))
       if found:
         more = f" and {len(found) - 1} more difference(s)" if len(found) > 1 else ""
-        raise UserError(f"checkpoint step {step} in {self.directory} does not fit the state these flags build "
-                        f"({found[0]}{more}); resume with the flags it was trained with "
-                        f"(--flagfile={os.path.dirname(self.directory)}/flags.txt) or use a new --workdir")
+        refusal = (f"checkpoint step {step} in {self.directory} does not fit the state these flags build "
+                   f"({found[0]}{more}); resume with the flags it was trained with "
+                   f"(--flagfile={os.path.dirname(self.directory)}/flags.txt) or use a new --workdir")
+    if not _everywhere(refusal is None):
+      raise UserError(refusal or f"another process found that no checkpoint in {self.directory} fits the state "
+                                 "these flags build; resume with the flags it was trained with or use a new --workdir")
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of the manager's view (kept for inspection, not overwritten)."""

@@ -238,11 +238,12 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         learning_rate: Callable[[int], float] | None = None, on_start: Callable[[], None] | None = None) -> dict:
   """Trains `model` on `train_data` (a grain dataset of host batches) until `config.num_steps`.
 
-  Resumes from the newest checkpoint in `config.workdir` if there is one; one that holds another
-  model's or optimizer's state is a one-line error, never a silent restart. `on_start` runs once
-  the state is restored or initialised (the experiments save their flags there, so a refused
-  resume leaves the workdir as it was). Returns the last logged record (with the final
-  evaluation, when `eval_data` is given).
+  Resumes from the newest checkpoint in `config.workdir` if there is one; checkpoints whose arrays
+  have other shapes, dtypes or structure than this model and optimizer build are a one-line
+  error, never a silent restart. `on_start` runs once the state is restored or initialised and
+  there are steps to train (the experiments save their flags there, so a refused resume leaves
+  the workdir as it was). Returns the last logged record (with the final evaluation, when
+  `eval_data` is given).
   """
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   train_iter = iter(train_data)
@@ -264,6 +265,11 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         metrics_lib.console(f"parameters from {config.init_from}")
     else:
       metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
+    if start and start >= config.num_steps:
+      metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
+                          f"--num_steps={config.num_steps}; raise --num_steps to train further")
+      ckpt.close()
+      return {"step": start}
     if on_start is not None:
       on_start()
     metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}"
@@ -349,7 +355,7 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
   steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                         xla_options=config.xla_options)
   state, step = ckpt.restore_newest_readable(checkpoint.abstract_like(jax.eval_shape(steps.init, rng),
-                                                                      steps.shardings))
+                                                                      steps.shardings), set_aside=False)
   ckpt.close()
   if state is None:
     raise missing
@@ -476,10 +482,6 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       metrics_lib.console(f"{stop.received}: saved step {step} to {ckpt.directory}; stopping")
       break
   log.close()
-  if start >= config.num_steps:
-    metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
-                        f"--num_steps={config.num_steps}; raise --num_steps to train further")
-    return record
   summary = f"done: steps {start + 1}-{record.get('step', start)} in {metrics_lib.format_seconds(time.perf_counter() - run_start)}"
   if best is not None:
     summary += f"; best {best[2]} {best[0]:.4f} at step {best[1]}"

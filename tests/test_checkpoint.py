@@ -136,8 +136,9 @@ def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(tmp_
   assert f"--flagfile={tmp_path}/flags.txt" in error[0]
   assert os.listdir(tmp_path / "checkpoints") == ["3"]  # nothing set aside as "unreadable"
   assert {name: (tmp_path / name).read_text() for name in before} == before
-  again = _run("transformer", tmp_path, data_dir, "--num_steps=3")
-  assert f"nothing to train: the checkpoint in {tmp_path}/checkpoints is at step 3" in again.stdout
+  again = _run("transformer", tmp_path, data_dir, "--num_steps=2")
+  assert f"nothing to train: the checkpoint in {tmp_path}/checkpoints is at step 3 and --num_steps=2" in again.stdout
+  assert {name: (tmp_path / name).read_text() for name in before} == before
 
 
 def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, data_dir):
@@ -146,7 +147,7 @@ def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, 
   mesh = sharding.make_mesh("data:-1")
   with train.mesh_context(mesh), pytest.raises(
       UserError, match=r"checkpoint step 2 in .* does not fit the state these flags build "
-                       r"\(params/block_0/mlp/wi/bias: saved \(64,\), this run \(128,\) and 8 more"):
+                       r"\(params/block_0/mlp/wi/bias: saved float32\[64\], this run float32\[128\] and 8 more"):
     train.load_checkpoint(model=_tiny_lm(mlp_dim=128), task=tasks.LanguageModelling(), tx=tx,
                           example_batch=eval_data[0], config=config, mesh=mesh)
   with pytest.raises(UserError, match="no checkpoint in .*; train first"):
@@ -154,6 +155,32 @@ def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, 
                           config=train.TrainConfig(workdir=str(tmp_path / "new"), num_steps=2, batch_size=8),
                           mesh=mesh)
   assert not os.path.exists(tmp_path / "new")
+
+
+def test_state_differences_name_dtype_shape_and_structure():
+  saved = checkpoint.leaf_arrays({"params": {"w": np.zeros((2, 3), np.float32)}, "opt_state": ({"mu": np.zeros(3)},)})
+  expected = checkpoint.leaf_arrays({"params": {"w": jax.numpy.zeros((2, 3), jax.numpy.bfloat16)},
+                                     "opt_state": ({"nu": np.zeros(3)},)})
+  assert checkpoint.state_differences(saved, expected) == [
+      "params/w: saved float32[2, 3], this run bfloat16[2, 3]", "opt_state/0/mu only in the checkpoint",
+      "opt_state/0/nu only in this run"]
+
+
+def test_evaluation_skips_a_damaged_newest_step_without_renaming_it(tmp_path, data_dir):
+  _, eval_data, tx = _fit_tiny(tmp_path, data_dir, _tiny_lm(), num_steps=2)
+  _fit_tiny(tmp_path, data_dir, _tiny_lm(), num_steps=4)
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+    for name in files:
+      if name.startswith("ocdbt") or "manifest" in name or root.endswith("d"):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(1)
+  config = train.TrainConfig(workdir=str(tmp_path), num_steps=4, batch_size=8)
+  mesh = sharding.make_mesh("data:-1")
+  with train.mesh_context(mesh):
+    _, step, _ = train.load_checkpoint(model=_tiny_lm(), task=tasks.LanguageModelling(), tx=tx,
+                                       example_batch=eval_data[0], config=config, mesh=mesh)
+  assert step == 2
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
 def test_fsdp_checkpoint_restores_on_one_device_with_the_same_eval_loss(tmp_path, data_dir):

@@ -133,17 +133,18 @@ def test_resnet_is_the_same_function_with_either_conv_impl():
 
 
 def test_auto_conv_impl_is_xla_on_accelerators_and_chosen_per_map_size_on_cpu():
-  def choose(in_hw, kernel_hw, out_hw, impl="auto"):
-    return conv.resolve_conv_impl(impl, in_hw, kernel_hw, out_hw)
-  assert choose((2, 2), (3, 3), (2, 2), impl="xla") == "xla"
-  assert choose((8, 8), (3, 3), (8, 8), impl="matmul") == "matmul"
+  def choose(in_hw, kernel_hw, strides, out_hw, impl="auto"):
+    return conv.resolve_conv_impl(impl, in_hw, kernel_hw, strides, out_hw)
+  assert choose((2, 2), (3, 3), (1, 1), (2, 2), impl="xla") == "xla"
+  assert choose((8, 8), (3, 3), (1, 1), (8, 8), impl="matmul") == "matmul"
   if jax.default_backend() != "cpu":
-    assert choose((2, 2), (3, 3), (2, 2)) == "xla"
+    assert choose((2, 2), (3, 3), (1, 1), (2, 2)) == "xla"
     return
-  assert choose((8, 8), (3, 3), (8, 8)) == "xla"
-  assert choose((8, 8), (3, 3), (4, 4)) == "xla"  # 16 output positions
-  assert choose((4, 4), (3, 3), (2, 2)) == "matmul"
-  assert choose((4, 4), (5, 5), (4, 4)) == "matmul"  # the kernel is larger than the map
+  assert choose((8, 8), (3, 3), (1, 1), (8, 8)) == "xla"
+  assert choose((8, 8), (3, 3), (2, 2), (4, 4)) == "xla"  # 16 output positions
+  assert choose((4, 4), (3, 3), (2, 2), (2, 2)) == "matmul"
+  assert choose((4, 4), (5, 5), (1, 1), (4, 4)) == "matmul"  # the kernel is larger than the map
+  assert choose((224, 224), (16, 16), (16, 16), (14, 14)) == "matmul"  # non-overlapping patches
   # ResNet-18 at 32 x 32: the stem (16 x 16 out) and stages 1-2 (8 x 8, 4 x 4) on XLA's convolution,
   # stages 3-4 (2 x 2, 1 x 1) as matmuls: 1 + 4 + 5 of the 20 convolutions.
   model = models.create("resnet18", input_shape=(32, 32, 3), num_classes=10)

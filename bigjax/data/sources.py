@@ -1,8 +1,6 @@
 """Opens a data set split for random access (len, getitem -> dict of numpy): bigjax's own offline
 builders, any TFDS data set prepared in ArrayRecord form, or the user's own files (see files.py)."""
 
-import contextlib
-import io
 import os
 import threading
 
@@ -107,8 +105,9 @@ def _prepare_in_process_order(builder) -> None:
     if turn == jax.process_index() and not builder.is_prepared():
       tfds.disable_progress_bar()
       print(f"preparing {builder.name} in {builder.data_dir} from local sources (nothing is downloaded)", flush=True)
-      with contextlib.redirect_stdout(io.StringIO()):  # TFDS's own lines say "Downloading and preparing"
-        builder.download_and_prepare()
+      # TFDS's own two lines would say "Downloading and preparing"; silenced on this builder only.
+      builder._log_download_bytes = builder._log_download_done = lambda: None  # noqa: SLF001
+      builder.download_and_prepare()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigjax: {builder.name} prepared by process {turn}")
 

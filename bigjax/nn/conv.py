@@ -62,19 +62,23 @@ def _check_conv_impl(impl: str) -> None:
     raise ValueError(f"unknown conv_impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
 
 
-def resolve_conv_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int], out_hw: tuple[int, int]) -> str:
+def resolve_conv_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int],
+                      out_hw: tuple[int, int]) -> str:
   """'auto' is XLA's convolution (cuDNN, the TPU's MXU) on GPU and TPU. On CPU it is chosen per
   convolution (benchmarks/README.md, "Convolution on CPU"): XLA's own ran forward + backward
-  1.2-4.5x faster than the matmul form where its kernel fits the map, but 10-50x slower where the
-  kernel is larger than the input map or the output has fewer than 16 positions (ResNet's last
-  stages at 32 x 32 input), where the matmul form also leaves out the taps that read only padding."""
+  1.2-4.5x faster than the matmul form where its kernel fits the map, but 6-16x slower (one pass
+  up to 26x) where the kernel is larger than the input map or the output has fewer than 16
+  positions (ResNet's last stages at 32 x 32 input), where the matmul form also leaves out the taps
+  that read only padding; and for non-overlapping patches (stride = kernel, ViT's patch
+  embedding) the matmul form is a plain reshape and matmul, 1.4x faster."""
   _check_conv_impl(impl)
   if impl != "auto":
     return impl
   if jax.default_backend() != "cpu":
     return "xla"
   kernel_fits = all(k <= n for k, n in zip(kernel_hw, in_hw))
-  return "xla" if kernel_fits and out_hw[0] * out_hw[1] >= 16 else "matmul"
+  patches = tuple(strides) == tuple(kernel_hw)
+  return "xla" if kernel_fits and not patches and out_hw[0] * out_hw[1] >= 16 else "matmul"
 
 
 def conv_output_size(in_size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
@@ -145,7 +149,7 @@ class Conv(nn.Module):
     x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype)
     in_hw, strides, padding = x_BHWC.shape[1:3], tuple(self.strides), [tuple(p) for p in self.padding]
     out_hw = tuple(conv_output_size(n, k, s, p) for n, k, s, p in zip(in_hw, self.kernel_size, strides, padding))
-    impl = resolve_conv_impl(self.impl, in_hw, self.kernel_size, out_hw)
+    impl = resolve_conv_impl(self.impl, in_hw, self.kernel_size, strides, out_hw)
     y_BHWO = (conv_as_matmul if impl == "matmul" else conv_xla)(x_BHWC, kernel_HWIO, strides, padding)
     return y_BHWO if bias_O is None else y_BHWO + bias_O
 
