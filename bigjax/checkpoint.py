@@ -41,7 +41,7 @@ def _key_name(key) -> str:
 
 def leaf_arrays(tree) -> dict[str, str]:
   """{"opt_state/1/0/mu/head/kernel": "float32[256, 10]"} for every array in `tree`."""
-  return {"/".join(_key_name(k) for k in path): f"{np.dtype(leaf.dtype).name}{list(getattr(leaf, 'shape', ()))}"
+  return {"/".join(_key_name(k) for k in path): f"{getattr(leaf, 'dtype', '')}{list(getattr(leaf, 'shape', ()))}"
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
