@@ -30,19 +30,12 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-def _key_name(key) -> str:
-  """One spelling for a path entry of a live state (attributes, dict keys, tuple indices) and of
-  Orbax's saved metadata (dicts and lists)."""
-  for field in ("key", "name", "idx"):
-    if hasattr(key, field):
-      return str(getattr(key, field))
-  return str(key)
-
-
 def leaf_arrays(tree) -> dict[str, str]:
-  """{"opt_state/1/0/mu/head/kernel": "float32[256, 10]"} for every array in `tree`."""
-  return {"/".join(_key_name(k) for k in path): f"{getattr(leaf, 'dtype', '')}{list(getattr(leaf, 'shape', ()))}"
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{"opt_state/1/0/mu/head/kernel": "float32[256, 10]"} for every array in `tree`. The path is
+  spelt the same for a live state (attributes, tuple indices) and Orbax's saved metadata (dicts,
+  lists)."""
+  return {sharding_path(path): f"{getattr(leaf, 'dtype', '')}{list(getattr(leaf, 'shape', ()))}"
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def state_differences(saved: dict, expected: dict) -> list[str]:
