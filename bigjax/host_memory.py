@@ -27,8 +27,8 @@ from jax._src import xla_bridge
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# Free memory at the top of the heap beyond this goes back to the OS (mallopt takes an int).
-_KEEP_AT_MOST = 2 ** 31 - 1
+# mallopt(3): a trim threshold of -1 disables trimming, so no freed memory goes back to the OS.
+_NEVER = -1
 
 
 def accelerator_plugin_installed() -> bool:
@@ -56,5 +56,5 @@ def keep_freed_host_memory() -> bool:
   if xla_bridge.backends_are_initialized() or not runs_on_cpu_only(jax.config.jax_platforms):
     return False
   libc = ctypes.CDLL("libc.so.6")
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_AT_MOST))
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
   return all(libc.mallopt(option, value) == 1 for option, value in settings)

@@ -6,6 +6,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import bigjax  # noqa: E402,F401  (before jax starts its CPU backend, as a user's import is: bigjax/host_memory.py)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
