@@ -1,7 +1,7 @@
 """glibc malloc settings that let XLA's CPU runtime reuse its buffers instead of faulting them in
 afresh at every step.
 
-XLA's CPU client allocates each execution's temporary buffer (537 MB for the 4-layer d_model 256
+XLA's CPU client allocates each execution's temporary buffer (537 MiB for the 4-layer d_model 256
 GPT of benchmarks/README.md) with posix_memalign from one of its worker threads. glibc serves a
 worker thread from a secondary arena, and a secondary arena hands out any block larger than its
 64 MB heaps as a fresh mmap that free() unmaps again. So every step page-faulted and zeroed the
