@@ -16,6 +16,7 @@ its input pipeline may want several arenas) and when BIGJAX_KEEP_HOST_MEMORY=0.
 """
 
 import ctypes
+import importlib.metadata
 import importlib.util
 import os
 import pkgutil
@@ -32,9 +33,13 @@ _NEVER = -1
 
 
 def accelerator_plugin_installed() -> bool:
-  """Whether a GPU or TPU backend could start: a jax_plugins package (CUDA, ROCm) or libtpu."""
+  """Whether a GPU or TPU backend could start: a PJRT plugin (CUDA, ROCm), found where JAX looks
+  for them (modules under the jax_plugins namespace, entry points of the jax_plugins group), or
+  libtpu."""
   plugins = importlib.util.find_spec("jax_plugins")
   if plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations)):
+    return True
+  if importlib.metadata.entry_points(group="jax_plugins"):
     return True
   return importlib.util.find_spec("libtpu") is not None
 
