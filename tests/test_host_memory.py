@@ -12,8 +12,8 @@ import pytest
 
 from bigjax import host_memory
 
-# Counts the page faults of one execution of a program whose temporary buffer (two 64 MB matmul
-# outputs) is larger than glibc's 64 MB secondary-arena heaps.
+# Counts the page faults of one execution of a program whose temporary buffer (a 64 MiB matmul
+# output, [16384, 1024] float32, and more) is larger than glibc's 64 MiB secondary-arena heaps.
 PROGRAM = """
 import json, resource
 import bigjax  # applies the settings: the CPU backend has not started yet
@@ -31,8 +31,9 @@ print(json.dumps({"faults_per_call": faults}))
 """
 
 
-def _faults_per_call(**env) -> float:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env)
+def _faults_per_call(keep_host_memory: str) -> float:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             BIGJAX_KEEP_HOST_MEMORY=keep_host_memory)
   out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])["faults_per_call"]
@@ -49,8 +50,8 @@ def _transparent_huge_pages_always() -> bool:
 @pytest.mark.skipif(_transparent_huge_pages_always(),
                     reason="with transparent huge pages always on, a fresh mapping faults once per 2 MB, not per 4 KB")
 def test_xla_cpu_buffers_are_reused_instead_of_faulted_in_every_execution():
-  faulted = _faults_per_call(BIGJAX_KEEP_HOST_MEMORY="0")
-  reused = _faults_per_call()
+  faulted = _faults_per_call("0")
+  reused = _faults_per_call("1")
   assert faulted > 16_000, faulted  # 64 MB or more in 4 KB pages: the buffer comes back fresh each time
   assert reused < faulted / 20, (reused, faulted)
 
