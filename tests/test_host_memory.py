@@ -65,4 +65,3 @@ def test_only_cpu_platforms_get_the_settings():
   assert host_memory.runs_on_cpu_only("cpu")
   assert not host_memory.runs_on_cpu_only("cuda,cpu")
   assert not host_memory.runs_on_cpu_only("tpu")
-  assert host_memory.runs_on_cpu_only(None) == (not host_memory.accelerator_plugin_installed())
