@@ -167,11 +167,15 @@ def eval_step(state: TrainState, batch, *, model, task):
 
 def evaluate(eval_fn, state, batches: Iterable, mesh, task) -> dict[str, float]:
   """Task metrics over every batch, prefixed with eval_. The sums stay on the device until the
-  end, so the batches are dispatched back to back with a single fetch."""
+  end, with a single fetch; the host runs at most one batch ahead of the device."""
   total = None
   for batch in batches:
     sums = eval_fn(state, sharding.host_to_global(batch, mesh))
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    # Waiting for the previous total keeps one batch in flight while the host prepares the next.
+    # Dispatching every batch unpaced deadlocked two-process CPU runs: XLA's CPU client blocks a
+    # launch once 32 programs are queued on a device, and with collectives in those programs the
+    # processes ended up waiting on each other (reproduced with the README's two-process example).
+    total = sums if total is None else jax.tree.map(jnp.add, jax.block_until_ready(total), sums)
   return {f"eval_{k}": v for k, v in task.metrics(metrics_lib.add_sums(None, jax.device_get(total))).items()}
 
 
