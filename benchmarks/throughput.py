@@ -299,7 +299,15 @@ def run_bigjax(workload: Workload) -> dict:
   model_flops = flops_per_unit(workload, runner.state.params, runner.state.model_state)
   record = summarize(workload, step_times, runner.compile_s, model_flops, peaks)
   record["mesh"] = sharding.describe(mesh)
+  if isinstance(workload.model, transformer.TransformerLM):
+    record["cudnn_attention_calls"] = cudnn_attention_calls(runner.compiled_text())
   return record
+
+
+def cudnn_attention_calls(compiled_hlo: str) -> int:
+  """How many of cuDNN's fused attention kernels (forward and backward custom calls) the compiled
+  step runs: 0 means the step's attention is bigjax's own (always so on CPU and TPU)."""
+  return compiled_hlo.count('custom_call_target="__cudnn$fmha')
 
 
 def run_ab(workload: Workload) -> list[dict]:

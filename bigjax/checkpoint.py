@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,6 +20,14 @@ from orbax.checkpoint import checkpoint_managers
 
 from bigjax.errors import UserError
 from bigjax.sharding import path_name as sharding_path
+
+
+def _grain_checkpoint():
+  """grain's checkpoint handlers, imported only where a data iterator is saved or restored, so
+  that code without an input pipeline (benchmarks, export, `models.load`) runs where grain is not
+  installed (the offline GPU machine of benchmarks/gpu.sh, for one)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.checkpoint
 
 
 def _everywhere(ok: bool) -> bool:
@@ -79,7 +86,7 @@ class Checkpointer:
     best metric in it make this step a candidate for the best checkpoint."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      args["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
     if not (self.best_metric and metrics and self.best_metric in metrics):
       metrics = None
     self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
@@ -89,7 +96,7 @@ class Checkpointer:
     data iterator moved to where it was."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      args["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"]
 

@@ -58,7 +58,8 @@ def keep_freed_host_memory() -> bool:
     return False
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return False
-  if xla_bridge.backends_are_initialized() or not runs_on_cpu_only(jax.config.jax_platforms):
+  # The plugin check first: on GPU/TPU hosts nothing below (a private JAX call among it) runs.
+  if not runs_on_cpu_only(jax.config.jax_platforms) or xla_bridge.backends_are_initialized():
     return False
   libc = ctypes.CDLL("libc.so.6")
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))

@@ -131,3 +131,41 @@ def test_throughput_ab_of_an_xla_option_runs_end_to_end():
   assert gpu_only.returncode == 1
   assert gpu_only.stderr.strip().splitlines()[-1] == (
       "error: --ab_xla_option=['xla_gpu_autotune_level=0'] changes nothing on cpu: B would compile as A")
+
+
+# Loaded by every Python the GPU script starts (through PYTHONPATH): the machine it is written for
+# has no grain and no TFDS, so the dry run must not need them either.
+_WITHOUT_DATA_STACK = '''
+import importlib.abc, sys
+class _NoDataStack(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.partition(".")[0] in ("grain", "tensorflow_datasets", "array_record"):
+      raise ImportError(f"{name} is not installed on the GPU machine")
+sys.meta_path.insert(0, _NoDataStack())
+'''
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+  """benchmarks/gpu.sh with BIGJAX_GPU_DRY_RUN=1: every step of the GPU run, with the same presets
+  and flags at toy sizes, on the CPU and without grain or TFDS."""
+  import json
+  import os
+  import subprocess
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_WITHOUT_DATA_STACK)
+  out = tmp_path / "out"
+  env = dict(os.environ, BIGJAX_GPU_DRY_RUN="1", OUT=str(out), PYTHONPATH=str(site),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(["bash", os.path.join(repo, "benchmarks", "gpu.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:]
+  records = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("attention_check", "gpt2_medium_bf16", "resnet50_bf16")}
+  assert [(r["kv_heads"], r["ok"]) for r in records["attention_check"]] == [(16, True), (4, True)]
+  (gpt,), (resnet,) = records["gpt2_medium_bf16"], records["resnet50_bf16"]
+  assert (gpt["model"], gpt["dtype"], gpt["cudnn_attention_calls"]) == ("gpt2-medium", "bfloat16", 0)
+  assert gpt["tokens_per_s"] > 0 and resnet["images_per_s"] > 0
+  assert "jax 0." in (out / "versions.txt").read_text()
