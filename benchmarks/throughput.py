@@ -305,8 +305,9 @@ def run_bigjax(workload: Workload) -> dict:
 
 
 def cudnn_attention_calls(compiled_hlo: str) -> int:
-  """How many of cuDNN's fused attention kernels (forward and backward custom calls) the compiled
-  step runs: 0 means the step's attention is bigjax's own (always so on CPU and TPU)."""
+  """cuDNN fused-attention custom calls (forward and backward) in the compiled step's HLO: one of
+  each per layer, or once in the loop body of a scanned layer stack. 0 means the step's attention
+  is bigjax's own (always so on CPU and TPU)."""
   return compiled_hlo.count('custom_call_target="__cudnn$fmha')
 
 
