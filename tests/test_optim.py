@@ -64,7 +64,7 @@ def test_gradient_clipping_bounds_the_global_norm():
   tx = optim.make_optimizer(cfg, 10)
   params = {"w": jnp.zeros(4)}
   updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
-  np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-5)
 
 
 def test_unknown_names_are_user_errors():
