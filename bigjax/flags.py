@@ -225,13 +225,25 @@ def experiment() -> Experiment:
 
 
 def save_flags(workdir: str) -> str:
-  """Writes every flag's value to `workdir/flags.txt`: `--flagfile=` that file repeats the run."""
+  """Writes the run's flags to `workdir/flags.txt`: `--flagfile=` that file repeats the run."""
   path = os.path.join(workdir, "flags.txt")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
-      f.write(flags.FLAGS.flags_into_string())
+      f.write(run_flags_text())
   return path
+
+
+def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """One line per flag of bigjax and the experiment, set or not, and per flag of another module
+  (absl, grain, TFDS, Orbax) only where the run set it: the libraries' defaults are not part of
+  the experiment, and listing them buried its flags among ~20 of absl's and grain's."""
+  lines = []
+  for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
+    ours = module.split(".")[0] in ("bigjax", "experiments") or module == sys.argv[0]
+    lines += [flag.serialize() for flag in sorted(module_flags, key=lambda flag: flag.name)
+              if (ours or flag.present) and flag.value is not None]
+  return "\n".join(lines) + "\n"
 
 
 def require(*required: flags.FlagHolder) -> None:

@@ -87,8 +87,9 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
                       f"the {num_devices} devices")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise UserError(f"--mesh={spec!r}: the axes multiply to {fixed} but there are {num_devices} "
-                    f"devices; make them match or give one axis -1")
+    there_are = "there is 1 device" if num_devices == 1 else f"there are {num_devices} devices"
+    raise UserError(f"--mesh={spec!r}: the axes multiply to {fixed} but {there_are}; make them match "
+                    f"or give one axis -1")
   return {name: sizes.get(name, 1) for name in MESH_AXES}
 
 

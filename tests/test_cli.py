@@ -135,6 +135,7 @@ def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
   assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx([r["eval_loss"] for r in rows if "eval_loss" in r])
   saved = (tmp_path / "flags.txt").read_text()
   assert "--learning_rate=0.005" in saved and "--num_steps=4" in saved
+  assert "--nohelp" not in saved  # absl's own flags, left at their defaults, are not the run's
   assert "GFLOP per step" in result.stdout and "done: steps 1-4" in result.stdout
   # The saved flags alone repeat the run exactly.
   again = _run(f"--flagfile={tmp_path / 'flags.txt'}", f"--workdir={tmp_path / 'again'}")
@@ -158,3 +159,16 @@ def test_xla_options_are_parsed_and_a_bad_one_is_one_line(tiny):
                          "--xla_option='xla_cpu_enable_fast_math' must look like NAME=VALUE")
   _assert_one_line_error(_run(*tiny, "--xla_option=xla_cpu_enable_fast_math=maybe"), 1,
                          "xla_cpu_enable_fast_math, 'maybe' is not a valid bool value")
+
+
+def test_saved_flags_list_ours_always_and_other_modules_only_where_set():
+  from absl import flags as absl_flags
+  from bigjax import flags as bigjax_flags
+
+  values = absl_flags.FlagValues()
+  absl_flags.DEFINE_integer("steps", 10, "", flag_values=values, module_name="bigjax.flags")
+  absl_flags.DEFINE_string("unset_path", None, "", flag_values=values, module_name="experiments.cnn")
+  absl_flags.DEFINE_integer("threads", 64, "", flag_values=values, module_name="grain.config")
+  absl_flags.DEFINE_bool("debug", False, "", flag_values=values, module_name="tensorflow_datasets.core")
+  values(["prog", "--debug"])
+  assert bigjax_flags.run_flags_text(values) == "--steps=10\n--debug\n"

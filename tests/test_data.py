@@ -138,3 +138,8 @@ def test_augment_flips_and_crops_from_the_padded_image():
   for seed in range(20):
     crop = images.Augment(crop_padding=2)(image, np.random.default_rng(seed))
     assert crop.shape == image.shape and crop.tobytes() in windows
+
+
+def test_misspelt_offline_dataset_suggests_the_right_name(tmp_path):
+  with pytest.raises(UserError, match="'pyhton_stdlib_text' is not prepared .*did you mean 'python_stdlib_text'"):
+    sources.load_source("pyhton_stdlib_text", "train", str(tmp_path))

@@ -16,6 +16,8 @@ def test_mesh_spec_fills_the_free_axis():
   assert sharding.parse_mesh_spec("data:-1,fsdp:2,tensor:1", 8) == {"data": 4, "fsdp": 2, "tensor": 1}
   with pytest.raises(UserError, match="multiply to 2 but there are 8"):
     sharding.parse_mesh_spec("tensor:2", 8)
+  with pytest.raises(UserError, match="multiply to 2 but there is 1 device;"):
+    sharding.parse_mesh_spec("data:2", 1)
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -1,6 +1,7 @@
 """Opens a data set split for random access (len, getitem -> dict of numpy): bigjax's own offline
 builders, any TFDS data set prepared in ArrayRecord form, or the user's own files (see files.py)."""
 
+import difflib
 import os
 import threading
 
@@ -145,6 +146,9 @@ def _prepared_builder(name: str, base: str, data_dir: str):
   prepared = _prepared_versions(data_dir, base)
   where = (f"{data_dir} holds only {', '.join(f'{base}/{v}' for v in prepared)}" if prepared else
            f"{data_dir} holds no version of it; bigjax's offline data sets are {', '.join(LOCAL_BUILDERS)}")
+  close = difflib.get_close_matches(base, LOCAL_BUILDERS, n=1)
+  if close and not prepared:
+    where = f"did you mean {close[0]!r}? {where}"
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError):
