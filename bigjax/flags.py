@@ -6,6 +6,7 @@ values into typed configs with the `*_config()` helpers.
 
 import ast
 import dataclasses
+import importlib
 import os
 import sys
 from typing import Any
@@ -32,6 +33,9 @@ INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the p
                                 "directory or of a workdir's newest checkpoint (fine-tuning).")
 EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
+IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import before anything is built, "
+                                   "e.g. your own that register presets with bigjax.models.register "
+                                   "(my_fork.models: importable from the current directory or PYTHONPATH).")
 MODEL_OVERRIDES = flags.DEFINE_multi_string(
     "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
 DATASET = flags.DEFINE_string("dataset", None, "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
@@ -270,6 +274,16 @@ def _parse_flags_or_exit(argv):
     sys.exit(2)
 
 
+def import_modules(names: list[str]) -> None:
+  """Imports each module (--import_modules), so that the presets it registers can be built."""
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      raise UserError(f"--import_modules: cannot import {name!r} ({e}); run from the directory that holds it "
+                      f"or add that directory to PYTHONPATH") from None
+
+
 def run(main) -> None:
   """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1."""
   def guarded(argv):
@@ -277,6 +291,7 @@ def run(main) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
+      import_modules(IMPORT_MODULES.value)
       if COMPILATION_CACHE_DIR.value:
         train.enable_compilation_cache(COMPILATION_CACHE_DIR.value)
       main(argv)

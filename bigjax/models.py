@@ -41,7 +41,8 @@ def names() -> list[str]:
 def create(name: str, **overrides) -> nn.Module:
   """Builds preset `name`, with any config field replaced by `overrides`."""
   if name not in _PRESETS:
-    raise UserError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    raise UserError(f"unknown model {name!r}; known models: {', '.join(names())} (a preset registered in a "
+                    f"module of your own needs that module imported first: --import_modules=MODULE)")
   try:
     return _PRESETS[name](**overrides)
   except TypeError as e:  # an override that names no config field

@@ -109,3 +109,22 @@ def test_padding_keys_never_change_real_positions():
   np.testing.assert_allclose(a[:, 3:], b[:, 3:], atol=1e-6)
   unmasked_a, unmasked_b = model.apply(variables, tokens), model.apply(variables, other_padding)
   assert not np.allclose(unmasked_a[:, 3:], unmasked_b[:, 3:])
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_cached_decoding_without_positions_matches_the_full_causal_pass(num_kv_heads):
+  """Token by token (after a 3-token prefill) through the KV cache, rotary positions left to the
+  module, against one causal pass over the whole sequence."""
+  module = attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=num_kv_heads, rotary_base=10_000.0,
+                                        cache_len=8)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  variables = module.init(jax.random.key(1), x[:, :1], decode=True)
+  want = module.apply({"params": variables["params"]}, x, causal=True)
+  cache = variables["cache"]
+  pieces = []
+  for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, 7)]:
+    out, updates = module.apply({"params": variables["params"], "cache": cache}, x[:, start:stop], decode=True,
+                                mutable=["cache"])
+    cache = updates["cache"]
+    pieces.append(out)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), want, atol=1e-5)

@@ -172,3 +172,29 @@ def test_saved_flags_list_ours_always_and_other_modules_only_where_set():
   absl_flags.DEFINE_bool("debug", False, "", flag_values=values, module_name="tensorflow_datasets.core")
   values(["prog", "--debug"])
   assert bigjax_flags.run_flags_text(values) == "--steps=10\n--debug\n"
+
+
+_FORK_MODULE = '''
+from bigjax import models
+from bigjax.nn import transformer
+
+@models.register("fork-lm")
+def fork_lm(**overrides):
+  return transformer.TransformerLM(transformer.TransformerConfig(**{
+      "vocab_size": 256, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "max_len": 64,
+      "position": "rotary", "num_kv_heads": 1, **overrides}))
+'''
+
+
+def test_a_preset_registered_in_a_module_of_your_own_trains_with_import_modules(tmp_path, tiny):
+  (tmp_path / "my_presets.py").write_text(_FORK_MODULE)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(tmp_path))
+  run = lambda *flags: subprocess.run([sys.executable, "-m", "experiments.transformer", *tiny, *flags], cwd=REPO,
+                                      env=env, capture_output=True, text=True, timeout=600)
+  trained = run("--import_modules=my_presets", "--model=fork-lm", "--num_steps=2")
+  assert trained.returncode == 0, trained.stderr
+  assert "step 2/2" in trained.stdout
+  assert "--import_modules=my_presets" in (tmp_path / "flags.txt").read_text()
+  missing = run("--import_modules=not_my_presets", "--model=fork-lm", "--num_steps=2")
+  _assert_one_line_error(missing, 1, "--import_modules: cannot import 'not_my_presets'")

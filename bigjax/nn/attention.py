@@ -224,7 +224,10 @@ class MultiHeadAttention(nn.Module):
                decode: bool = False):
     """Query t sees the keys `mask_B1TS` allows and, with `causal`, only keys s <= t.
     With `decode=True` the new keys and values are appended to the `cache` collection and the
-    queries attend causally to everything cached so far (`mask_B1TS` and `causal` are then ignored)."""
+    queries attend causally to everything cached so far (`mask_B1TS` and `causal` are then ignored);
+    rotary positions then default to the tokens' places after what is cached. The cache holds
+    `cache_len` positions: decode no further (a traced index cannot be checked inside jit, and
+    `bigjax.sample` stops there)."""
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
@@ -239,7 +242,7 @@ class MultiHeadAttention(nn.Module):
     v_BTGK = project("value", num_kv_heads, "kv_heads")
     if self.rotary_base is not None:
       if positions_BT is None:
-        positions_BT = jnp.arange(x_BTD.shape[1])[None, :]
+        positions_BT = self._positions_already_cached(decode) + jnp.arange(x_BTD.shape[1])[None, :]
       q_BTHK = position.apply_rotary(q_BTHK, positions_BT, self.rotary_base)
       k_BTGK = position.apply_rotary(k_BTGK, positions_BT, self.rotary_base)
 
@@ -267,6 +270,12 @@ class MultiHeadAttention(nn.Module):
     return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, width),
                    ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
+
+  def _positions_already_cached(self, decode: bool):
+    """How many positions the KV cache holds (0 outside decoding): where this call's tokens sit."""
+    if decode and self.has_variable("cache", "cache_index"):
+      return self.get_variable("cache", "cache_index")
+    return 0
 
   def _extend_cache(self, k_BGTK, v_BGTK):
     """Writes this call's T keys and values at the cache index; returns the whole cache, the mask
