@@ -22,6 +22,7 @@ from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
+from bigjax.nn import recurrent
 
 DOCUMENT_MASKS = flags.DEFINE_bool(
     "document_masks", True, "Windows pack documents end to end; in models that take segment ids "
@@ -84,7 +85,12 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   tokenizer = open_tokenizer(exp, train_split)
   # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
   # packed stream as it comes).
-  segments = DOCUMENT_MASKS.value and "segment_ids_BT" in inspect.signature(exp.model.__call__).parameters
+  takes_segments = "segment_ids_BT" in inspect.signature(exp.model.__call__).parameters
+  segments = DOCUMENT_MASKS.value and takes_segments
+  if DOCUMENT_MASKS.value and not takes_segments and not isinstance(exp.model, recurrent.RNNLM):
+    metrics.console(f"note: {type(exp.model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
+                    f"into one window attend across their ends; give it that argument (as TransformerLM has) "
+                    f"or pass --nodocument_masks to say that is intended")
   windows = {split: lm.open_windows(exp.dataset, split, SEQ_LEN.value, exp.data_dir, tokenizer,
                                     bigjax_flags.TEXT_KEY.value, segments=segments)
              for split in (train_split, eval_split)}

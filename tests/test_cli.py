@@ -183,6 +183,14 @@ def fork_lm(**overrides):
   return transformer.TransformerLM(transformer.TransformerConfig(**{
       "vocab_size": 256, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "max_len": 64,
       "position": "rotary", "num_kv_heads": 1, **overrides}))
+
+class NoSegmentsLM(transformer.TransformerLM):
+  def __call__(self, tokens_BT, *, train: bool = False):
+    return super().__call__(tokens_BT, train=train)
+
+@models.register("fork-lm-without-segments")
+def fork_lm_without_segments(**overrides):
+  return NoSegmentsLM(fork_lm(**overrides).config)
 '''
 
 
@@ -194,7 +202,12 @@ def test_a_preset_registered_in_a_module_of_your_own_trains_with_import_modules(
                                       env=env, capture_output=True, text=True, timeout=600)
   trained = run("--import_modules=my_presets", "--model=fork-lm", "--num_steps=2")
   assert trained.returncode == 0, trained.stderr
-  assert "step 2/2" in trained.stdout
+  assert "step 2/2" in trained.stdout and "segment_ids_BT" not in trained.stdout
   assert "--import_modules=my_presets" in (tmp_path / "flags.txt").read_text()
+  # A model that cannot keep attention inside documents says so instead of silently mixing them.
+  unmasked = run("--import_modules=my_presets", "--model=fork-lm-without-segments", "--num_steps=2",
+                 f"--workdir={tmp_path / 'unmasked'}")
+  assert unmasked.returncode == 0, unmasked.stderr
+  assert "note: NoSegmentsLM.__call__ takes no segment_ids_BT" in unmasked.stdout
   missing = run("--import_modules=not_my_presets", "--model=fork-lm", "--num_steps=2")
   _assert_one_line_error(missing, 1, "--import_modules: cannot import 'not_my_presets'")
