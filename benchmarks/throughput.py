@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import functools
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -293,11 +294,16 @@ def run_bigjax(workload: Workload) -> dict:
 
   def warm_up_and_time():
     time_calls(runner.step, BENCH_WARMUP.value)
-    return time_calls(runner.step, BENCH_STEPS.value)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = time_calls(runner.step, BENCH_STEPS.value)
+    return times, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / len(times)
 
-  step_times, peaks = between_peak_measurements(warm_up_and_time, workload.dtype)
+  (step_times, faults_per_step), peaks = between_peak_measurements(warm_up_and_time, workload.dtype)
   model_flops = flops_per_unit(workload, runner.state.params, runner.state.model_state)
   record = summarize(workload, step_times, runner.compile_s, model_flops, peaks)
+  # Page faults of the host process per timed step: on CPU, whether XLA's buffers come back fresh
+  # (benchmarks/host_memory.py).
+  record["minor_faults_per_step"] = faults_per_step
   record["mesh"] = sharding.describe(mesh)
   if isinstance(workload.model, transformer.TransformerLM):
     record["cudnn_attention_calls"] = cudnn_attention_calls(runner.compiled_text())

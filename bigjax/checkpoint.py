@@ -2,22 +2,30 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save never leaves a half-written step that looks finished. Saves are asynchronous: the device
-arrays are copied to host, then written while training goes on.
+arrays are copied to host, then written while training goes on. Each step also holds fingerprints
+of the state's arrays, computed on the devices at save time and checked after every restore, so a
+step whose files were damaged without becoming unreadable (bytes overwritten on disk) is treated
+like an unreadable one instead of being trained on.
 """
 
+import contextlib
+import errno
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.sharding import path_name as sharding_path
 
@@ -55,12 +63,98 @@ def state_differences(saved: dict, expected: dict) -> list[str]:
           + [f"{path} only in this run" for path in order(expected.keys() - saved.keys())])
 
 
+# ---- fingerprints of the state's values -------------------------------------------------------------
+
+FINGERPRINTS = "fingerprints"  # the item of a step that holds them
+
+
+def _as_uint32(x):
+  """The bits of `x` as uint32 words (8-byte types give two per element)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
+  return words.astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree):
+  """Two position-weighted sums of each leaf's bits, modulo 2**32 (odd weights: any change to one
+  word changes both; integer sums give the same result on any mesh and in any reduction order)."""
+  def leaf(x):
+    words = _as_uint32(x).reshape(-1)
+    index = jnp.arange(words.size, dtype=jnp.uint32)
+    first = jnp.sum(words * (index * jnp.uint32(0x9E3779B9) | jnp.uint32(1)), dtype=jnp.uint32)
+    second = jnp.sum((words ^ jnp.uint32(0x5BD1E995)) * ((index + jnp.uint32(0x7F4A7C15)) * jnp.uint32(0x85EBCA6B)
+                                                          | jnp.uint32(1)), dtype=jnp.uint32)
+    return jnp.stack([first, second])
+  return jax.tree.map(leaf, tree)
+
+
+def fingerprints(tree) -> dict[str, list[int]]:
+  """{"params/head/kernel": [a, b]} for every array leaf of `tree` (global arrays on any mesh)."""
+  sums = _fingerprints(tree)
+  # Replicated results: every process holds the whole value in its first shard.
+  return {sharding_path(path): [int(v) for v in np.asarray(leaf.addressable_data(0))]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+class CorruptCheckpoint(Exception):
+  """A step's arrays restored but do not match the fingerprints written with them."""
+
+
+def _first_mismatch(saved: dict, restored: dict) -> str | None:
+  for path in sorted(saved.keys() | restored.keys()):
+    if saved.get(path) != restored.get(path):
+      return path
+  return None
+
+
+# ---- save failures -----------------------------------------------------------------------------------
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+             errno.EFBIG: "a file grew past the size limit"}
+_NO_WRITE = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied"}
+# How the storage libraries under Orbax (tensorstore, etils) spell those errors in their messages.
+_SPELLINGS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+              "File too large": errno.EFBIG, "Read-only file system": errno.EROFS,
+              "Permission denied": errno.EACCES}
+
+
+def storage_errno(error: BaseException) -> int | None:
+  """The errno of a storage failure anywhere in `error`'s chain (its causes and context, and the
+  text of errors that wrap a C++ one), or None when it is not one."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in {**_NO_SPACE, **_NO_WRITE}:
+      return error.errno
+    for text, number in _SPELLINGS.items():
+      if text in str(error):
+        return number
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def state_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _mib(num_bytes: float) -> str:
+  return f"{num_bytes / 2**20:,.1f} MiB"
+
+
 class Checkpointer:
   """Saves every `every` steps into `directory`, keeps the newest `keep`, restores the latest."""
 
-  def __init__(self, directory: str, *, every: int, keep: int = 3, best_metric: str | None = None):
+  def __init__(self, directory: str, *, every: int, keep: int = 3, best_metric: str | None = None,
+               read_only: bool = False):
     """Keeps the newest `keep` checkpoints and, with `best_metric` (say "eval_loss"), also the one
-    with the best value of that metric (highest for accuracies, lowest otherwise)."""
+    with the best value of that metric (highest for accuracies, lowest otherwise). A read-only
+    one (evaluation, export, sampling) neither writes nor cleans up: a run may be saving there."""
     self.directory = os.path.abspath(directory)
     self.every = every
     self.best_metric = best_metric
@@ -72,8 +166,11 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            create=True, enable_async_checkpointing=True,
+            # Not Orbax's own read_only, which warns on every use.
+            create=not read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)))
+    self._pending = None  # (step, bytes) of the save in flight
+    self.last_complete = None  # the newest step known to be fully written
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -83,32 +180,111 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
     """Starts writing `step` (returns once the arrays are copied to host). `metrics` with the
-    best metric in it make this step a candidate for the best checkpoint."""
-    args = {"state": ocp.args.StandardSave(state)}
+    best metric in it make this step a candidate for the best checkpoint. A failed write (this
+    one, or the previous one still in flight) is a one-line UserError naming the last good step."""
+    self.wait()  # the previous save's failure is reported before anything new is written
+    self._pending = (step, self._step_bytes(state))
+    free = shutil.disk_usage(self.directory).free
+    # Checked before Orbax starts: a write that runs out of space fails in its threads, noisily.
+    if not _everywhere(free >= self._pending[1]):
+      raise self._failed_save(errno.ENOSPC)
+    args = {"state": ocp.args.StandardSave(state), FINGERPRINTS: ocp.args.JsonSave(fingerprints(state))}
     if data_iterator is not None:
       args["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
     if not (self.best_metric and metrics and self.best_metric in metrics):
       metrics = None
-    self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+    with self._reporting_failures():
+      self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    """Until the save in flight is on disk; its failure is a one-line UserError."""
+    with self._reporting_failures():
+      self._manager.wait_until_finished()
+    if self._pending is not None:
+      self.last_complete = self._pending[0]
+      self._pending = None
+
+  @contextlib.contextmanager
+  def _reporting_failures(self):
+    """A save's failure for space or permissions becomes one line; other errors pass unchanged."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for one cause
+      number = storage_errno(e)
+      if number is None:
+        raise
+      raise self._failed_save(number) from None
+
+  def _failed_save(self, number: int) -> UserError:
+    """What to tell the user when a save failed for space or permissions, after removing what it
+    left half-written."""
+    step, needed = self._pending or (None, 0)
+    self._pending = None
+    self._remove_partial_saves()
+    last = self.last_complete or max((s for s in self._manager.all_steps() if s != step), default=None)
+    last_text = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved yet"
+    if number in _NO_SPACE:
+      free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+      return UserError(f"could not save checkpoint step {step} in {self.directory}: {_NO_SPACE[number]} (a step "
+                       f"needs about {_mib(needed)}, {_mib(free)} free there); {last_text}; free some space "
+                       "(or lower --keep_checkpoints) and rerun to resume")
+    return UserError(f"could not save checkpoint step {step} in {self.directory}: {_NO_WRITE[number]}; "
+                     f"{last_text}; make the directory writable and rerun to resume")
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes the temporary directories of unfinished saves (Orbax names them *.orbax-checkpoint-tmp*)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if "orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def _step_bytes(self, state) -> int:
+    """What the next step will take on disk: as much as the newest saved one, or the state's size."""
+    newest = max(self._manager.all_steps(), default=None)
+    if newest is None:
+      return state_bytes(state)
+    total = 0
+    for root, _, files in os.walk(os.path.join(self.directory, str(newest))):
+      total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
+
+  def _has_fingerprints(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), FINGERPRINTS))
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """The state at `step`, placed with the shardings in `abstract_state` (any mesh), and the
-    data iterator moved to where it was."""
+    data iterator moved to where it was. Raises CorruptCheckpoint when the restored arrays do not
+    match their fingerprints (steps saved before bigjax wrote them are not checked)."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
+    checked = self._has_fingerprints(step)
+    if checked:
+      args[FINGERPRINTS] = ocp.args.JsonRestore()
     if data_iterator is not None:
       args["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    if checked:
+      mismatch = _first_mismatch(restored[FINGERPRINTS], fingerprints(restored["state"]))
+      if mismatch is not None:
+        raise CorruptCheckpoint(f"the values of {mismatch} differ from what was saved: the files were damaged "
+                                "after they were written")
     return restored["state"]
 
   def restore_newest_readable(self, abstract_state, data_iterator=None, *, set_aside: bool = True):
-    """(state, step) from the newest checkpoint that restores, or (None, 0) when there is none.
+    """(state, step, unreadable) from the newest checkpoint that restores and matches its
+    fingerprints; (None, 0, unreadable) when none does, where `unreadable` lists (step, reason)
+    of every step that failed.
 
-    A step that fails to restore (files cut short or deleted) is reported in one line and skipped
-    for the one before it, so a damaged newest save costs only the steps since the previous one.
-    Training sets such a step aside (renamed, so that new saves do not build on it); read-only
-    callers (evaluation, export) pass set_aside=False and leave the workdir as it is.
+    A step that fails (files cut short, deleted or damaged) is skipped for the one before it, so
+    a damaged newest save costs only the steps since the previous one. Training sets the failed
+    steps aside once a good one is found (renamed, so that new saves do not build on them);
+    read-only callers (evaluation, export) pass set_aside=False and leave the workdir as it is.
+    When no step restores, nothing is moved: the caller decides (see `set_aside_steps`).
     """
     self.check_some_step_fits(abstract_state)
+    unreadable = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored, error = self.restore(step, abstract_state, data_iterator), None
@@ -116,13 +292,18 @@ class Checkpointer:
         restored, error = None, e
       # Every process must take the same step, even when only one of them could not read its shards.
       if _everywhere(error is None):
-        return restored, step
-      reason = "another process could not read its part" if error is None else \
-          f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-      action = f"moved it to {self._set_aside(step)}" if set_aside else "left it in place"
-      print(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); {action} and trying the "
-            "previous one", file=sys.stderr, flush=True)
-    return None, 0
+        for bad, reason in unreadable:
+          action = f"moved it to {self._set_aside(bad)}" if set_aside else "left it in place"
+          print(f"checkpoint step {bad} in {self.directory} is unreadable ({reason}); {action} and resumed from "
+                f"step {step}", file=sys.stderr, flush=True)
+        self.last_complete = step
+        return restored, step, unreadable
+      unreadable.append((step, "another process could not read its part" if error is None else _reason(error)))
+    return None, 0, unreadable
+
+  def set_aside_steps(self, steps) -> list[str]:
+    """Renames each step out of the manager's view; the new names."""
+    return [self._set_aside(step) for step in steps]
 
   def _differences(self, step: int, expected: dict) -> list[str] | None:
     """How `step`'s saved state differs from `expected` (leaf_arrays), or None when its metadata
@@ -164,11 +345,15 @@ class Checkpointer:
     self._manager.reload()
     return target
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
+    self.wait()
     self._manager.close()
+
+
+def _reason(error: BaseException) -> str:
+  """One line saying why a step could not be restored."""
+  first_line = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
+  return first_line if isinstance(error, CorruptCheckpoint) else f"{type(error).__name__}: {first_line}"
 
 
 def abstract_like(state, shardings):
@@ -178,6 +363,7 @@ def abstract_like(state, shardings):
 
 EXPORT_CONFIG = "model.json"
 EXPORT_PARAMS = "variables"
+EXPORT_FINGERPRINTS = "fingerprints.json"
 
 
 def _params_location(path: str) -> tuple[str, bool]:
@@ -193,28 +379,76 @@ def _params_location(path: str) -> tuple[str, bool]:
   return os.path.join(steps_dir, str(steps[-1]), "state"), True
 
 
-def _saved_tree(directory: str):
-  return ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+def _saved_tree(directory: str, path: str):
+  with _reading(directory, path):
+    return ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+
+
+@contextlib.contextmanager
+def _reading(directory: str, path: str):
+  """Any failure to read the saved arrays at `directory` becomes one line naming it."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for one cause
+    raise UserError(f"cannot read the parameters saved in {directory} ({_reason(e)}); {path} is damaged or "
+                    "incomplete: export or copy it again") from None
+
+
+def _check_fingerprints(expected: dict, variables: dict, directory: str, path: str) -> None:
+  mismatch = _first_mismatch(expected, fingerprints(variables))
+  if mismatch is not None:
+    raise UserError(f"the parameters saved in {directory} are damaged: the values of {mismatch} differ from what "
+                    f"was written; export or copy {path} again")
+
+
+def _expected_fingerprints(directory: str, whole_state: bool) -> dict | None:
+  """The fingerprints written with an export (its fingerprints.json) or with a checkpoint step
+  (its fingerprints item, which also covers the optimizer state), for the model variables only."""
+  if whole_state:
+    step_dir = os.path.dirname(directory)
+    file = os.path.join(step_dir, FINGERPRINTS, "metadata")
+    prefixes = {"params/": "params/", "model_state/": ""}
+  else:
+    file = os.path.join(os.path.dirname(directory), EXPORT_FINGERPRINTS)
+    prefixes = {"": ""}
+  if not os.path.exists(file):
+    return None  # written before bigjax kept fingerprints
+  try:
+    with open(file) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {"(fingerprints file)": None}  # damaged itself: nothing can match it
+  return {new + key[len(old):]: value for key, value in saved.items() for old, new in prefixes.items()
+          if key.startswith(old) and (old or not whole_state)}
 
 
 def load_variables(path: str, abstract_variables: dict) -> dict:
   """Model variables ({"params": ..., and e.g. "batch_stats"}) from an export directory or the
   newest checkpoint of a workdir, placed with the shardings of `abstract_variables`
-  (ShapeDtypeStructs). A structure or shape mismatch is a one-line error naming the first
-  parameter that differs."""
+  (ShapeDtypeStructs). A structure or shape mismatch, damaged files or values that differ from
+  their fingerprints are a one-line error naming the first parameter that differs or the files."""
   directory, whole_state = _params_location(path)
-  saved = _saved_tree(directory)
+  saved = _saved_tree(directory, path)
   if whole_state:  # a train state: {"params", "model_state", "opt_state", ...}
     saved = {"params": saved["params"], **saved.get("model_state", {})}
   _check_same_shapes(saved, abstract_variables, path)
-  if not whole_state:
-    return ocp.StandardCheckpointer().restore(directory, abstract_variables)
-  params, model_state = abstract_variables["params"], {k: v for k, v in abstract_variables.items() if k != "params"}
-  target = {"params": params, "model_state": model_state}
-  restored = ocp.PyTreeCheckpointer().restore(
-      directory, args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                             restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-  return {"params": restored["params"], **restored["model_state"]}
+  with _reading(directory, path):
+    if not whole_state:
+      variables = ocp.StandardCheckpointer().restore(directory, abstract_variables)
+    else:
+      params = abstract_variables["params"]
+      model_state = {k: v for k, v in abstract_variables.items() if k != "params"}
+      target = {"params": params, "model_state": model_state}
+      restored = ocp.PyTreeCheckpointer().restore(
+          directory, args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+      variables = {"params": restored["params"], **restored["model_state"]}
+  expected = _expected_fingerprints(directory, whole_state)
+  if expected is not None:
+    _check_fingerprints(expected, variables, directory, path)
+  return variables
 
 
 def _check_same_shapes(saved, abstract, path: str) -> None:
@@ -242,9 +476,11 @@ def export(directory: str, variables: dict, model_name: str, overrides: dict) ->
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(directory, EXPORT_PARAMS), variables)
   ckpt.wait_until_finished()
+  sums = fingerprints(variables)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, EXPORT_CONFIG), "w") as f:
-      json.dump({"model": model_name, "overrides": overrides}, f, indent=2)
+    workdir_lib.replace_file(os.path.join(directory, EXPORT_FINGERPRINTS), json.dumps(sums))
+    workdir_lib.replace_file(os.path.join(directory, EXPORT_CONFIG),
+                             json.dumps({"model": model_name, "overrides": overrides}, indent=2))
   return directory
 
 
@@ -254,9 +490,17 @@ def read_export(directory: str):
   config_path = os.path.join(directory, EXPORT_CONFIG)
   if not os.path.exists(config_path):
     raise UserError(f"{directory} is not a bigjax export (no {EXPORT_CONFIG})")
-  with open(config_path) as f:
-    config = json.load(f)
-  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, EXPORT_PARAMS))
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{config_path} is not valid JSON ({e}); export the model again") from None
+  params_dir = os.path.join(directory, EXPORT_PARAMS)
+  with _reading(params_dir, directory):
+    variables = ocp.StandardCheckpointer().restore(params_dir)
+  expected = _expected_fingerprints(params_dir, whole_state=False)
+  if expected is not None:
+    _check_fingerprints(expected, variables, params_dir, directory)
   return config["model"], _tuples(config["overrides"]), variables
 
 

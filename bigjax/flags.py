@@ -5,8 +5,10 @@ values into typed configs with the `*_config()` helpers.
 """
 
 import ast
+import contextlib
 import dataclasses
 import importlib
+import logging as python_logging
 import os
 import sys
 from typing import Any
@@ -22,6 +24,7 @@ from bigjax import models
 from bigjax import optim
 from bigjax import sharding
 from bigjax import train
+from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 
 # What and where.
@@ -108,6 +111,9 @@ EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "Batches per evaluation (
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every N steps (and at the end); "
                                         "0 saves only at the end.", lower_bound=0)
 KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.", lower_bound=1)
+ALLOW_RESTART = flags.DEFINE_bool("allow_restart", False, "When every checkpoint in --workdir is unreadable, set "
+                                   "them aside (renamed, with the earlier metrics) and train again from step 0; "
+                                   "without it that is an error and nothing is touched.")
 KEEP_BEST_METRIC = flags.DEFINE_string("keep_best_metric", None, "Also keep the checkpoint with the best value "
                                        "of this eval metric (eval_loss: lowest; eval_accuracy: highest).")
 
@@ -117,7 +123,7 @@ def train_config() -> train.TrainConfig:
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
       keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
-      grad_accum=GRAD_ACCUM.value, xla_options=xla_options())
+      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(), allow_restart=ALLOW_RESTART.value)
 
 
 def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
@@ -218,11 +224,18 @@ class Experiment:
                      on_start=lambda: save_flags(self.config.workdir))
 
 
+# What a run holds until its process ends (the workdir's lock): closed by `run`.
+_RUN_RESOURCES = contextlib.ExitStack()
+
+
 def experiment() -> Experiment:
   """Starts the multi-process runtime if this is one process of many, checks the required flags,
+  claims the workdir for a training run (before anything, a tokenizer included, is written there),
   logs the devices, and builds the model, mesh and configs."""
   sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
   require(MODEL, DATASET, WORKDIR)
+  if MODE.value == "train" and not COMPILE_ONLY.value:
+    _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()
   return Experiment(model=models.create(MODEL.value, **model_overrides()), mesh=sharding.make_mesh(MESH.value),
                     config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
@@ -232,9 +245,7 @@ def save_flags(workdir: str) -> str:
   """Writes the run's flags to `workdir/flags.txt`: `--flagfile=` that file repeats the run."""
   path = os.path.join(workdir, "flags.txt")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      f.write(run_flags_text())
+    workdir_lib.replace_file(path, run_flags_text())
   return path
 
 
@@ -284,17 +295,25 @@ def import_modules(names: list[str]) -> None:
                       f"or add that directory to PYTHONPATH") from None
 
 
+def _without_orbax_errors(record) -> bool:
+  """Orbax logs each failed save or restore with its traceback from every thread it touched, and
+  raises it too: bigjax turns what it raises into one line (or re-raises what it cannot explain)."""
+  return not (record.levelno >= python_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def run(main) -> None:
   """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1."""
   def guarded(argv):
     # Orbax and TFDS log every action at INFO; show warnings and up unless --verbosity asks for more.
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_without_orbax_errors)
     try:
       import_modules(IMPORT_MODULES.value)
       if COMPILATION_CACHE_DIR.value:
         train.enable_compilation_cache(COMPILATION_CACHE_DIR.value)
-      main(argv)
+      with _RUN_RESOURCES:
+        main(argv)
     except UserError as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(1)

@@ -12,6 +12,9 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from bigjax import workdir
+from bigjax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -30,8 +33,32 @@ def add_sums(total: dict | None, sums: dict) -> dict:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file. A last line cut short (a crash mid-write) is left out: the
+  run that resumes rewrites the file without it."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise UserError(f"{path}: line {number} is not JSON ({line.strip()[:60]!r}); only a last line cut short "
+                        "by a crash is repaired: fix or remove that line") from None
+  return records
+
+
+def set_aside_previous_run(workdir: str) -> list[str]:
+  """Renames an earlier run's metrics.jsonl and TensorBoard directory (a restart from step 0
+  keeps them, never overwrites them); the new names."""
+  suffix = f".before-restart-{int(time.time())}"
+  moved = []
+  for name in (METRICS_FILE, "tensorboard"):
+    path = os.path.join(workdir, name)
+    if jax.process_index() == 0 and os.path.exists(path):
+      os.rename(path, path + suffix)
+      moved.append(path + suffix)
+  return moved
 
 
 class TensorBoard:
@@ -73,19 +100,24 @@ class MetricsLog:
     self.progress = Progress(num_steps, unit, self.stream) if self.enabled else None
 
   def _truncate_after(self, step: int) -> None:
+    """Drops records after `step` and a torn last line; rewrites the file only when that changes it."""
     if not os.path.exists(self.path):
       return
-    kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, self.path)
+    with open(self.path) as f:
+      before = f.read()
+    kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= step)
+    if kept != before:
+      workdir.replace_file(self.path, kept)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise UserError(f"cannot append to {self.path} ({e.strerror or e}); free space or fix the directory, then "
+                      "rerun to resume from the last checkpoint") from None
     self.tensorboard.write(record)
     self.progress.clear()
     self.stream.write(format_record(record, self.num_steps, self.unit) + "\n")

@@ -64,7 +64,9 @@ def _config(cls, defaults: dict, overrides: dict):
   try:
     return cls(**{**defaults, **overrides})
   except ValueError as e:
-    raise UserError(f"{cls.__name__}: {e}") from None
+    # bigjax.config_checks messages already start with the class name; others get it here.
+    message = str(e) if str(e).startswith(f"{cls.__name__}: ") else f"{cls.__name__}: {e}"
+    raise UserError(message) from None
 
 
 def _preset(module_cls, config_cls, defaults: dict):

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import optax
 
+from bigjax import config_checks as checks
 from bigjax.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
@@ -23,6 +24,20 @@ class OptimConfig:
   nesterov: bool = False
   b2: float = 0.999  # adamw second moment (lion uses 0.99 whatever this says)
   eps: float = 1e-8
+
+  def __post_init__(self):
+    # Built from the flags with no bounds of their own (--learning_rate, --weight_decay, ...): a
+    # negative rate or decay trains, silently, in the wrong direction.
+    checks.one_of(self, "optimizer", OPTIMIZERS)
+    checks.positive_number(self, "learning_rate")
+    checks.one_of(self, "schedule", SCHEDULES)
+    checks.nonnegative_int(self, "warmup_steps")
+    checks.nonnegative_number(self, "weight_decay")
+    checks.nonnegative_number(self, "grad_clip")
+    checks.fraction(self, "momentum")
+    checks.boolean(self, "nesterov")
+    checks.fraction(self, "b2")
+    checks.positive_number(self, "eps")
 
 
 def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:

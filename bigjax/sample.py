@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax import config_checks as checks
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
@@ -21,8 +22,10 @@ class SamplingConfig:
   top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 keeps all
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise UserError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+    checks.nonnegative_number(self, "temperature")
+    checks.nonnegative_int(self, "top_k")
+    if not (checks.is_number(self.top_p) and 0 < self.top_p <= 1):
+      checks.fail(self, f"top_p={self.top_p!r} must be a number in (0, 1]")
 
 
 def filter_logits(logits_BV, cfg: SamplingConfig):
@@ -76,11 +79,17 @@ def _decoder(model: nn.Module):
   raise UserError(f"cannot sample from {type(model).__name__}: use a TransformerLM or RNNLM")
 
 
+def length_limit(model: nn.Module) -> int | None:
+  """The most tokens, prompt and continuation together, that `generate` returns for `model`: its
+  config's max_len (a TransformerLM's KV cache holds that many positions), or None for no limit."""
+  return getattr(getattr(model, "config", None), "max_len", None)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "cfg"))
 def generate(model: nn.Module, params, prompt_BP, rng, *, num_tokens: int, cfg: SamplingConfig = SamplingConfig()):
   """The prompt [B, P] followed by `num_tokens` sampled tokens: [B, P + num_tokens]."""
   prompt_len = prompt_BP.shape[1]
-  max_len = getattr(model.config, "max_len", None)
+  max_len = length_limit(model)
   if max_len is not None and prompt_len + num_tokens > max_len:
     raise UserError(f"prompt ({prompt_len}) + new tokens ({num_tokens}) exceed the model's max_len={max_len}")
   start, step = _decoder(model)

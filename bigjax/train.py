@@ -23,6 +23,7 @@ import optax
 from bigjax import checkpoint
 from bigjax import sharding
 from bigjax import metrics as metrics_lib
+from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
   init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
   grad_accum: int = 1  # micro-batches per optimizer step
+  # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
+  # (otherwise that is a one-line error and nothing is touched)
+  allow_restart: bool = False
   # XLA compiler options for the jitted steps; see `platform_xla_options` for which apply where
   xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -242,37 +246,80 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
         learning_rate: Callable[[int], float] | None = None, on_start: Callable[[], None] | None = None) -> dict:
   """Trains `model` on `train_data` (a grain dataset of host batches) until `config.num_steps`.
 
-  Resumes from the newest checkpoint in `config.workdir` if there is one; checkpoints whose arrays
-  have other shapes, dtypes or structure than this model and optimizer build are a one-line
-  error, never a silent restart. `on_start` runs once the state is restored or initialised and
-  there are steps to train (the experiments save their flags there, so a refused resume leaves
-  the workdir as it was). Returns the last logged record (with the final evaluation, when
-  `eval_data` is given).
+  Claims the workdir (a second run on it is refused) and checks it is writable. Resumes from the
+  newest checkpoint in `config.workdir` that restores and matches its fingerprints; checkpoints
+  whose arrays have other shapes, dtypes or structure than this model and optimizer build are a
+  one-line error, never a silent restart, and so is a workdir whose checkpoints are all
+  unreadable unless `config.allow_restart`. `on_start` runs once the state is restored or
+  initialised and there are steps to train (the experiments save their flags there, so a refused
+  resume leaves the workdir as it was). Returns the last logged record (with the final
+  evaluation, when `eval_data` is given).
   """
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
+  with workdir_lib.claim(config.workdir):
+    checkpoints = os.path.join(config.workdir, "checkpoints")
+    workdir_lib.check_writable(checkpoints)  # before Orbax, which waits minutes on a read-only directory
+    ckpt = checkpoint.Checkpointer(checkpoints, every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                   best_metric=config.keep_best_metric)
+    try:
+      return _fit(model=model, task=task, tx=tx, train_data=train_data, eval_data=eval_data, config=config,
+                  mesh=mesh, learning_rate=learning_rate, on_start=on_start, ckpt=ckpt)
+    finally:
+      ckpt.close()
+
+
+def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig):
+  """(state, start step, train iterator): the newest good checkpoint, or a fresh state."""
   train_iter = iter(train_data)
+  abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
+  state, start, unreadable = ckpt.restore_newest_readable(abstract, train_iter)
+  if state is not None:
+    metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
+    return state, start, train_iter
+  if unreadable:
+    reasons = "; ".join(f"step {step}: {reason}" for step, reason in unreadable[:3])
+    if not config.allow_restart:
+      raise UserError(f"every checkpoint in {ckpt.directory} is unreadable ({reasons}); nothing was changed: "
+                      "restore them, or pass --allow_restart to set them aside and train again from step 0")
+    moved = ckpt.set_aside_steps(step for step, _ in unreadable)
+    kept = metrics_lib.set_aside_previous_run(config.workdir)
+    metrics_lib.console(f"starting again from step 0: every checkpoint was unreadable ({reasons}); set aside as "
+                        f"{', '.join(moved)}" + (f"; the earlier run's metrics kept as {', '.join(kept)}" if kept else ""))
+    train_iter = iter(train_data)  # the failed restores moved the old one: a restart draws a fresh run's batches
+  state = steps.init(rng)
+  if config.init_from:
+    variables = checkpoint.load_variables(config.init_from, {"params": abstract.params, **abstract.model_state})
+    state = state.replace(params=variables.pop("params"), model_state=variables)
+    metrics_lib.console(f"parameters from {config.init_from}")
+  return state, 0, train_iter
+
+
+def _check_best_metric(steps, state, example_batch, task, config: TrainConfig, eval_data) -> None:
+  """--keep_best_metric names a metric the evaluation reports (found from shapes, before training)."""
+  name = config.keep_best_metric
+  if not name:
+    return
+  if eval_data is None:
+    raise UserError(f"--keep_best_metric={name} needs an evaluation, and this run has no evaluation data")
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype), example_batch)
+  sums = jax.eval_shape(steps.eval_step, state, batch)
+  reported = [f"eval_{k}" for k in task.metrics({k: 1.0 for k in sums})]
+  if name not in reported:
+    raise UserError(f"--keep_best_metric={name} is not a metric this run's evaluation reports; choose one of "
+                    f"{', '.join(reported)}")
+
+
+def _fit(*, model, task, tx, train_data, eval_data, config: TrainConfig, mesh, learning_rate, on_start, ckpt) -> dict:
   example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
   rng = jax.random.PRNGKey(config.seed)
-  ckpt = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"),
-                                 every=config.checkpoint_every, keep=config.keep_checkpoints,
-                                 best_metric=config.keep_best_metric)
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                           grad_accum=config.grad_accum, xla_options=config.xla_options)
-    abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
-    state, start = ckpt.restore_newest_readable(abstract, train_iter)
-    if state is None:
-      state, start = steps.init(rng), 0
-      if config.init_from:
-        variables = checkpoint.load_variables(config.init_from, {"params": abstract.params, **abstract.model_state})
-        state = state.replace(params=variables.pop("params"), model_state=variables)
-        metrics_lib.console(f"parameters from {config.init_from}")
-    else:
-      metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
+    state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config)
+    _check_best_metric(steps, state, example_batch, task, config, eval_data)
     if start and start >= config.num_steps:
       metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
                           f"--num_steps={config.num_steps}; raise --num_steps to train further")
-      ckpt.close()
       return {"step": start}
     if on_start is not None:
       on_start()
@@ -281,11 +328,8 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
     # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
     with _StopSignals() as stop:
-      record = _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config,
-                           mesh, task, ckpt, log, learning_rate, stop)
-      ckpt.wait()
-      ckpt.close()
-  return record
+      return _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config,
+                         mesh, task, ckpt, log, learning_rate, stop)
 
 
 def describe_shardings(*, model, task, tx, example_batch, mesh, seed: int = 0) -> str:
@@ -354,13 +398,16 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
   missing = UserError(f"no checkpoint in {directory}; train first with the same --workdir")
   if not os.path.isdir(directory):  # checked first: the Checkpointer would create it
     raise missing
-  ckpt = checkpoint.Checkpointer(directory, every=0)
+  ckpt = checkpoint.Checkpointer(directory, every=0, read_only=True)
   rng = jax.random.PRNGKey(config.seed)
   steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                         xla_options=config.xla_options)
-  state, step = ckpt.restore_newest_readable(checkpoint.abstract_like(jax.eval_shape(steps.init, rng),
-                                                                      steps.shardings), set_aside=False)
+  state, step, unreadable = ckpt.restore_newest_readable(
+      checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings), set_aside=False)
   ckpt.close()
+  if unreadable and state is None:
+    reasons = "; ".join(f"step {step}: {reason}" for step, reason in unreadable[:3])
+    raise UserError(f"every checkpoint in {directory} is unreadable ({reasons})")
   if state is None:
     raise missing
   return state, step, steps
@@ -400,35 +447,68 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
+# A finite loss this many times its first value (and above DIVERGED_FLOOR) has diverged: the
+# cross-entropy of a model that has learnt nothing is ln(classes), and one this far above it means
+# confidently wrong outputs (a CNN at learning rate 1e6 reached 4e23).
+DIVERGED_FACTOR = 20.0
+DIVERGED_FLOOR = 20.0
+
+
+def instability(step: int, start: int, mean_loss: float, update_norm: float,
+                first: tuple[int, float]) -> str | None:
+  """Why training cannot go on at `step` (a non-finite loss or update, or a loss that diverged from
+  `first` = (step, mean loss)), with advice that fits the cause; None when it can."""
+  if math.isfinite(mean_loss) and math.isfinite(update_norm):
+    if mean_loss > max(DIVERGED_FACTOR * first[1], DIVERGED_FLOOR):
+      return (f"training diverged: the loss rose from {first[1]:.4g} at step {first[0]} to {mean_loss:.4g} at step "
+              f"{step}; the updates are too large for this model: lower --learning_rate, lengthen "
+              "--warmup_steps or tighten --grad_clip")
+    return None
+  # The update counts too: a finite loss with a NaN update would still poison the saved state.
+  what = f"loss {mean_loss}, update norm {update_norm}"
+  if step == start + 1 and not math.isfinite(mean_loss):
+    if start == 0:
+      return (f"the loss is not finite at the first step ({what}), before any update: the learning rate is not "
+              "the cause; check the data (NaN or out-of-range inputs) and the model's configuration")
+    return (f"the loss is not finite at the first step after resuming from step {start} ({what}), before any "
+            "update: the restored state gives it; evaluate that checkpoint (--mode=eval) or restart from an "
+            "earlier one")
+  return (f"training became non-finite at step {step} ({what}); lower --learning_rate or tighten --grad_clip, "
+          "or with --dtype=float16 use bfloat16 or float32")
+
+
 def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, mesh, task, ckpt, log,
                 learning_rate, stop: "_StopSignals"):
   """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
-  waits for the device except at evaluation and checkpoint steps. A non-finite loss stops the run
-  before anything is saved from that step on."""
+  waits for the device except at evaluation and checkpoint steps. A non-finite or diverged loss
+  stops the run before anything is saved from that step on."""
   is_log_step = lambda s: s % config.log_every == 0 or s == config.num_steps
   is_eval_step = lambda s: eval_data is not None and (s % config.eval_every == 0 or s == config.num_steps)
-  interval_sums, record, last_saved = None, {}, start
+  interval_sums, record = None, {}
+  first_loss = None  # (step, mean loss) of this process's first step: what divergence is measured from
   speed = metrics_lib.Throughput()
   compile_start = time.perf_counter()
 
   def fetch(step, step_metrics) -> dict:
-    """Host copy of a step's metrics, added to the interval; stops the run on a NaN or Inf loss."""
-    nonlocal interval_sums, speed
+    """Host copy of a step's metrics, added to the interval; stops the run on a NaN or Inf loss or
+    one that diverged."""
+    nonlocal interval_sums, speed, first_loss
     step_metrics = jax.device_get(step_metrics)
     loss, update = float(step_metrics["sums"]["loss"]), float(step_metrics["update_norm"])
-    if not (math.isfinite(loss) and math.isfinite(update)):
-      # The update counts too: a finite loss with a NaN update would still poison the saved state.
+    mean_loss = loss / max(float(step_metrics["sums"]["count"]), 1.0)
+    first_loss = first_loss or (step, mean_loss)
+    problem = instability(step, start, mean_loss, update, first_loss)
+    if problem is not None:
       ckpt.wait()
-      where = f"step {last_saved} in {ckpt.directory}" if last_saved else "none was saved"
-      raise UserError(f"training became non-finite at step {step} (loss {loss}, update norm {update}); "
-                      f"stopped there, and the last good checkpoint is {where}; lower --learning_rate "
-                      "or tighten --grad_clip")
+      where = (f"the last good checkpoint is step {ckpt.last_complete} in {ckpt.directory}" if ckpt.last_complete
+               else "no checkpoint was saved yet")
+      raise UserError(f"{problem}; stopped at step {step} before saving it; {where}")
     if step == start + 1:  # the first step includes compilation: keep it out of the speed figures
       speed = metrics_lib.Throughput()
     else:
       speed.add(1, float(step_metrics["sums"]["count"]))
     interval_sums = metrics_lib.add_sums(interval_sums, step_metrics["sums"])
-    log.step(step, loss / max(float(step_metrics["sums"]["count"]), 1.0), float(step_metrics["sums"]["count"]))
+    log.step(step, mean_loss, float(step_metrics["sums"]["count"]))
     return step_metrics
 
   def write(step, step_metrics, evals):
@@ -471,7 +551,6 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     evals = evaluate(eval_fn, state, eval_data, mesh, task) if is_eval_step(step) else {}
     if save:
       ckpt.save(step, state, train_iter, metrics=evals)
-      last_saved = step
     speed.resume()
     if is_log_step(step) or evals or last:
       write(step, fetched, evals)
@@ -481,10 +560,11 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       if best is None or better(evals[key], best[0]):
         best = (evals[key], step, key)
     if stop.received is not None:
-      if last_saved != step:  # the signal came during this step's evaluation
+      if not save:  # the signal came during this step's evaluation
         ckpt.save(step, state, train_iter)
       metrics_lib.console(f"{stop.received}: saved step {step} to {ckpt.directory}; stopping")
       break
+  ckpt.wait()  # the last save is on disk (or its failure reported) before the run says it is done
   log.close()
   summary = f"done: steps {start + 1}-{record.get('step', start)} in {metrics_lib.format_seconds(time.perf_counter() - run_start)}"
   if best is not None:

@@ -88,6 +88,7 @@ def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, dat
   process.communicate()
   resumed = _run(kind, tmp_path / "broken", data_dir)
   assert "resumed from step" in resumed.stdout
+  assert "took over the lock" in resumed.stderr  # the killed run's lock does not keep its workdir
   rows = metrics.read_jsonl(tmp_path / "broken" / metrics.METRICS_FILE)
   assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
   unbroken = metrics.read_jsonl(tmp_path / "unbroken" / metrics.METRICS_FILE)

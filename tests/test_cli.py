@@ -146,7 +146,7 @@ def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
   good = _run(*tiny, "--num_steps=3", "--checkpoint_every=3")
   assert good.returncode == 0, good.stderr
-  poisoned = _run(*tiny, "--num_steps=8", "--checkpoint_every=1", "--learning_rate=nan")
+  poisoned = _run(*tiny, "--num_steps=8", "--checkpoint_every=1", "--learning_rate=1e38")
   _assert_one_line_error(poisoned, 1, "training became non-finite at step 4")
   assert "last good checkpoint is step 3" in poisoned.stderr
   evaluated = _run(*tiny, "--num_steps=8", "--mode=eval")

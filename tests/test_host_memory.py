@@ -1,6 +1,9 @@
-"""bigjax.host_memory: XLA's CPU buffers are reused from one execution to the next instead of being
-page-faulted in afresh. Run in fresh processes: the settings only reach XLA's threads when they
-are applied before the CPU backend starts, and conftest has started it in this one."""
+"""bigjax.host_memory: the glibc settings are applied when they should be and left alone otherwise,
+and with them XLA's CPU buffers are reused from one execution to the next (few page faults per
+call). Whether glibc's *defaults* fault the buffer in afresh depends on the machine (seen: 150-740
+faults per call on one, 16,000+ on another), so that is measured by benchmarks/host_memory.py, not
+asserted here. Run in fresh processes: the settings only reach XLA's threads when they are applied
+before the CPU backend starts, and conftest has started it in this one."""
 
 import json
 import os
@@ -12,12 +15,17 @@ import pytest
 
 from bigjax import host_memory
 
-# Counts the page faults of one execution of a program whose temporary buffer (a 64 MiB matmul
-# output, [16384, 1024] float32, and more) is larger than glibc's 64 MiB secondary-arena heaps.
+# Reports whether the settings were applied, and the page faults of one execution of a program whose
+# temporary buffer (a 64 MiB matmul output, [16384, 1024] float32, and more) is larger than glibc's
+# 64 MiB secondary-arena heaps. With THP_DISABLE set, the process gets no transparent huge pages
+# (prctl PR_SET_THP_DISABLE), as on a machine whose setting is `never`: every fresh 4 KiB page faults.
 PROGRAM = """
-import json, resource
-import bigjax  # applies the settings: the CPU backend has not started yet
+import ctypes, json, os, resource
+if os.environ.get("THP_DISABLE") == "1":
+  assert ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE
+from bigjax import host_memory
 import jax, jax.numpy as jnp
+applied = host_memory.keep_freed_host_memory()  # before the CPU backend starts, as a user's script calls it
 x = jnp.ones((16384, 256), jnp.float32)
 w = jnp.full((256, 1024), 0.01, jnp.float32)
 step = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w) @ jnp.tanh(w.T)))
@@ -27,33 +35,30 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
   step(x, w).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
-print(json.dumps({"faults_per_call": faults}))
+print(json.dumps({"applied": applied, "faults_per_call": faults}))
 """
+# With the settings a call reuses the heap it used before: 0-24 faults per GPT step were seen,
+# against 150-140,000 under glibc's defaults on different machines (64 MiB afresh would be 16,384).
+FEW_FAULTS = 100
 
 
-def _faults_per_call(keep_host_memory: str) -> float:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             BIGJAX_KEEP_HOST_MEMORY=keep_host_memory)
+def _run_program(**env_vars) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env_vars)
   out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])["faults_per_call"]
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _transparent_huge_pages_always() -> bool:
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      return "[always]" in f.read()
-  except OSError:
-    return False
+@pytest.mark.parametrize("huge_pages", ["as this machine has them", "off for the process"])
+def test_with_the_settings_xla_cpu_buffers_are_reused(huge_pages):
+  result = _run_program(THP_DISABLE="1" if huge_pages == "off for the process" else "0")
+  assert result["applied"]
+  # A reused buffer takes (almost) no faults, whatever the kernel's huge-page setting.
+  assert result["faults_per_call"] < FEW_FAULTS, result
 
 
-@pytest.mark.skipif(_transparent_huge_pages_always(),
-                    reason="with transparent huge pages always on, a fresh mapping faults once per 2 MB, not per 4 KB")
-def test_xla_cpu_buffers_are_reused_instead_of_faulted_in_every_execution():
-  faulted = _faults_per_call("0")
-  reused = _faults_per_call("1")
-  assert faulted > 16_000, faulted  # 64 MB or more in 4 KB pages: the buffer comes back fresh each time
-  assert reused < faulted / 20, (reused, faulted)
+def test_turned_off_by_the_environment_variable():
+  assert not _run_program(BIGJAX_KEEP_HOST_MEMORY="0")["applied"]
 
 
 def test_nothing_is_changed_once_the_backend_has_started():

@@ -11,14 +11,22 @@ goes to validation when the CRC32 of its key is 0 mod 20 (about 5%). The key of 
 below the pattern's fixed directory, so a file keeps its split as others come and go; the key of a
 line is the line itself, so a repeated line never sits on both sides. TFDS's split syntax works on
 top (`train[:50%]`, `train+validation`).
+
+Links are followed, but never into a folder that holds them (a link loop adds nothing), and each
+real file counts once, under the first of its paths in sorted order (its key), so no file weighs
+double or sits in both splits. A file that two class folders reach (a link from one into another,
+or a hard link) has no one label: that is an error naming both paths. A damaged image is an error
+naming it when it is read; headers are not checked when the folder is opened, since that costs a
+file open per image (minutes for a large folder on network storage) and finds only some damage.
 """
 
 import dataclasses
-import glob
+import fnmatch
 import os
 import re
 import types
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -113,9 +121,16 @@ class Subset:
 def decode_image(path: str) -> np.ndarray:
   """[H, W, C] uint8: grey images keep one channel, anything else becomes RGB."""
   from PIL import Image  # only image folders need Pillow
-  with Image.open(path) as image:
-    image = image if image.mode in ("L", "RGB") else image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
+  try:
+    with Image.open(path) as image:
+      image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+      array = np.asarray(image, dtype=np.uint8)
+  # Pillow's decoders report damaged bytes as any of OSError, SyntaxError, ValueError, EOFError,
+  # zlib.error, struct.error...: whatever decoding one file raises is that file's fault.
+  except Exception as e:  # noqa: BLE001
+    reason = " ".join(str(e).replace(repr(path), "").replace(path, "").split()) or "no detail"
+    raise UserError(f"{path} is not a readable image ({type(e).__name__}: {reason}); "
+                    "remove or replace it") from None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -141,19 +156,113 @@ def open_split(spec: str, split: str):
 
 
 def _glob(spec: str, pattern: str) -> tuple[list[str], str]:
-  """The files matching `pattern`, sorted, and the directory their keys are relative to."""
-  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  """The files matching `pattern`, sorted, each real file once, and the directory their keys are
+  relative to."""
+  root, segments = _split_pattern(pattern)
+  paths = _first_of_each_file(sorted(set(_find(root, segments, frozenset([_folder_id(root)])))))
   if not paths:
     raise UserError(f"--dataset={spec}: the pattern {pattern!r} matches no files (relative to {os.getcwd()})")
-  fixed = pattern
-  while any(c in fixed for c in _GLOB_CHARS):
-    fixed = os.path.dirname(fixed)
-  return paths, fixed if os.path.isdir(fixed) else os.path.dirname(fixed)
+  return paths, root
+
+
+def _split_pattern(pattern: str) -> tuple[str, tuple[str, ...]]:
+  """The folder before the first wildcard, and the path below it as segments (`**` alone at the
+  end means every file below, as `**/*`)."""
+  parts = pattern.split(os.sep)
+  fixed = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), len(parts) - 1)
+  root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "")
+  segments = tuple(part for part in parts[fixed:] if part)
+  return root, segments + ("*",) if segments[-1:] == ("**",) else segments
+
+
+def _find(folder: str, segments: tuple[str, ...], ancestors: frozenset) -> Iterator[str]:
+  """The files below `folder` whose path from it matches `segments`, by glob's rules (`**` is any
+  number of folders; a name starting with "." only matches a pattern that does too).
+
+  Unlike glob, a link to a folder is never followed into a folder it sits in (`ancestors`, as
+  (st_dev, st_ino)): a link loop adds nothing, instead of every file again at each depth the OS
+  allows (exponentially many with two loops).
+  """
+  if segments:
+    yield from _match(folder, _entries(folder), segments, ancestors)
+
+
+def _match(folder: str, entries: list[os.DirEntry], segments: tuple[str, ...], ancestors: frozenset):
+  head, rest = segments[0], segments[1:]
+  if head == "**":
+    yield from _match(folder, entries, rest, ancestors)  # `**` as no folder at all
+  for entry in entries:
+    path = os.path.join(folder, entry.name)
+    if head == "**" or (rest and _name_matches(entry.name, head)):
+      child = _child_folder(entry, ancestors, hidden_ok=head != "**")
+      if child is not None:
+        yield from _find(path, segments if head == "**" else rest, ancestors | {child})
+    elif not rest and _name_matches(entry.name, head) and _is_file(entry):
+      yield path
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+  try:
+    with os.scandir(folder or os.curdir) as entries:
+      return sorted(entries, key=lambda e: e.name)
+  except OSError:  # unreadable, or gone since it was listed: skipped, as glob does
+    return []
+
+
+def _child_folder(entry: os.DirEntry, ancestors: frozenset, hidden_ok: bool):
+  """The (st_dev, st_ino) of the folder `entry` is or links to, or None when it is none, hidden
+  (for `**`), or one of `ancestors`."""
+  if entry.name.startswith(".") and not hidden_ok:
+    return None
+  try:
+    if not entry.is_dir():
+      return None
+    stat = entry.stat()
+  except OSError:  # a link to itself (ELOOP), or unreadable: no folder, as for glob
+    return None
+  identity = (stat.st_dev, stat.st_ino)
+  return None if identity in ancestors else identity
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_file()
+  except OSError:
+    return False
+
+
+def _folder_id(folder: str) -> tuple[int, int] | None:
+  try:
+    stat = os.stat(folder or os.curdir)
+  except OSError:
+    return None
+  return stat.st_dev, stat.st_ino
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+  return fnmatch.fnmatch(name, pattern) and (not name.startswith(".") or pattern.startswith("."))
+
+
+def _file_id(path: str) -> tuple[int, int]:
+  stat = os.stat(path)
+  return stat.st_dev, stat.st_ino
+
+
+def _first_of_each_file(paths: list[str]) -> list[str]:
+  """`paths` less those that are the same file as an earlier one (through a link, or a folder
+  reached twice): one file read twice would weigh double, and could sit in both splits."""
+  seen, kept = set(), []
+  for path in paths:
+    identity = _file_id(path)
+    if identity not in seen:
+      seen.add(identity)
+      kept.append(path)
+  return kept
 
 
 def _open_text_files(spec: str, pattern: str):
   paths, root = _glob(spec, pattern)
-  return TextFiles(tuple(paths)), [os.path.relpath(p, root).encode() for p in paths]
+  return TextFiles(tuple(paths)), [os.path.relpath(p, root or os.curdir).encode() for p in paths]
 
 
 def _open_text_lines(spec: str, pattern: str):
@@ -179,17 +288,43 @@ def _open_image_folder(spec: str, directory: str):
   if not os.path.isdir(directory):
     raise UserError(f"--dataset={spec}: {directory!r} is not a directory (want DIR/CLASS/IMAGE files)")
   classes = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    found = sorted(p for p in glob.glob(os.path.join(directory, name, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_SUFFIXES))
-    paths += found
-    labels += [label] * len(found)
+  paths, labels = _class_images(spec, directory, classes)
   if len(classes) < 2 or not paths:
     raise UserError(f"--dataset={spec}: want one sub-folder per class (at least two) holding "
                     f"{'/'.join(IMAGE_SUFFIXES)} images; found {len(classes)} sub-folder(s) and {len(paths)} image(s)")
   source = ImageFolder(tuple(paths), np.array(labels, np.int64), tuple(classes), decode_image(paths[0]).shape)
   return source, [os.path.relpath(p, directory).encode() for p in paths]
+
+
+def _class_images(spec: str, directory: str, classes: list[str]) -> tuple[list[str], list[int]]:
+  """Each real image file once, with its class. Links are followed, but never back into the image
+  folder or a class folder above them; a file that two class folders reach (a link from one into
+  another) has no one label, so it is an error rather than a guess."""
+  owner = {}  # (st_dev, st_ino) -> (label, first path)
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    folder = os.path.join(directory, name)
+    ancestors = frozenset([_folder_id(directory), _folder_id(folder)])
+    for path in sorted(_find(folder, ("**", "*"), ancestors)):
+      if not path.lower().endswith(IMAGE_SUFFIXES):
+        continue
+      first_label, first = owner.setdefault(_file_id(path), (label, path))
+      if first_label != label:
+        link = _first_link(first, directory) or _first_link(path, directory)
+        raise UserError(f"--dataset={spec}: {first} and {path} are one file, in class folders "
+                        f"{classes[first_label]!r} and {name!r}, so it has no one label; remove "
+                        f"{f'the link {link}' if link else 'one of the two (they are hard links)'}")
+      if first == path:
+        paths.append(path)
+        labels.append(label)
+  return paths, labels
+
+
+def _first_link(path: str, top: str) -> str | None:
+  """The first symbolic link on the way from `top` to `path`, if any."""
+  parts = os.path.relpath(path, top).split(os.sep)
+  steps = (os.path.join(top, *parts[:i]) for i in range(1, len(parts) + 1))
+  return next((step for step in steps if os.path.islink(step)), None)
 
 
 _LINE = re.compile(rb"[^\r\n]+")

@@ -2,6 +2,7 @@
 ahead by worker processes (Loader), and padded evaluation batches."""
 
 import dataclasses
+import gc
 import os
 
 import grain
@@ -104,7 +105,19 @@ class LoaderIterator(grain.DatasetIterator):
   def __next__(self) -> dict:
     if self._reader is None:
       self.start_prefetch()
-    batch = next(self._reader)
+    try:
+      batch = next(self._reader)
+    except UserError as e:
+      # An example that cannot be read (a damaged file) ends the run with its message alone. Its
+      # traceback goes: through grain's reader thread, it holds the last batch, whose shared memory
+      # would otherwise outlive the process (a "leaked shared_memory" warning after the error).
+      self.close_reader()
+      e.with_traceback(None)
+      gc.collect()  # the frames sit in reference cycles
+      raise e from None
+    except Exception:
+      self.close_reader()
+      raise
     self._next += 1
     if self._loader.workers == 0:
       return batch

@@ -2,8 +2,10 @@
 builders, any TFDS data set prepared in ArrayRecord form, or the user's own files (see files.py)."""
 
 import difflib
+import json
 import os
 import threading
+from collections.abc import Iterator
 
 import jax
 import tensorflow_datasets as tfds
@@ -149,6 +151,7 @@ def _prepared_builder(name: str, base: str, data_dir: str):
   close = difflib.get_close_matches(base, LOCAL_BUILDERS, n=1)
   if close and not prepared:
     where = f"did you mean {close[0]!r}? {where}"
+  _check_feature_classes(data_dir, base, name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError):
@@ -160,3 +163,77 @@ def _prepared_builder(name: str, base: str, data_dir: str):
     raise UserError(f"data set {name!r} in {data_dir} is stored as {builder.info.file_format.value}, "
                     f"but random access needs array_record; {how_to_prepare}")
   return builder
+
+
+# The files of a prepared data set that name feature classes, which TFDS imports by name.
+_METADATA_FILES = ("dataset_info.json", "features.json")
+
+
+def _check_feature_classes(data_dir: str, base: str, name: str) -> None:
+  """Refuses a prepared data set whose metadata names a feature class TFDS does not define.
+
+  TFDS imports the module of every `pythonClassName` in a data set's JSON when it reads it, and
+  `python -m` puts the current directory first on sys.path: a data set copied from someone else
+  would run whatever module it names. Classes already defined (TFDS's own, or from a module given
+  to --import_modules) cost no import. Every version and config of `base` is checked, since TFDS
+  picks among them.
+  """
+  known = _known_feature_classes()
+  for path in _metadata_files(os.path.join(data_dir, base)):
+    for class_name in _class_names(_read_json(path, name, data_dir)):
+      if class_name not in known:
+        module = class_name.rpartition(".")[0] or class_name
+        raise UserError(f"{path} names the feature class {class_name!r}, which is neither TFDS's own nor imported "
+                        "already: bigjax will not import code named by a data set; if you trust the data set and "
+                        f"its code, import {module!r} yourself with --import_modules={module}")
+
+
+def _known_feature_classes() -> set[str]:
+  """Names of the feature classes defined now (how TFDS names them, aliases included)."""
+  known, todo = set(), [tfds.features.FeatureConnector]
+  while todo:
+    cls = todo.pop()
+    known.add(f"{cls.__module__}.{cls.__name__}")
+    known.update(cls.__dict__.get("ALIASES", []))
+    todo += cls.__subclasses__()
+  return known
+
+
+def _metadata_files(root: str) -> list[str]:
+  """The metadata files in ROOT/VERSION and ROOT/CONFIG/VERSION, where TFDS looks (a fixed depth,
+  so a link loop cannot make this endless)."""
+  found = []
+  for first in _subfolders(root):
+    for folder in [first, *_subfolders(first)]:
+      found += [p for p in (os.path.join(folder, f) for f in _METADATA_FILES) if os.path.isfile(p)]
+  return found
+
+
+def _subfolders(folder: str) -> list[str]:
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:  # not there (a data set not prepared yet), or unreadable: TFDS will say
+    return []
+  return [os.path.join(folder, n) for n in names if os.path.isdir(os.path.join(folder, n))]
+
+
+def _read_json(path: str, name: str, data_dir: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    raise UserError(f"{path} cannot be read ({' '.join(str(e).split())}); restore the data set's files or "
+                    f"prepare it again with {_build_command(name, data_dir)}") from None
+
+
+def _class_names(tree) -> Iterator[str]:
+  """Every `pythonClassName` value anywhere in a JSON tree."""
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      if key == "pythonClassName":
+        yield value if isinstance(value, str) else json.dumps(value)
+      else:
+        yield from _class_names(value)
+  elif isinstance(tree, list):
+    for value in tree:
+      yield from _class_names(value)

@@ -47,7 +47,13 @@ class SentencePieceTokenizer:
   def __init__(self, model_path: str):
     import sentencepiece  # only SentencePiece runs need it
     self.path = model_path
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    except (RuntimeError, OSError) as e:  # SentencePiece's "could not parse ModelProto" and kin
+      reason = " ".join(str(e).replace(f" from {model_path}", "").split())
+      raise UserError(f"{model_path} is damaged ({reason}); restore it from a copy: the run's checkpoints were "
+                      "trained on its ids, so a new model means starting over, in a new --workdir (deleting it "
+                      "here retrains it, which is right only before the first checkpoint)") from None
     self.vocab_size = self._sp.vocab_size()
     self.eod_id = self._sp.eos_id()
     self.name = f"spm:{self.vocab_size}"

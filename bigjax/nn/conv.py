@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax import config_checks as checks
 from bigjax.errors import UserError
 
 _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+NORMS = ("batch", "layer", "none")
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He init, as torchvision
 
 
@@ -215,11 +217,35 @@ class CNNConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_conv_impl(self.conv_impl)
-    if self.activation not in _ACTIVATIONS:
-      raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(_ACTIVATIONS)}")
-    if self.norm not in ("batch", "layer", "none"):
-      raise ValueError(f"unknown norm {self.norm!r}: use batch, layer or none")
+    checks.positive_int(self, "num_classes")
+    checks.positive_ints(self, "input_shape", length=3, meaning="height, width, channels")
+    checks.positive_ints(self, "features", nonempty=True, meaning="channels of each stage")
+    checks.positive_int(self, "convs_per_stage")
+    checks.positive_int(self, "kernel")
+    checks.one_of(self, "norm", NORMS)
+    checks.one_of(self, "activation", _ACTIVATIONS)
+    checks.positive_ints(self, "dense", meaning="widths of the dense layers")
+    checks.fraction(self, "dropout_rate")
+    checks.one_of(self, "conv_impl", CONV_IMPLS)
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
+    height, width = (self.feature_map_size(n) for n in self.input_shape[:2])
+    if height < 1 or width < 1:
+      # A 0x0 map flattens to nothing: the dense layers' initialisers would divide by zero.
+      in_height, in_width = self.input_shape[:2]
+      checks.fail(self, f"features={tuple(self.features)} shrink the {in_height}x{in_width} input to "
+                        f"{height}x{width} (each of the {len(self.features)} stages halves it); "
+                        f"use fewer stages or a larger input_shape")
+
+  def feature_map_size(self, size: int) -> int:
+    """Height or width after the conv stages: each conv pads k // 2 on both sides (keeping odd
+    kernels' size), each stage ends in a 2x2 max pool with stride 2."""
+    pad = self.kernel // 2
+    for _ in self.features:
+      for _ in range(self.convs_per_stage):
+        size = conv_output_size(size, self.kernel, 1, (pad, pad))
+      size //= 2
+    return size
 
 
 class CNN(nn.Module):
@@ -263,11 +289,16 @@ class ResNetConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_conv_impl(self.conv_impl)
-    if self.block not in ("basic", "bottleneck"):
-      raise ValueError(f"unknown block {self.block!r}: use basic or bottleneck")
-    if self.stem not in ("imagenet", "small"):
-      raise ValueError(f"unknown stem {self.stem!r}: use imagenet or small")
+    checks.positive_int(self, "num_classes")
+    checks.positive_ints(self, "stage_sizes", nonempty=True, meaning="residual blocks per stage")
+    checks.one_of(self, "block", ("basic", "bottleneck"))
+    checks.positive_ints(self, "input_shape", length=3, meaning="height, width, channels")
+    checks.positive_int(self, "width")
+    checks.one_of(self, "stem", ("imagenet", "small"))
+    checks.boolean(self, "zero_init_residual")
+    checks.one_of(self, "conv_impl", CONV_IMPLS)
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
 
 
 class ResidualBlock(nn.Module):

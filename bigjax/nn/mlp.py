@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigjax import config_checks as checks
 from bigjax.nn import conv
 
 
@@ -13,11 +14,19 @@ from bigjax.nn import conv
 class MLPConfig:
   """Flattened input, `hidden` ReLU layers with dropout, a softmax head."""
   num_classes: int
-  input_shape: tuple[int, ...]
+  input_shape: tuple[int, ...]  # height, width, channels: the input is checked as an image
   hidden: Sequence[int] = (256, 256)
   dropout_rate: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+  def __post_init__(self):
+    checks.positive_int(self, "num_classes")
+    checks.positive_ints(self, "input_shape", length=3, meaning="height, width, channels")
+    checks.positive_ints(self, "hidden", meaning="widths of the hidden layers")
+    checks.fraction(self, "dropout_rate")
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
 
 
 class MLP(nn.Module):

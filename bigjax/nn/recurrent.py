@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax import config_checks as checks
 from bigjax.errors import UserError
 
 CellKind = Literal["rnn", "lstm", "gru"]
@@ -290,8 +291,15 @@ class RNNConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.cell not in NUM_GATES:
-      raise ValueError(f"unknown cell {self.cell!r}: use rnn, lstm or gru")
+    checks.one_of(self, "cell", NUM_GATES)
+    checks.positive_int(self, "hidden_size")
+    checks.positive_int(self, "num_layers")
+    checks.boolean(self, "bidirectional")
+    checks.fraction(self, "dropout_rate")
+    checks.finite_number(self, "forget_bias")
+    checks.positive_int(self, "max_len")
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
 
   def stack(self, name: str = "rnn") -> RecurrentStack:
     return RecurrentStack(self.cell, self.hidden_size, self.num_layers, self.bidirectional, self.dropout_rate,
@@ -311,10 +319,14 @@ class RNNLMConfig(RNNConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    checks.positive_int(self, "vocab_size")
+    checks.positive_int(self, "embed_dim")
+    checks.boolean(self, "tie_embeddings")
     if self.bidirectional:
-      raise ValueError("a language model cannot be bidirectional: it would see the tokens it predicts")
+      checks.fail(self, "bidirectional=True cannot be a language model: it would see the tokens it predicts")
     if self.tie_embeddings and self.embed_dim != self.hidden_size:
-      raise ValueError(f"tied embeddings need embed_dim ({self.embed_dim}) == hidden_size ({self.hidden_size})")
+      checks.fail(self, f"tie_embeddings=True needs embed_dim={self.embed_dim} == "
+                        f"hidden_size={self.hidden_size}")
 
 
 class RNNLM(nn.Module):
@@ -354,8 +366,12 @@ class RNNClassifierConfig(RNNConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.pool not in ("last", "mean"):
-      raise ValueError(f"unknown pool {self.pool!r}: use last or mean")
+    checks.positive_int(self, "num_classes")
+    checks.positive_ints(self, "input_shape", nonempty=True, meaning="steps, then the features of each step")
+    checks.one_of(self, "pool", ("last", "mean"))
+    if self.input_shape[0] > self.max_len:
+      checks.fail(self, f"input_shape={tuple(self.input_shape)} has {self.input_shape[0]} steps, more than "
+                        f"max_len={self.max_len}; raise max_len")
 
 
 class RNNClassifier(nn.Module):

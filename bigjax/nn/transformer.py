@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax import config_checks as checks
 from bigjax.nn import attention
 from bigjax.nn import conv
 from bigjax.nn import position
@@ -17,6 +18,8 @@ _ACTIVATIONS = {
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
 }
+
+POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 
 # --remat: which activations a block keeps for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {
@@ -51,17 +54,31 @@ class TransformerConfig:
   scan_layers: bool = False  # one block under nn.scan, parameters stacked on a leading "layers" axis
 
   def __post_init__(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat policy {self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
-    if self.head_dim is None and self.embed_dim % self.num_heads:
-      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                       "set head_dim explicitly")
-    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.position not in ("learned", "sinusoidal", "rotary", "none"):
-      raise ValueError(f"unknown position {self.position!r}: use learned, sinusoidal, rotary or none")
-    if self.activation not in _ACTIVATIONS:
-      raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(_ACTIVATIONS)}")
+    for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim", "max_len"):
+      checks.positive_int(self, name)
+    checks.optional_positive_int(self, "num_kv_heads")
+    checks.optional_positive_int(self, "head_dim")
+    checks.one_of(self, "position", POSITIONS)
+    checks.positive_number(self, "rotary_base")
+    checks.one_of(self, "activation", _ACTIVATIONS)
+    for name in ("use_bias", "tie_embeddings", "scan_layers"):
+      checks.boolean(self, name)
+    checks.fraction(self, "dropout_rate")
+    checks.positive_number(self, "layer_norm_epsilon")
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
+    checks.one_of(self, "remat", REMAT_POLICIES, "remat policy")
+    if self.head_dim is None:
+      checks.divides(self, "num_heads", "embed_dim", "or set head_dim")
+    if self.num_kv_heads is not None:
+      checks.divides(self, "num_kv_heads", "num_heads")
+    # The fixed tables pair sines with cosines, and rotary embeddings rotate pairs of dimensions.
+    if self.position == "sinusoidal" and self.embed_dim % 2:
+      checks.fail(self, f"embed_dim={self.embed_dim} must be even for sinusoidal positions")
+    if self.position == "rotary" and self.resolved_head_dim % 2:
+      head_dim = f"head_dim={self.head_dim}" if self.head_dim else \
+          f"embed_dim // num_heads = {self.resolved_head_dim}"
+      checks.fail(self, f"{head_dim} must be even for rotary positions")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -229,13 +246,27 @@ class ViTConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
+    # Every field the encoder blocks take is checked here, so block_config() cannot fail later
+    # with the decoder's config name in the message.
+    checks.positive_int(self, "num_classes")
+    checks.positive_ints(self, "input_shape", length=3, meaning="height, width, channels")
+    for name in ("patch_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"):
+      checks.positive_int(self, name)
+    checks.one_of(self, "pool", ("cls", "mean"))
+    checks.one_of(self, "position", ("learned", "sinusoidal_2d"))
+    checks.fraction(self, "dropout_rate")
+    checks.float_dtype(self, "dtype")
+    checks.float_dtype(self, "param_dtype")
+    checks.one_of(self, "remat", REMAT_POLICIES, "remat policy")
+    checks.boolean(self, "scan_layers")
     height, width, _ = self.input_shape
     if height % self.patch_size or width % self.patch_size:
-      raise ValueError(f"image {height}x{width} does not split into {self.patch_size}x{self.patch_size} patches")
-    if self.pool not in ("cls", "mean"):
-      raise ValueError(f"unknown pool {self.pool!r}: use cls or mean")
-    if self.position not in ("learned", "sinusoidal_2d"):
-      raise ValueError(f"unknown position {self.position!r}: use learned or sinusoidal_2d")
+      checks.fail(self, f"patch_size={self.patch_size} must divide the image's height and width "
+                        f"(input_shape={tuple(self.input_shape)})")
+    checks.divides(self, "num_heads", "embed_dim")
+    if self.position == "sinusoidal_2d" and self.embed_dim % 4:
+      # Half the dimensions encode the row and half the column, each as sine-cosine pairs.
+      checks.fail(self, f"embed_dim={self.embed_dim} must be divisible by 4 for sinusoidal_2d positions")
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -244,7 +275,8 @@ class ViTConfig:
   def block_config(self) -> TransformerConfig:
     """The encoder blocks' settings, in the decoder's config type (vocabulary and length unused)."""
     return TransformerConfig(
-        vocab_size=0, num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
+        vocab_size=1,  # unused by the blocks; 1 passes the decoder's check
+        num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, max_len=self.grid[0] * self.grid[1] + 1, position="none",
         activation="gelu_exact", dropout_rate=self.dropout_rate, layer_norm_epsilon=1e-6,
         dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers)
