@@ -26,9 +26,11 @@ IMPLEMENTATION = flags.DEFINE_enum("attention_implementation", "cudnn", ["cudnn"
 # Relative to the largest reference value: a few bfloat16 roundings (2^-8 each) of the inputs to
 # each matmul, accumulated in float32.
 TOLERANCE = 2e-2
-# (batch, time, query heads, kv heads, head width): GPT-2 medium's attention, and the same with
-# four query heads per kv head.
-CASES = ((4, 1024, 16, 16, 64), (4, 1024, 16, 4, 64))
+SEQ_LEN = flags.DEFINE_integer("check_seq_len", 1024, "Time steps of the checked attention (GPT-2 medium's "
+                               "1024; the CPU dry run of gpu.sh uses fewer).", lower_bound=1)
+# (batch, query heads, kv heads, head width): GPT-2 medium's attention, and the same with four
+# query heads per kv head; the time steps come from --check_seq_len.
+CASES = ((4, 16, 16, 64), (4, 16, 4, 64))
 
 
 def outputs_and_grads(attend, q_BTHK, k_BTGK, v_BTGK, cotangent_BTHK):
@@ -50,7 +52,8 @@ def relative_errors(got, want) -> list[float]:
 
 
 def check(case, implementation: str) -> dict:
-  batch, length, heads, kv_heads, width = case
+  batch, heads, kv_heads, width = case
+  length = SEQ_LEN.value
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(key, (batch, length, n, width), jnp.bfloat16)
              for key, n in zip(keys[:3], (heads, kv_heads, kv_heads)))

@@ -59,15 +59,15 @@ FAILED=()
 
 # A dry run keeps every flag below and appends toy sizes (later flags win), so the presets, flags
 # and record fields the GPU run uses are the ones it exercises.
-ATTENTION_IMPL=cudnn GPT_TOY=() RESNET_TOY=()
+ATTENTION_IMPL=cudnn ATTENTION_TOY=() GPT_TOY=() RESNET_TOY=()
 if [ "$DRY_RUN" = 1 ]; then
-  ATTENTION_IMPL=xla
+  ATTENTION_IMPL=xla ATTENTION_TOY=(--check_seq_len=128)
   TOY=(--bench_warmup=0 --bench_steps=1 --peak_matmul_size=256)
   GPT_TOY=(--model_override=num_layers=2 --batch_size=1 --seq_len=64 "${TOY[@]}")
   RESNET_TOY=(--batch_size=2 --image_size=32 "${TOY[@]}")
 fi
 
-run attention_check 60 benchmarks.attention_check --attention_implementation=$ATTENTION_IMPL
+run attention_check 60 benchmarks.attention_check --attention_implementation=$ATTENTION_IMPL "${ATTENTION_TOY[@]}"
 
 # Batch 32 x 1024 tokens. The vocabulary is padded from 50257 to 50304 (a multiple of 128, as
 # nanoGPT does) so the logits matmul tiles evenly; the FLOP count uses the padded size.

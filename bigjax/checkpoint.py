@@ -184,10 +184,15 @@ class Checkpointer:
     one, or the previous one still in flight) is a one-line UserError naming the last good step."""
     self.wait()  # the previous save's failure is reported before anything new is written
     self._pending = (step, self._step_bytes(state))
-    free = shutil.disk_usage(self.directory).free
-    # Checked before Orbax starts: a write that runs out of space fails in its threads, noisily.
-    if not _everywhere(free >= self._pending[1]):
-      raise self._failed_save(errno.ENOSPC)
+    # Checked before Orbax starts: a write that fails for space fails in its threads, noisily, and
+    # on a directory that became read-only Orbax waits minutes before it gives up.
+    try:
+      workdir_lib.write_probe(self.directory)
+      problem = None if shutil.disk_usage(self.directory).free >= self._pending[1] else errno.ENOSPC
+    except OSError as e:
+      problem = e.errno if e.errno in {**_NO_SPACE, **_NO_WRITE} else errno.EACCES
+    if not _everywhere(problem is None):
+      raise self._failed_save(problem or errno.EACCES)
     args = {"state": ocp.args.StandardSave(state), FINGERPRINTS: ocp.args.JsonSave(fingerprints(state))}
     if data_iterator is not None:
       args["data"] = _grain_checkpoint().CheckpointSave(data_iterator)

@@ -101,9 +101,9 @@ def _write_failure(path: str, e: OSError) -> UserError:
                    "directory's permissions or mount, or choose another --workdir")
 
 
-def check_writable(directory: str) -> float:
-  """Creates `directory` if needed and writes and removes a file in it; a one-line error when it
-  cannot. Returns the file system's clock (the file's modification time)."""
+def write_probe(directory: str) -> float:
+  """Creates `directory` if needed and writes and removes a small file in it (OSError when it
+  cannot). Returns the file system's clock: the file's modification time."""
   probe = os.path.join(directory, f".write-check-{uuid.uuid4().hex}")
   try:
     os.makedirs(directory, exist_ok=True)
@@ -111,11 +111,19 @@ def check_writable(directory: str) -> float:
       f.write("bigjax")
     now = os.stat(probe).st_mtime
     os.remove(probe)
-  except OSError as e:
+  except OSError:
     with contextlib.suppress(OSError):
       os.remove(probe)
-    raise _write_failure(directory, e) from None
+    raise
   return now
+
+
+def check_writable(directory: str) -> float:
+  """write_probe, with a one-line error when the directory cannot be written."""
+  try:
+    return write_probe(directory)
+  except OSError as e:
+    raise _write_failure(directory, e) from None
 
 
 def replace_file(path: str, text: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from absl import flags
 
 from bigjax import flags as bigjax_flags
+from bigjax import lm_inputs
 from bigjax import metrics
 from bigjax import sample
 from bigjax import sharding
@@ -48,8 +49,8 @@ def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   prompt = tokenizer.encode(PROMPT.value.encode())
   if not len(prompt):
     raise UserError("the prompt is empty; give at least one character to continue")
-  check_vocab(exp.model, tokenizer)
-  check_sample_length(exp.model, len(prompt), NUM_TOKENS.value)  # before the checkpoint: none is needed
+  lm_inputs.check_vocab(exp.model, tokenizer)
+  lm_inputs.check_sample_length(exp.model, len(prompt), NUM_TOKENS.value)  # before the checkpoint: none is needed
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
@@ -69,7 +70,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   """Language modelling on the experiment's text data set (bytes or SentencePiece tokens), or on
   its (inputs, targets) pairs with the loss on the targets only; --mode picks training,
   evaluation or sampling."""
-  check_seq_len(exp.model, SEQ_LEN.value)
+  lm_inputs.check_seq_len(exp.model, SEQ_LEN.value)
   if bigjax_flags.MODE.value == "sample":
     return {"samples": sample_language_model(exp)}
   train_split = bigjax_flags.TRAIN_SPLIT.value
@@ -78,7 +79,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   if lm.is_prompt_target(exp.dataset, exp.data_dir):
     if TOKENIZER.value != "bytes":
       raise UserError(f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer")
-    check_vocab(exp.model, tokenizers.ByteTokenizer())
+    lm_inputs.check_vocab(exp.model, tokenizers.ByteTokenizer())
     train_pairs = lm.open_prompt_targets(exp.dataset, train_split, SEQ_LEN.value, exp.data_dir)
     eval_pairs = lm.open_prompt_targets(exp.dataset, eval_split, SEQ_LEN.value, exp.data_dir)
     metrics.console(f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs")
@@ -87,7 +88,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
                                                      workers=workers),
                    eval_data=pipeline.eval_batches(eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
   tokenizer = open_tokenizer(exp, train_split)
-  check_vocab(exp.model, tokenizer)
+  lm_inputs.check_vocab(exp.model, tokenizer)
   # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
   # packed stream as it comes).
   takes_segments = "segment_ids_BT" in inspect.signature(exp.model.__call__).parameters
@@ -104,54 +105,6 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   return exp.run(task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
           train_data=lm.train_batches(windows[train_split], exp.config.batch_size, exp.config.seed, workers),
           eval_data=lm.eval_batches(windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
-
-
-def _model_field(model, name: str):
-  return getattr(getattr(model, "config", None), name, None)
-
-
-def _learned_positions(model) -> bool:
-  # A learned position table has max_len rows: max_len is then part of the parameters.
-  return _model_field(model, "position") == "learned"
-
-
-def check_seq_len(model, seq_len: int) -> None:
-  """--seq_len against the model's max_len, before any data is read. TransformerLM refuses longer
-  inputs whatever its position kind (RNNLM too, by its own check), and --mode=sample builds its
-  example batch from --seq_len as well."""
-  max_len = _model_field(model, "max_len")
-  if max_len is None or seq_len <= max_len:
-    return
-  grow = f"--model_override=max_len={seq_len}"
-  if _learned_positions(model):
-    grow += " (a new run only: the learned position table has max_len rows)"
-  raise UserError(f"--seq_len={seq_len} is longer than the model's max_len={max_len}; "
-                  f"use --seq_len={max_len} or less, or {grow}")
-
-
-def check_sample_length(model, prompt_len: int, num_tokens: int) -> None:
-  """The prompt and --num_tokens together against what `sample.generate` can return (max_len:
-  the KV cache's length), said in flags before the checkpoint is loaded."""
-  limit = sample.length_limit(model)
-  total = prompt_len + num_tokens
-  if limit is None or total <= limit:
-    return
-  room = limit - prompt_len
-  fix = f"use --num_tokens={room} or less, or a shorter --prompt" if room >= 1 else \
-      f"shorten --prompt to at most {limit - 1} tokens"
-  if not _learned_positions(model):  # otherwise the checkpoint's position table fixes max_len
-    fix += f", or --model_override=max_len={total}"
-  raise UserError(f"--num_tokens={num_tokens} after the {prompt_len}-token --prompt makes {total} tokens, "
-                  f"more than the model's max_len={limit}; {fix}")
-
-
-def check_vocab(model, tokenizer) -> None:
-  """Token ids past the model's vocabulary read no embedding row (NaN): the run would stop at its
-  first step with a non-finite loss instead of naming the mismatch."""
-  vocab = _model_field(model, "vocab_size")
-  if vocab is not None and vocab < tokenizer.vocab_size:
-    raise UserError(f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} token ids but the model's "
-                    f"vocab_size={vocab}; use --model_override=vocab_size={tokenizer.vocab_size}")
 
 
 def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from bigjax import lm_inputs
 from bigjax import models
 from bigjax import optim
 from bigjax import sample
@@ -21,7 +22,6 @@ from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
-from experiments import transformer as lm_experiment
 from tests.test_cli import TINY_FLAGS
 from tests.test_cli import _assert_one_line_error
 from tests.test_cli import _run_experiment
@@ -258,13 +258,13 @@ def _lm(**overrides):
 ])
 def test_seq_len_longer_than_max_len(model, seq_len, message):
   with pytest.raises(UserError) as error:
-    lm_experiment.check_seq_len(model, seq_len)
+    lm_inputs.check_seq_len(model, seq_len)
   assert message in str(error.value)
 
 
 def test_seq_len_up_to_max_len_and_models_without_one_pass():
-  lm_experiment.check_seq_len(_lm(), 256)
-  lm_experiment.check_seq_len(nn.Dense(3), 10_000)  # a fork's model with no config says nothing
+  lm_inputs.check_seq_len(_lm(), 256)
+  lm_inputs.check_seq_len(nn.Dense(3), 10_000)  # a fork's model with no config says nothing
 
 
 @pytest.mark.parametrize("model,prompt_len,num_tokens,message", [
@@ -275,7 +275,7 @@ def test_seq_len_up_to_max_len_and_models_without_one_pass():
 ])
 def test_sampling_past_max_len(model, prompt_len, num_tokens, message):
   with pytest.raises(UserError) as error:
-    lm_experiment.check_sample_length(model, prompt_len, num_tokens)
+    lm_inputs.check_sample_length(model, prompt_len, num_tokens)
   assert message in str(error.value)
   if model.config.position == "learned":  # a checkpoint's position table cannot grow
     assert "max_len=" not in str(error.value).split(";")[1]
@@ -290,21 +290,21 @@ def test_the_sampling_check_allows_exactly_what_generate_does():
     return jax.eval_shape(lambda p: sample.generate(model, p, prompt, jax.random.key(0), num_tokens=num_tokens),
                           params).shape
 
-  lm_experiment.check_sample_length(model, 3, 5)
+  lm_inputs.check_sample_length(model, 3, 5)
   assert generated_shape(5) == (1, 8)  # prompt + new tokens == max_len: both allow it
   with pytest.raises(UserError, match="--num_tokens=6 after the 3-token --prompt makes 9 tokens"):
-    lm_experiment.check_sample_length(model, 3, 6)
+    lm_inputs.check_sample_length(model, 3, 6)
   with pytest.raises(UserError, match="exceed the model's max_len=8"):
     generated_shape(6)
 
 
 def test_vocab_smaller_than_the_tokenizer():
   with pytest.raises(UserError) as error:
-    lm_experiment.check_vocab(_lm(vocab_size=100), tokenizers.ByteTokenizer())
+    lm_inputs.check_vocab(_lm(vocab_size=100), tokenizers.ByteTokenizer())
   assert str(error.value) == ("the tokenizer (bytes) has 256 token ids but the model's vocab_size=100; use "
                               "--model_override=vocab_size=256")
-  lm_experiment.check_vocab(_lm(), tokenizers.ByteTokenizer())
-  lm_experiment.check_vocab(models.create("gpt2-small"), tokenizers.ByteTokenizer())  # spare ids are harmless
+  lm_inputs.check_vocab(_lm(), tokenizers.ByteTokenizer())
+  lm_inputs.check_vocab(models.create("gpt2-small"), tokenizers.ByteTokenizer())  # spare ids are harmless
 
 
 def test_the_vit_blocks_config_is_valid():

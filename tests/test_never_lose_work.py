@@ -271,3 +271,17 @@ def test_a_best_metric_that_the_evaluation_never_reports_is_refused_before_train
   result = _run(tmp_path, data_dir, "--num_steps=2", "--keep_best_metric=eval_bleu", ok=False)
   _assert_one_line_error(result, "--keep_best_metric=eval_bleu is not a metric this run's evaluation reports")
   assert "eval_loss" in result.stderr and not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+def test_a_checkpoint_directory_that_turns_read_only_mid_run_fails_the_next_save_at_once(tmp_path):
+  state = {"w": jnp.arange(1000, dtype=jnp.float32), "step": jnp.int32(1)}
+  with _tmpfs(tmp_path / "ckpt", 4096) as directory:
+    ckpt = checkpoint.Checkpointer(str(directory), every=1)
+    ckpt.save(1, state)
+    ckpt.wait()
+    subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="read-only; the last good checkpoint is step 1"):
+      ckpt.save(2, state)
+    assert time.perf_counter() - start < 30  # a tester saw Orbax wait 5 minutes on a read-only directory
+    assert sorted(os.listdir(directory)) == ["1"]

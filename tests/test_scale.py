@@ -34,6 +34,11 @@ FAMILIES = {
                      "task": tasks.LanguageModelling(), "batch": _batch()},
 }
 MESHES = ["data:8,fsdp:1,tensor:1", "data:2,fsdp:4,tensor:1", "data:2,fsdp:1,tensor:4", "data:2,fsdp:2,tensor:2"]
+# Every family on pure data parallelism and on the mesh that uses all three axes at once; the
+# Transformer (whose heads, MLP and vocabulary split over `tensor`) on every mesh. The CNN and LSTM
+# on fsdp:4 and tensor:4 alone showed nothing the mixed mesh does not (suite time, issue 27).
+FAMILY_MESHES = ([("transformer", spec) for spec in MESHES]
+                 + [(family, spec) for family in ("cnn", "lstm") for spec in (MESHES[0], MESHES[3])])
 
 
 @functools.cache
@@ -41,8 +46,7 @@ def _one_device_losses(family):
   return run_steps("data:1,fsdp:1,tensor:1", jax.devices()[:1], **FAMILIES[family]())[0]
 
 
-@pytest.mark.parametrize("spec", MESHES)
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family, spec", FAMILY_MESHES)
 def test_every_family_on_every_mesh_gives_the_one_device_losses(family, spec):
   want = _one_device_losses(family)
   got, state = run_steps(spec, jax.devices(), **FAMILIES[family]())
