@@ -64,7 +64,9 @@ if [ "$DRY_RUN" = 1 ]; then
   ATTENTION_IMPL=xla ATTENTION_TOY=(--check_seq_len=128)
   TOY=(--bench_warmup=0 --bench_steps=1 --peak_matmul_size=256)
   GPT_TOY=(--model_override=num_layers=2 --batch_size=1 --seq_len=64 "${TOY[@]}")
-  RESNET_TOY=(--batch_size=2 --image_size=32 "${TOY[@]}")
+  # One bottleneck block per stage: every kind of block and stride the 3-4-6-3 stack has, at a
+  # fifth of its compile time on the CPU.
+  RESNET_TOY=(--batch_size=2 --image_size=32 --model_override=stage_sizes=1,1,1,1 "${TOY[@]}")
 fi
 
 run attention_check 60 benchmarks.attention_check --attention_implementation=$ATTENTION_IMPL "${ATTENTION_TOY[@]}"

@@ -86,8 +86,11 @@ XLA_OPTIONS = flags.DEFINE_multi_string(
     "runs matmuls on XLA's own kernels instead of YNNPACK: faster for Transformers, slower for ResNets "
     "(benchmarks/README.md); XLA's default is LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE.")
 COMPILATION_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", "~/.cache/bigjax/xla", "Persistent XLA compilation cache: a rerun, resume or "
-    "eval with the same shapes loads its compiled steps instead of compiling again. Empty turns it off.")
+    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/bigjax/xla"),
+    "Persistent XLA compilation cache: a rerun, resume or eval with the same shapes loads its compiled "
+    "steps instead of compiling again. Empty turns it off. Defaults to $JAX_COMPILATION_CACHE_DIR where "
+    "that is set; programs that compile in under 1 s are not stored unless "
+    "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.")
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process runs: host:port of process 0. Without it, TPU pods, SLURM, "
     "Open MPI and Kubernetes are detected by JAX itself.")
@@ -301,6 +304,18 @@ def _without_orbax_errors(record) -> bool:
   return not (record.levelno >= python_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def _drop_orbax_coroutine_errors(default_hook):
+  """An unraisable-exception hook that drops Orbax's read coroutines left failing after a restore
+  failed: Orbax raised the first of their errors, which bigjax reports in one line, and Python
+  would otherwise print each one's traceback as the process exits."""
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    default_hook(unraisable)
+  return hook
+
+
 def run(main) -> None:
   """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1."""
   def guarded(argv):
@@ -308,10 +323,13 @@ def run(main) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_without_orbax_errors)
+    sys.unraisablehook = _drop_orbax_coroutine_errors(sys.unraisablehook)
     try:
       import_modules(IMPORT_MODULES.value)
       if COMPILATION_CACHE_DIR.value:
         train.enable_compilation_cache(COMPILATION_CACHE_DIR.value)
+      else:  # off means off, even where JAX itself found $JAX_COMPILATION_CACHE_DIR
+        jax.config.update("jax_enable_compilation_cache", False)
       with _RUN_RESOURCES:
         main(argv)
     except UserError as e:

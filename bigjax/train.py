@@ -56,11 +56,13 @@ class TrainConfig:
   xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> bool:
+def enable_compilation_cache(directory: str, min_compile_secs: float | None = None) -> bool:
   """JAX's persistent compilation cache in `directory` (created if missing): a later process that
   compiles the same program (a rerun, a resume, an eval) loads it instead of compiling it again.
-  Programs that compiled faster than `min_compile_secs` are not stored. A directory that cannot be
-  created (a read-only home on a cluster) turns the cache off with a warning, not the run."""
+  Programs that compiled faster than `min_compile_secs` are not stored; None keeps JAX's own
+  setting when JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set, and 1 s otherwise. A directory
+  that cannot be created (a read-only home on a cluster) turns the cache off with a warning, not
+  the run."""
   directory = os.path.expanduser(directory)
   try:
     os.makedirs(directory, exist_ok=True)
@@ -70,6 +72,8 @@ def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> b
     sys.stderr.write(f"warning: compilation cache off: cannot create {directory} ({e.strerror}); "
                      "pass --compilation_cache_dir=DIR to choose another\n")
     return False
+  if min_compile_secs is None:
+    min_compile_secs = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0))
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
   return True

@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -177,8 +179,10 @@ TINY = {
 def test_every_image_preset_runs_at_tiny_size(name):
   model = models.create(name, **TINY[name])
   images = jax.random.normal(jax.random.key(0), (2, *model.config.input_shape))
-  variables = model.init(jax.random.key(1), images, train=False)
-  logits = model.apply(variables, images, train=False)
+  # Jitted, with RBG keys: XLA compiles ResNet-50's ~50 threefry initialisers in ~15 s on a CPU,
+  # and running the layers op by op costs as much again (suite time, issue 27).
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1, impl="rbg"), images)
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
   assert logits.shape == (2, model.config.num_classes) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
 

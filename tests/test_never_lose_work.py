@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -184,6 +185,24 @@ def test_a_damaged_export_given_to_init_from_is_one_line(tmp_path, data_dir):
   os.truncate(path, os.path.getsize(path) // 3)  # a copy cut short
   result = _run(tmp_path / "run", data_dir, "--num_steps=2", f"--init_from={export}", ok=False)
   _assert_one_line_error(result, f"{export} is damaged or incomplete")
+
+
+def test_orbax_read_coroutines_left_failing_print_nothing_and_others_still_do():
+  """The failed reads behind that one line would print a traceback each as the process exits."""
+  from bigjax import flags as bigjax_flags  # pylint: disable=g-import-not-at-top
+
+  def coroutine_from(filename):
+    namespace = {}
+    exec(compile("async def read(): pass", filename, "exec"), namespace)  # pylint: disable=exec-used
+    return namespace["read"]()
+
+  seen = []
+  hook = bigjax_flags._drop_orbax_coroutine_errors(seen.append)  # pylint: disable=protected-access
+  orbax_read, own = coroutine_from(f"{os.sep}site{os.sep}orbax{os.sep}serialization.py"), coroutine_from("mine.py")
+  for obj in (orbax_read, own, None):
+    hook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("read failed"), object=obj))
+  assert [u.object for u in seen] == [own, None]
+  orbax_read.close(), own.close()
 
 
 # ---- full disk, read-only directories -------------------------------------------------------------------

@@ -153,3 +153,24 @@ def test_platform_specific_xla_options_apply_only_on_their_platform():
   assert train.platform_xla_options(options, "cpu") == {"xla_cpu_a": 1, "xla_d": 0.5}
   assert train.platform_xla_options(options, "gpu") == {"xla_gpu_b": True, "xla_d": 0.5}
   assert train.platform_xla_options(options, "tpu") == {"xla_tpu_c": "x", "xla_d": 0.5}
+
+
+def test_the_compilation_cache_follows_jaxs_own_environment_variables(tmp_path, monkeypatch):
+  import subprocess
+  import sys
+
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "from-env"))
+  default = subprocess.run([sys.executable, "-c", "from bigjax import flags; print(flags.COMPILATION_CACHE_DIR.default)"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+  assert default == str(tmp_path / "from-env")
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+    assert train.enable_compilation_cache(str(tmp_path / "cache"))
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    assert train.enable_compilation_cache(str(tmp_path / "cache"))
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+  finally:  # the session's own cache (tests/conftest.py)
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
