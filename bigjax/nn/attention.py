@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax.nn import norm
 from bigjax.nn import position
 
 # Masked scores get the most negative float32 rather than -inf, so that a row whose every key is
@@ -204,15 +205,23 @@ class MultiHeadAttention(nn.Module):
     num_heads: query heads H.
     head_dim: width K of each head.
     num_kv_heads: key/value heads G; must divide num_heads. None means G = H.
+    use_bias: biases on the query, key and value projections (and the output's, unless out_bias).
+    out_bias: a bias on the output projection; None means as use_bias (Qwen2 has q/k/v biases only).
+    qk_norm_epsilon: RMS-normalise each query and key head (over K, one learned scale for all
+      heads) before rotary, with this epsilon, as Qwen3 does; None for no q/k norm.
     rotary_base: apply rotary position embeddings to q and k with this base; None for no rotation.
+    rotary_scaling: rescale the rotary frequencies (Llama 3.1); None keeps them.
     cache_len: keys and values the KV cache holds when called with `decode=True`.
   """
   num_heads: int
   head_dim: int
   num_kv_heads: int | None = None
   use_bias: bool = True
+  out_bias: bool | None = None
   dropout_rate: float = 0.0
+  qk_norm_epsilon: float | None = None
   rotary_base: float | None = None
+  rotary_scaling: position.Llama3Scaling | None = None
   cache_len: int = 2048
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -240,11 +249,14 @@ class MultiHeadAttention(nn.Module):
     q_BTHK = project("query", self.num_heads, "heads")
     k_BTGK = project("key", num_kv_heads, "kv_heads")
     v_BTGK = project("value", num_kv_heads, "kv_heads")
+    if self.qk_norm_epsilon is not None:
+      q_BTHK = self._head_norm("query_norm")(q_BTHK)
+      k_BTGK = self._head_norm("key_norm")(k_BTGK)
     if self.rotary_base is not None:
       if positions_BT is None:
         positions_BT = self._positions_already_cached(decode) + jnp.arange(x_BTD.shape[1])[None, :]
-      q_BTHK = position.apply_rotary(q_BTHK, positions_BT, self.rotary_base)
-      k_BTGK = position.apply_rotary(k_BTGK, positions_BT, self.rotary_base)
+      q_BTHK = position.apply_rotary(q_BTHK, positions_BT, self.rotary_base, self.rotary_scaling)
+      k_BTGK = position.apply_rotary(k_BTGK, positions_BT, self.rotary_base, self.rotary_scaling)
 
     dropout = train and self.dropout_rate > 0.0
     if not (decode or dropout) and _flash_attention_applies(mask_B1TS, self.dtype, self.head_dim):
@@ -266,9 +278,13 @@ class MultiHeadAttention(nn.Module):
       out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype)
     return self._output(out_BHTK.transpose(0, 2, 1, 3), x_BTD.shape[-1])
 
+  def _head_norm(self, name: str) -> norm.RMSNorm:
+    return norm.RMSNorm(self.qk_norm_epsilon, self.dtype, self.param_dtype, scale_axis="head_dim", name=name)
+
   def _output(self, out_BTHK, width: int):
+    out_bias = self.use_bias if self.out_bias is None else self.out_bias
     return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, width),
-                   ("heads", "head_dim", "embed"), ("embed",), self.use_bias, self.out_kernel_init,
+                   ("heads", "head_dim", "embed"), ("embed",), out_bias, self.out_kernel_init,
                    self.dtype, self.param_dtype, name="out")(out_BTHK)
 
   def _positions_already_cached(self, decode: bool):

@@ -1,5 +1,8 @@
 """Position information: learned tables, fixed sinusoids (1D and 2D) and rotary embeddings."""
 
+import dataclasses
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -58,18 +61,50 @@ class SinusoidalPositions(nn.Module):
     return jnp.take(table_LD, positions_BT, axis=0).astype(self.dtype)
 
 
-def apply_rotary(x_BTHK: jnp.ndarray, positions_BT: jnp.ndarray, base: float = 10_000.0) -> jnp.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+  """Llama 3.1's rotary frequency scaling, which stretches a model trained on `original_max_len`
+  positions to longer contexts: wavelengths longer than original_max_len / low_freq_factor are
+  slowed by `factor`, those shorter than original_max_len / high_freq_factor stay, and those in
+  between blend the two smoothly (Meta's reference code; transformers' "llama3" rope_type)."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_len: int
+
+  def __call__(self, inv_freq_H: jnp.ndarray) -> jnp.ndarray:
+    low_freq_wavelen = self.original_max_len / self.low_freq_factor
+    high_freq_wavelen = self.original_max_len / self.high_freq_factor
+    wavelen_H = 2 * math.pi / inv_freq_H
+    slowed_H = jnp.where(wavelen_H > low_freq_wavelen, inv_freq_H / self.factor, inv_freq_H)
+    smooth_H = (self.original_max_len / wavelen_H - self.low_freq_factor) / (
+        self.high_freq_factor - self.low_freq_factor)
+    blended_H = (1 - smooth_H) * slowed_H / self.factor + smooth_H * slowed_H
+    between_H = (wavelen_H >= high_freq_wavelen) & (wavelen_H <= low_freq_wavelen)
+    return jnp.where(between_H, blended_H, slowed_H)
+
+
+def rotary_frequencies(head_dim: int, base: float = 10_000.0, scaling: Llama3Scaling | None = None):
+  """The float32 angular frequency of each of the head_dim / 2 rotated pairs: base^(-2i / head_dim),
+  then `scaling` if given."""
+  half = head_dim // 2
+  inv_freq_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  return inv_freq_H if scaling is None else scaling(inv_freq_H)
+
+
+def apply_rotary(x_BTHK: jnp.ndarray, positions_BT: jnp.ndarray, base: float = 10_000.0,
+                 scaling: Llama3Scaling | None = None) -> jnp.ndarray:
   """Rotary position embedding (RoFormer): rotates each pair (x[i], x[i + K/2]) by position * base^(-2i/K).
 
   The half-split pairing (as in GPT-NeoX and LLaMA's reference code) makes q.k depend only on the
-  distance between positions. Computed in float32, returned in x's dtype.
+  distance between positions. It is also Hugging Face's `rotate_half` convention, so Llama, Mistral
+  and Qwen q/k projections import as plain copies, without permuting rows. Computed in float32,
+  returned in x's dtype.
   """
   head_dim = x_BTHK.shape[-1]
   if head_dim % 2:
     raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
-  half = head_dim // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BTH = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BTH = positions_BT.astype(jnp.float32)[..., None] * rotary_frequencies(head_dim, base, scaling)
   sin = jnp.sin(angles_BTH)[:, :, None, :]
   cos = jnp.cos(angles_BTH)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)

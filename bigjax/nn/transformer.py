@@ -1,7 +1,15 @@
-"""Pre-LayerNorm Transformer blocks and the decoder-only language model."""
+"""Pre-norm Transformer blocks and the decoder-only language model.
+
+One block type covers GPT-2 and today's open LMs (Llama, Mistral, Qwen) as choices of
+`TransformerConfig`: LayerNorm or RMSNorm, a dense or gated (SwiGLU, GeGLU) MLP, biases per part,
+q/k norms, rotary positions with Llama 3 scaling. A fork adds a block type of its own with
+`register_block` and names it in `TransformerConfig.block`; scan over layers, remat and the KV cache
+then work for it unchanged.
+"""
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import flax.linen as nn
@@ -11,15 +19,23 @@ import jax.numpy as jnp
 from bigjax import config_checks as checks
 from bigjax.nn import attention
 from bigjax.nn import conv
+from bigjax.nn import norm as norm_lib
 from bigjax.nn import position
 
 _ACTIVATIONS = {
     "gelu": nn.gelu,  # tanh approximation, as GPT-2 uses
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
+    "silu": nn.silu,  # SwiGLU's gate (Llama, Mistral, Qwen)
 }
 
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("dense", "gated")
+ROPE_SCALINGS = ("none", "llama3")
+
+# Block types by name (register_block); TransformerConfig.block picks one.
+_BLOCKS: dict[str, type[nn.Module]] = {}
 
 # --remat: which activations a block keeps for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {
@@ -43,11 +59,24 @@ class TransformerConfig:
   head_dim: int | None = None  # None: embed_dim // num_heads
   position: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
   rotary_base: float = 10_000.0
+  # Llama 3.1's rotary frequency scaling (position.Llama3Scaling), used when rope_scaling="llama3".
+  rope_scaling: Literal["none", "llama3"] = "none"
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  mlp: Literal["dense", "gated"] = "dense"  # gated: wo(activation(x wi_gate) * (x wi_up)), SwiGLU with silu
   activation: str = "gelu"
-  use_bias: bool = True
+  use_bias: bool = True  # every bias (LayerNorm's too), unless one of the three below says otherwise
+  qkv_bias: bool | None = None  # None: as use_bias
+  attn_out_bias: bool | None = None  # None: as use_bias
+  mlp_bias: bool | None = None  # None: as use_bias
+  qk_norm: bool = False  # RMS-normalise each query and key head before rotary (Qwen3)
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-5
+  layer_norm_epsilon: float = 1e-5  # the epsilon of every norm: LayerNorm, RMSNorm and the q/k norms
+  block: str = "pre_norm"  # a register_block name
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage
   remat: str = "none"  # a REMAT_POLICIES name
@@ -60,9 +89,18 @@ class TransformerConfig:
     checks.optional_positive_int(self, "head_dim")
     checks.one_of(self, "position", POSITIONS)
     checks.positive_number(self, "rotary_base")
+    checks.one_of(self, "rope_scaling", ROPE_SCALINGS)
+    if self.rope_scaling == "llama3":
+      self._check_llama3_scaling()
+    checks.one_of(self, "norm", NORMS)
+    checks.one_of(self, "mlp", MLPS)
     checks.one_of(self, "activation", _ACTIVATIONS)
-    for name in ("use_bias", "tie_embeddings", "scan_layers"):
+    for name in ("use_bias", "qk_norm", "tie_embeddings", "scan_layers"):
       checks.boolean(self, name)
+    for name in ("qkv_bias", "attn_out_bias", "mlp_bias"):
+      if getattr(self, name) is not None:
+        checks.boolean(self, name)
+    checks.one_of(self, "block", _BLOCKS, "block type (register a new one with transformer.register_block)")
     checks.fraction(self, "dropout_rate")
     checks.positive_number(self, "layer_norm_epsilon")
     checks.float_dtype(self, "dtype")
@@ -79,6 +117,17 @@ class TransformerConfig:
       head_dim = f"head_dim={self.head_dim}" if self.head_dim else \
           f"embed_dim // num_heads = {self.resolved_head_dim}"
       checks.fail(self, f"{head_dim} must be even for rotary positions")
+    if self.rope_scaling != "none" and self.position != "rotary":
+      checks.fail(self, f"rope_scaling={self.rope_scaling!r} needs position='rotary', got {self.position!r}")
+
+  def _check_llama3_scaling(self):
+    for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+      checks.positive_number(self, name)
+    checks.positive_int(self, "rope_original_max_len")
+    if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      # The blend between the two wavelength bands divides by their difference.
+      checks.fail(self, f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                        f"rope_low_freq_factor={self.rope_low_freq_factor}")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -92,6 +141,25 @@ class TransformerConfig:
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.embed_dim // self.num_heads
 
+  @property  # the annotation is quoted: in the class body the field `position` hides the module
+  def rotary_scaling(self) -> "position.Llama3Scaling | None":
+    if self.rope_scaling == "none":
+      return None
+    return position.Llama3Scaling(self.rope_scaling_factor, self.rope_low_freq_factor,
+                                  self.rope_high_freq_factor, self.rope_original_max_len)
+
+  def bias(self, part: Literal["qkv", "attn_out", "mlp"]) -> bool:
+    """Whether the projections of `part` have biases: its own switch, else use_bias."""
+    own = getattr(self, f"{part}_bias")
+    return self.use_bias if own is None else own
+
+
+def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], init, name: str) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=cfg.bias("mlp"), dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
 
 class Mlp(nn.Module):
   """Position-wise feed-forward: Dense(mlp_dim), activation, Dense(embed_dim)."""
@@ -100,16 +168,27 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.config
-    init = nn.initializers.normal(stddev=0.02)
-    h_BTF = nn.Dense(
-        cfg.mlp_dim, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="wi",
-        kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BTD)
+    h_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), nn.initializers.normal(stddev=0.02), "wi")(x_BTD)
     h_BTF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BTF), ("batch", "length", "act_mlp"))
-    return nn.Dense(
-        x_BTD.shape[-1], use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="wo",
-        kernel_init=nn.with_logical_partitioning(_residual_init(cfg), ("mlp", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BTF)
+    return _dense(cfg, x_BTD.shape[-1], ("mlp", "embed"), _residual_init(cfg), "wo")(h_BTF)
+
+
+class GatedMlp(nn.Module):
+  """Gated linear unit feed-forward (Shazeer 2020): wo(activation(x wi_gate) * (x wi_up)).
+
+  SwiGLU with activation="silu" (Llama, Mistral, Qwen), GeGLU with "gelu" (Gemma).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    init = nn.initializers.normal(stddev=0.02)
+    gate_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), init, "wi_gate")(x_BTD)
+    up_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), init, "wi_up")(x_BTD)
+    h_BTF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF,
+                                       ("batch", "length", "act_mlp"))
+    return _dense(cfg, x_BTD.shape[-1], ("mlp", "embed"), _residual_init(cfg), "wo")(h_BTF)
 
 
 def _residual_init(cfg: TransformerConfig):
@@ -118,7 +197,13 @@ def _residual_init(cfg: TransformerConfig):
   return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * cfg.num_layers))
 
 
-def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
+# The parts a block composes, built from the config. A registered block uses them too, so it reads
+# the same fields (norm, mlp, biases, rotary) as the standard one.
+
+def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  """The config's norm over the model width: LayerNorm (bias if use_bias) or RMSNorm."""
+  if cfg.norm == "rmsnorm":
+    return norm_lib.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.storage_dtype, name=name)
   return nn.LayerNorm(
       epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype, name=name,
@@ -126,8 +211,47 @@ def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
+def make_attention(cfg: TransformerConfig, name: str = "attn") -> attention.MultiHeadAttention:
+  """Self-attention as the config describes it, with a KV cache of max_len positions."""
+  rotary = cfg.position == "rotary"
+  return attention.MultiHeadAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
+      use_bias=cfg.bias("qkv"), out_bias=cfg.bias("attn_out"), dropout_rate=cfg.dropout_rate,
+      qk_norm_epsilon=cfg.layer_norm_epsilon if cfg.qk_norm else None,
+      rotary_base=cfg.rotary_base if rotary else None, rotary_scaling=cfg.rotary_scaling if rotary else None,
+      cache_len=cfg.max_len, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+      out_kernel_init=_residual_init(cfg), name=name)
+
+
+def make_mlp(cfg: TransformerConfig, name: str = "mlp") -> nn.Module:
+  return (GatedMlp if cfg.mlp == "gated" else Mlp)(cfg, name=name)
+
+
+def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+  """Class decorator adding a block type under `name`, for `TransformerConfig(block=name)`.
+
+  The class is a Linen module constructed as `Block(config, name=...)` and called as
+  `block(x_BTD, mask_B1TS, positions_BT, *, causal, train, decode)` -> x_BTD, like
+  TransformerBlock; any KV cache lives in its "cache" collection (make_attention's does). Its
+  parameters and caches then get the layers axis under scan_layers, and remat wraps it whole.
+  """
+  def add(block_cls: type[nn.Module]) -> type[nn.Module]:
+    if name in _BLOCKS:
+      raise ValueError(f"block type {name!r} is already registered (by {_BLOCKS[name].__qualname__})")
+    if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
+      raise TypeError(f"register_block({name!r}) takes a flax.linen Module class, got {block_cls!r}")
+    _BLOCKS[name] = block_cls
+    return block_cls
+  return add
+
+
+def block_names() -> list[str]:
+  return sorted(_BLOCKS)
+
+
+@register_block("pre_norm")
 class TransformerBlock(nn.Module):
-  """x + Attention(LN(x)), then x + Mlp(LN(x)): GPT-2's pre-LayerNorm block.
+  """x + Attention(Norm(x)), then x + Mlp(Norm(x)): the pre-norm block of GPT-2, Llama, Mistral, Qwen.
 
   A decoder block is causal, an encoder (ViT) block is not.
   """
@@ -137,24 +261,22 @@ class TransformerBlock(nn.Module):
   def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, causal: bool = False, train: bool = False,
                decode: bool = False):
     cfg = self.config
-    h_BTD = attention.MultiHeadAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
-        use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
-        rotary_base=cfg.rotary_base if cfg.position == "rotary" else None, cache_len=cfg.max_len,
-        dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, out_kernel_init=_residual_init(cfg), name="attn",
-    )(_layer_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, causal=causal, train=train, decode=decode)
+    h_BTD = make_attention(cfg)(make_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, causal=causal,
+                                train=train, decode=decode)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
-    h_BTD = Mlp(cfg, name="mlp")(_layer_norm(cfg, "ln_mlp")(x_BTD))
+    h_BTD = make_mlp(cfg)(make_norm(cfg, "ln_mlp")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
 
 def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, causal: bool, train: bool,
                  decode: bool):
-  """Runs `cfg.num_layers` blocks (call inside a compact method): as block_0, block_1, ..., or with
-  `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV caches) have a leading
-  layers axis, which compiles one block instead of num_layers. `cfg.remat` wraps each block in
-  jax.checkpoint with the named policy."""
+  """Runs `cfg.num_layers` blocks of type `cfg.block` (call inside a compact method): as block_0,
+  block_1, ..., or with `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV
+  caches) have a leading layers axis, which compiles one block instead of num_layers. `cfg.remat`
+  wraps each block in jax.checkpoint with the named policy."""
+  block_cls = _BLOCKS[cfg.block]
+
   def block(module, x_BTD, mask_B1TS, positions_BT):
     return module(x_BTD, mask_B1TS, positions_BT, causal=causal, train=train, decode=decode)
 
@@ -164,19 +286,19 @@ def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, caus
     block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(cfg.num_layers):
-      x_BTD = block(TransformerBlock(cfg, name=f"block_{i}"), x_BTD, mask_B1TS, positions_BT)
+      x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask_B1TS, positions_BT)
     return x_BTD
   scanned = nn.scan(
       lambda module, x_BTD, mask_B1TS, positions_BT: (block(module, x_BTD, mask_B1TS, positions_BT), None),
       variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"})
-  x_BTD, _ = scanned(TransformerBlock(cfg, name="blocks"), x_BTD, mask_B1TS, positions_BT)
+  x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask_B1TS, positions_BT)
   return x_BTD
 
 
 class TransformerLM(nn.Module):
-  """Decoder-only language model: token (+ position) embedding, causal blocks, final LN, logits.
+  """Decoder-only language model: token (+ position) embedding, causal blocks, final norm, logits.
 
   Returns float32 logits [B, T, vocab]. `valid_BT` (True for real tokens) masks padding keys;
   `segment_ids_BT` keeps each token's attention inside its own packed document (pass the
@@ -212,7 +334,7 @@ class TransformerLM(nn.Module):
         None if valid_BT is None else attention.padding_mask(valid_BT),
         None if segment_ids_BT is None else attention.segment_mask(segment_ids_BT))
     x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, causal=True, train=train, decode=decode)
-    x_BTD = _layer_norm(cfg, "ln_final")(x_BTD)
+    x_BTD = make_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(x_BTD.dtype),
@@ -315,6 +437,6 @@ class ViT(nn.Module):
     x_BTD = x_BTD + pos_TD.astype(dtype)[None]
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = apply_blocks(block_cfg, x_BTD, None, None, causal=False, train=train, decode=False)
-    x_BTD = _layer_norm(block_cfg, "ln_final")(x_BTD)
+    x_BTD = make_norm(block_cfg, "ln_final")(x_BTD)
     pooled_BD = x_BTD[:, 0] if cfg.pool == "cls" else jnp.mean(x_BTD, axis=1)
     return conv.classifier_head(pooled_BD, cfg.num_classes, block_cfg.storage_dtype)
