@@ -93,6 +93,43 @@ register("gpt2-medium")(_transformer_lm(dict(
     vocab_size=50257, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096, max_len=1024,
     position="learned", activation="gelu", use_bias=True, tie_embeddings=True)))
 
+# Llama-family decoders: RMSNorm, SwiGLU, rotary, grouped-query attention, no biases (Qwen2 adds q/k/v
+# biases). The published ones are exactly the Hugging Face configs' architectures; their parameter
+# counts (tests/test_hf_interop.py checks them against transformers' own models) are in the comments.
+_LLAMA_BLOCK = dict(position="rotary", norm="rmsnorm", mlp="gated", activation="silu", use_bias=False)
+
+
+def _llama_lm(defaults: dict):
+  return _transformer_lm({**_LLAMA_BLOCK, **defaults})
+
+
+# Byte-level, sized and paced like transformer-tiny; mlp_dim is Llama's 8/3 x width rounded up to 256.
+register("llama-tiny")(_llama_lm(dict(
+    vocab_size=256, num_layers=2, embed_dim=256, num_heads=4, num_kv_heads=2, mlp_dim=768, max_len=256,
+    layer_norm_epsilon=1e-5, tie_embeddings=True)))
+
+# HuggingFaceTB/SmolLM2-135M: 134,515,008 parameters.
+register("smollm2-135m")(_llama_lm(dict(
+    vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9, num_kv_heads=3, mlp_dim=1536, max_len=8192,
+    rotary_base=100_000.0, layer_norm_epsilon=1e-5, tie_embeddings=True)))
+
+# Qwen/Qwen2.5-0.5B: 494,032,768 parameters.
+register("qwen2.5-0.5b")(_llama_lm(dict(
+    vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2, mlp_dim=4864, max_len=32768,
+    rotary_base=1_000_000.0, layer_norm_epsilon=1e-6, qkv_bias=True, tie_embeddings=True)))
+
+# meta-llama/Llama-3.2-1B: 1,235,814,400 parameters.
+register("llama3.2-1b")(_llama_lm(dict(
+    vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64, mlp_dim=8192,
+    max_len=131072, rotary_base=500_000.0, rope_scaling="llama3", rope_scaling_factor=32.0,
+    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192, layer_norm_epsilon=1e-5,
+    tie_embeddings=True)))
+
+# meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters.
+register("llama3-8b")(_llama_lm(dict(
+    vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8, mlp_dim=14336, max_len=8192,
+    rotary_base=500_000.0, layer_norm_epsilon=1e-5, tie_embeddings=False)))
+
 # Image classifiers. CPU presets default to scikit-learn's 8x8 digits; the published architectures
 # default to ImageNet (224x224x3, 1000 classes), where their parameter counts are the papers'.
 register("mlp")(_preset(mlp.MLP, mlp.MLPConfig, dict(num_classes=10, input_shape=(8, 8, 1), hidden=(256, 256))))
