@@ -28,10 +28,13 @@ setuptools.setup(
         "scikit-learn>=1.3",  # the offline digits data set ships inside it
         "tensorboard>=2.16,<3",  # event files written and read without TensorFlow
         "sentencepiece>=0.2.0,<0.3",  # --tokenizer=spm:VOCAB (tested with 0.2.3)
+        "safetensors>=0.8",  # Hugging Face weights (bigjax.interop.hf); 0.8 reads bfloat16 into numpy
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
-                 "matplotlib>=3.8"],
+        # torch first and pinned: 2.13.0 is the CPU build on these machines (a bare "torch" pulls a
+        # several-GB CUDA build); transformers is the reference that tests/test_hf_interop.py compares to.
+        "test": ["torch==2.13.0", "transformers", "safetensors", "pytest>=8", "pytest-xdist>=3", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.8"],
         "colab": ["matplotlib>=3.8"],
         # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
         # pip install torch --index-url https://download.pytorch.org/whl/cpu

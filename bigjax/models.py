@@ -9,12 +9,14 @@ touching the core:
 """
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import flax.linen as nn
 
 from bigjax import checkpoint
 from bigjax.errors import UserError
+from bigjax.interop import hf
 from bigjax.nn import conv
 from bigjax.nn import mlp
 from bigjax.nn import recurrent
@@ -49,11 +51,25 @@ def create(name: str, **overrides) -> nn.Module:
     raise UserError(f"model {name!r}: {e}") from None
 
 
-def load(directory: str):
-  """(module, variables) from a directory written by `--mode=export`, ready for
-  `module.apply(variables, ...)`: evaluate or sample without the training state."""
-  name, overrides, variables = checkpoint.read_export(directory)
-  return create(name, **overrides), variables
+def load(directory: str, *, mesh=None, **overrides):
+  """(module, variables) ready for `module.apply(variables, ...)`: evaluate or sample without the
+  training state. `directory` is either a bigjax export (written by `--mode=export`) or a Hugging
+  Face model directory (config.json and safetensors weights; model types in interop.hf.MODEL_TYPES),
+  whose logits then equal transformers'. For the latter, `mesh` places every parameter straight into
+  its sharding and `overrides` replace config fields (dtype, param_dtype, scan_layers, ...)."""
+  path = os.path.abspath(os.path.expanduser(directory))
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a directory (give a bigjax export or a Hugging Face model directory)")
+  if os.path.isfile(os.path.join(path, checkpoint.EXPORT_CONFIG)):
+    if mesh is not None or overrides:
+      raise UserError(f"{path} is a bigjax export: mesh and config overrides apply to Hugging Face "
+                      f"directories only")
+    name, export_overrides, variables = checkpoint.read_export(path)
+    return create(name, **export_overrides), variables
+  if hf.is_hf_directory(path):
+    return hf.load(path, mesh=mesh, **overrides)
+  raise UserError(f"{path} is neither a bigjax export (no {checkpoint.EXPORT_CONFIG}) nor a Hugging Face "
+                  f"model directory (no {hf.CONFIG})")
 
 
 def _config(cls, defaults: dict, overrides: dict):

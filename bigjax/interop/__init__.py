@@ -1,0 +1,1 @@
+"""Other libraries' model formats: Hugging Face directories in (hf.py)."""
