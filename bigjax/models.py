@@ -131,8 +131,8 @@ register("smollm2-135m")(_llama_lm(dict(
 
 # Qwen/Qwen2.5-0.5B: 494,032,768 parameters.
 register("qwen2.5-0.5b")(_llama_lm(dict(
-    vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2, mlp_dim=4864, max_len=32768,
-    rotary_base=1_000_000.0, layer_norm_epsilon=1e-6, qkv_bias=True, tie_embeddings=True)))
+    vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2, mlp_dim=4864,
+    max_len=32768, rotary_base=1_000_000.0, layer_norm_epsilon=1e-6, qkv_bias=True, tie_embeddings=True)))
 
 # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters.
 register("llama3.2-1b")(_llama_lm(dict(
@@ -143,8 +143,8 @@ register("llama3.2-1b")(_llama_lm(dict(
 
 # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters.
 register("llama3-8b")(_llama_lm(dict(
-    vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8, mlp_dim=14336, max_len=8192,
-    rotary_base=500_000.0, layer_norm_epsilon=1e-5, tie_embeddings=False)))
+    vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8, mlp_dim=14336,
+    max_len=8192, rotary_base=500_000.0, layer_norm_epsilon=1e-5, tie_embeddings=False)))
 
 # Image classifiers. CPU presets default to scikit-learn's 8x8 digits; the published architectures
 # default to ImageNet (224x224x3, 1000 classes), where their parameter counts are the papers'.

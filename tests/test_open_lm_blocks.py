@@ -36,14 +36,15 @@ def test_llama_style_block_has_rmsnorm_scales_gated_mlp_and_no_biases():
   cfg = transformer.TransformerConfig(**_TINY, num_kv_heads=2, position="rotary", norm="rmsnorm", mlp="gated",
                                       activation="silu", use_bias=False, tie_embeddings=False)
   block = _names(_params(cfg)["block_0"])
-  assert block == {"ln_attn/scale", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel", "attn/out/kernel",
-                   "ln_mlp/scale", "mlp/wi_gate/kernel", "mlp/wi_up/kernel", "mlp/wo/kernel"}
+  assert block == {"ln_attn/scale", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
+                   "attn/out/kernel", "ln_mlp/scale", "mlp/wi_gate/kernel", "mlp/wi_up/kernel",
+                   "mlp/wo/kernel"}
   assert _params(cfg)["block_0"]["attn"]["key"]["kernel"].shape == (16, 2, 4)
 
 
 def test_qwen2_style_biases_on_qkv_only():
-  cfg = transformer.TransformerConfig(**_TINY, position="rotary", norm="rmsnorm", mlp="gated", activation="silu",
-                                      use_bias=False, qkv_bias=True)
+  cfg = transformer.TransformerConfig(**_TINY, position="rotary", norm="rmsnorm", mlp="gated",
+                                      activation="silu", use_bias=False, qkv_bias=True)
   block = _names(_params(cfg)["block_0"])
   assert {n for n in block if n.endswith("bias")} == {"attn/query/bias", "attn/key/bias", "attn/value/bias"}
 
@@ -101,7 +102,8 @@ def _llama3_by_hand(inv_freq, factor, low, high, original):
 
 def test_llama3_scaling_keeps_high_frequencies_slows_low_ones_and_blends_between():
   # head_dim 16, base 500000, original length 64: the 8 wavelengths fall in all three bands.
-  scaling = position.Llama3Scaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=64)
+  scaling = position.Llama3Scaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                   original_max_len=64)
   plain = np.asarray(position.rotary_frequencies(16, 500_000.0), np.float64)
   got = np.asarray(position.rotary_frequencies(16, 500_000.0, scaling))
   want = _llama3_by_hand(plain, 32.0, 1.0, 4.0, 64)
@@ -183,7 +185,8 @@ def test_registered_parallel_block_scans_remats_and_decodes_like_the_unrolled_mo
   np.testing.assert_allclose(scanned.apply({"params": scanned_params}, tokens_BT), want_BTV, atol=1e-5)
 
   # Cached decoding, scanned: a 4-token prefill, then one token at a time, against the full pass.
-  cache_shapes = jax.eval_shape(lambda: scanned.init(jax.random.key(0), tokens_BT[:, :1], decode=True))["cache"]
+  cache_shapes = jax.eval_shape(
+      lambda: scanned.init(jax.random.key(0), tokens_BT[:, :1], decode=True))["cache"]
   cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache_shapes)
   decode = jax.jit(lambda cache, tokens_BT, positions_BT: scanned.apply(
       {"params": scanned_params, "cache": cache}, tokens_BT, positions_BT=positions_BT, decode=True,

@@ -108,25 +108,26 @@ def _rotary_fields(f: _Fields) -> dict:
   or the older `rope_theta` beside `rope_scaling`."""
   params = f.hf.get("rope_parameters") or {}
   legacy = f.hf.get("rope_scaling") or {}
-  if not isinstance(params, dict) or not isinstance(legacy, dict) or any(
-      isinstance(v, dict) for v in params.values()):
+  for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+    if not isinstance(value, dict):
+      f.fail(f"{key}={value!r} must be a JSON object")
+  if any(isinstance(v, dict) for v in params.values()):
     f.fail("rope_parameters per layer type are not supported; bigjax has one rotary setting for all layers")
-  rope = {**legacy, **params}
-  kind = rope.get("rope_type", rope.get("type", "default"))
-  partial = rope.get("partial_rotary_factor", f.hf.get("partial_rotary_factor", 1.0))
+  rope = _Fields({**legacy, **params}, f"{f.where} rope parameters")
+  kind = rope.hf.get("rope_type", rope.hf.get("type", "default"))
+  partial = rope.number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0))
   if partial != 1.0:
     f.fail(f"partial_rotary_factor={partial} is not supported; bigjax rotates the whole head")
-  fields = {"rotary_base": float(rope.get("rope_theta", f.hf.get("rope_theta", 10_000.0)))}
+  fields = {"rotary_base": rope.number("rope_theta", f.number("rope_theta", 10_000.0))}
   if kind == "default":
     return fields
   if kind != "llama3":
     f.fail(f"rope type {kind!r} is not supported; bigjax imports rotary positions of type default or llama3")
-  scaling = _Fields(rope, f"{f.where} rope scaling")
-  return {**fields, "rope_scaling": "llama3", "rope_scaling_factor": scaling.number("factor"),
-          "rope_low_freq_factor": scaling.number("low_freq_factor"),
-          "rope_high_freq_factor": scaling.number("high_freq_factor"),
-          "rope_original_max_len": scaling.int("original_max_position_embeddings",
-                                               f.hf.get("max_position_embeddings"))}
+  return {**fields, "rope_scaling": "llama3", "rope_scaling_factor": rope.number("factor"),
+          "rope_low_freq_factor": rope.number("low_freq_factor"),
+          "rope_high_freq_factor": rope.number("high_freq_factor"),
+          "rope_original_max_len": rope.int("original_max_position_embeddings",
+                                            f.hf.get("max_position_embeddings"))}
 
 
 def _refuse_sliding_window(f: _Fields, model_type: str, max_len: int) -> None:
@@ -145,7 +146,8 @@ def _llama_family_fields(f: _Fields, model_type: str) -> dict:
   head_dim = f.hf.get("head_dim") or embed_dim // num_heads
   fields = dict(
       vocab_size=f.int("vocab_size"), num_layers=f.int("num_hidden_layers"), embed_dim=embed_dim,
-      num_heads=num_heads, num_kv_heads=f.int("num_key_value_heads", num_heads), mlp_dim=f.int("intermediate_size"),
+      num_heads=num_heads, num_kv_heads=f.int("num_key_value_heads", num_heads),
+      mlp_dim=f.int("intermediate_size"),
       max_len=max_len, position="rotary", norm="rmsnorm", mlp="gated", activation=f.activation("hidden_act"),
       use_bias=False, layer_norm_epsilon=f.number("rms_norm_eps"),
       tie_embeddings=f.flag("tie_word_embeddings", False), **_rotary_fields(f))
@@ -170,10 +172,11 @@ def _gpt2_fields(f: _Fields) -> dict:
       f.fail(f"{key}={f.hf[key]!r} is not supported (bigjax's GPT-2 has {key}={supported})")
   embed_dim = f.int("n_embd")
   return dict(
-      vocab_size=f.int("vocab_size"), num_layers=f.int("n_layer"), embed_dim=embed_dim, num_heads=f.int("n_head"),
-      mlp_dim=f.int("n_inner") if f.hf.get("n_inner") is not None else 4 * embed_dim, max_len=f.int("n_positions"),
+      vocab_size=f.int("vocab_size"), num_layers=f.int("n_layer"), embed_dim=embed_dim,
+      num_heads=f.int("n_head"), mlp_dim=f.int("n_inner", 4 * embed_dim), max_len=f.int("n_positions"),
       position="learned", activation=f.activation("activation_function"), use_bias=True,
-      layer_norm_epsilon=f.number("layer_norm_epsilon", 1e-5), tie_embeddings=f.flag("tie_word_embeddings", True))
+      layer_norm_epsilon=f.number("layer_norm_epsilon", 1e-5),
+      tie_embeddings=f.flag("tie_word_embeddings", True))
 
 
 def config_from_hf(hf_config: dict, where: str = CONFIG, **overrides) -> transformer.TransformerConfig:
@@ -212,7 +215,7 @@ def _transpose(w):
 
 
 def _split_out_heads(heads: int, head_dim: int):
-  """A Linear [heads * K, D] -> bigjax's [D, heads, K] projection kernel (or a bias [heads * K] -> [heads, K])."""
+  """A Linear [heads * K, D] -> bigjax's [D, heads, K] projection kernel; a bias [heads * K] -> [heads, K]."""
   return lambda w: w.T.reshape(-1, heads, head_dim) if w.ndim == 2 else w.reshape(heads, head_dim)
 
 
@@ -238,7 +241,8 @@ def _llama_family_tensors(cfg: transformer.TransformerConfig, prefix: str) -> di
       if cfg.bias("qkv"):
         sources[bj + f"attn/{name}/bias"] = _Source(
             hf + f"self_attn.{proj}_proj.bias", (heads * k,), _split_out_heads(heads, k))
-    sources[bj + "attn/out/kernel"] = _Source(hf + "self_attn.o_proj.weight", (d, h * k), _split_in_heads(h, k))
+    sources[bj + "attn/out/kernel"] = _Source(
+        hf + "self_attn.o_proj.weight", (d, h * k), _split_in_heads(h, k))
     if cfg.bias("attn_out"):
       sources[bj + "attn/out/bias"] = _Source(hf + "self_attn.o_proj.bias", (d,), _same)
     if cfg.qk_norm:
@@ -273,9 +277,9 @@ def _gpt2_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, 
       sources[bj + f"{bj_norm}/scale"] = _Source(hf + f"{hf_norm}.weight", (d,), _same)
       sources[bj + f"{bj_norm}/bias"] = _Source(hf + f"{hf_norm}.bias", (d,), _same)
     for part, name in enumerate(("query", "key", "value")):
-      sources[bj + f"attn/{name}/kernel"] = _Source(hf + "attn.c_attn.weight", (d, 3 * d),
-                                                    _gpt2_fused_qkv(part, d, h, k))
-      sources[bj + f"attn/{name}/bias"] = _Source(hf + "attn.c_attn.bias", (3 * d,), _gpt2_fused_qkv(part, d, h, k))
+      take = _gpt2_fused_qkv(part, d, h, k)
+      sources[bj + f"attn/{name}/kernel"] = _Source(hf + "attn.c_attn.weight", (d, 3 * d), take)
+      sources[bj + f"attn/{name}/bias"] = _Source(hf + "attn.c_attn.bias", (3 * d,), take)
     sources[bj + "attn/out/kernel"] = _Source(hf + "attn.c_proj.weight", (d, d), lambda w: w.reshape(h, k, d))
     sources[bj + "attn/out/bias"] = _Source(hf + "attn.c_proj.bias", (d,), _same)
     sources[bj + "mlp/wi/kernel"] = _Source(hf + "mlp.c_fc.weight", (d, f), _same)
@@ -320,7 +324,8 @@ class _Checkpoint(contextlib.AbstractContextManager):
       with open(index_path, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-      raise UserError(f"{index_path} is not a safetensors index (a JSON object with a weight_map): {e}") from None
+      raise UserError(f"{index_path} is not a safetensors index (a JSON object with a weight_map): "
+                      f"{e}") from None
     for file in sorted(set(weight_map.values())):
       if not os.path.isfile(os.path.join(self.directory, file)):
         raise UserError(f"{index_path} names {file}, which is missing from {self.directory}")

@@ -90,8 +90,7 @@ class TransformerConfig:
     checks.one_of(self, "position", POSITIONS)
     checks.positive_number(self, "rotary_base")
     checks.one_of(self, "rope_scaling", ROPE_SCALINGS)
-    if self.rope_scaling == "llama3":
-      self._check_llama3_scaling()
+    self._check_llama3_scaling()  # even when unused, so that a typo never waits to be switched on
     checks.one_of(self, "norm", NORMS)
     checks.one_of(self, "mlp", MLPS)
     checks.one_of(self, "activation", _ACTIVATIONS)
