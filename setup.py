@@ -33,7 +33,7 @@ setuptools.setup(
     extras_require={
         # torch first and pinned: 2.13.0 is the CPU build on these machines (a bare "torch" pulls a
         # several-GB CUDA build); transformers is the reference that tests/test_hf_interop.py compares to.
-        "test": ["torch==2.13.0", "transformers", "safetensors", "pytest>=8", "pytest-xdist>=3",
+        "test": ["torch==2.13.0", "transformers>=5.24,<6", "safetensors>=0.8", "pytest>=8", "pytest-xdist>=3",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.8"],
         "colab": ["matplotlib>=3.8"],
         # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
