@@ -74,9 +74,27 @@ def _params(workdir, step):
   return restored["params"], restored.get("model_state", {})
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  """finished_run(kind): the workdir of one unbroken NUM_STEPS run of `kind` (checkpoints at 6, 9
+  and 12), trained once per test process; copy it before changing it."""
+  workdirs = {}
+
+  def get(kind):
+    if kind not in workdirs:
+      workdirs[kind] = tmp_path_factory.mktemp(f"finished-{kind}")
+      _run(kind, workdirs[kind], data_dir)
+    return workdirs[kind]
+  return get
+
+
+def _copy_of(workdir, tmp_path):
+  return shutil.copytree(workdir, tmp_path / "run")
+
+
 @pytest.mark.parametrize("kind", ["transformer", "cnn"])
-def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, data_dir):
-  _run(kind, tmp_path / "unbroken", data_dir)
+def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, data_dir, finished_run):
+  unbroken = finished_run(kind)
   kill_after = random.Random().randint(4, NUM_STEPS - 2)  # after the first save, at step 3
   print(f"killing at step {kill_after}")
   process = _start(kind, tmp_path / "broken", data_dir)
@@ -91,9 +109,9 @@ def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, dat
   assert "took over the lock" in resumed.stderr  # the killed run's lock does not keep its workdir
   rows = metrics.read_jsonl(tmp_path / "broken" / metrics.METRICS_FILE)
   assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
-  unbroken = metrics.read_jsonl(tmp_path / "unbroken" / metrics.METRICS_FILE)
-  assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken]
-  got, want = _params(tmp_path / "broken", NUM_STEPS), _params(tmp_path / "unbroken", NUM_STEPS)
+  unbroken_rows = metrics.read_jsonl(unbroken / metrics.METRICS_FILE)
+  assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken_rows]
+  got, want = _params(tmp_path / "broken", NUM_STEPS), _params(unbroken, NUM_STEPS)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -111,35 +129,39 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, data_dir):
   assert f"resumed from step {saved}" in resumed.stdout
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir):
-  _run("transformer", tmp_path, data_dir, "--num_steps=6")
-  state_dir = tmp_path / "checkpoints" / "6" / "state"
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir, finished_run):
+  workdir = _copy_of(finished_run("transformer"), tmp_path)
+  state_dir = workdir / "checkpoints" / str(NUM_STEPS) / "state"
   for root, _, files in os.walk(state_dir):  # cut every data file short, as a full disk would
     for name in files:
       if "metadata" not in name:
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
   shutil.rmtree(state_dir / "d", ignore_errors=True)
-  resumed = _run("transformer", tmp_path, data_dir, "--num_steps=8")
-  assert "checkpoint step 6" in resumed.stderr and "unreadable" in resumed.stderr
-  assert "resumed from step 3" in resumed.stdout
-  assert [r["step"] for r in metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)] == list(range(1, 9))
+  resumed = _run("transformer", workdir, data_dir, f"--num_steps={NUM_STEPS + 2}")
+  assert f"checkpoint step {NUM_STEPS}" in resumed.stderr and "unreadable" in resumed.stderr
+  assert f"resumed from step {NUM_STEPS - 3}" in resumed.stdout
+  steps = [r["step"] for r in metrics.read_jsonl(workdir / metrics.METRICS_FILE)]
+  assert steps == list(range(1, NUM_STEPS + 3))
 
 
-def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(tmp_path, data_dir):
-  _run("transformer", tmp_path, data_dir, "--num_steps=3")
-  before = {name: (tmp_path / name).read_text() for name in ("flags.txt", metrics.METRICS_FILE)}
-  refused = subprocess.run(_command("transformer", tmp_path, data_dir, "--num_steps=6", "--optimizer=sgd"),
+def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(tmp_path, data_dir, finished_run):
+  workdir = _copy_of(finished_run("transformer"), tmp_path)
+  before = {name: (workdir / name).read_text() for name in ("flags.txt", metrics.METRICS_FILE)}
+  steps_before = sorted(os.listdir(workdir / "checkpoints"))
+  refused = subprocess.run(_command("transformer", workdir, data_dir, f"--num_steps={NUM_STEPS + 3}",
+                                    "--optimizer=sgd"),
                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
   error = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
-  assert len(error) == 1 and error[0].startswith("error: checkpoint step 3 in ") and "opt_state/" in error[0]
-  assert f"--flagfile={tmp_path}/flags.txt" in error[0]
-  assert os.listdir(tmp_path / "checkpoints") == ["3"]  # nothing set aside as "unreadable"
-  assert {name: (tmp_path / name).read_text() for name in before} == before
-  again = _run("transformer", tmp_path, data_dir, "--num_steps=2")
-  assert f"nothing to train: the checkpoint in {tmp_path}/checkpoints is at step 3 and --num_steps=2" in again.stdout
-  assert {name: (tmp_path / name).read_text() for name in before} == before
+  assert len(error) == 1 and error[0].startswith(f"error: checkpoint step {NUM_STEPS} in ") and "opt_state/" in error[0]
+  assert f"--flagfile={workdir}/flags.txt" in error[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == steps_before  # nothing set aside as "unreadable"
+  assert {name: (workdir / name).read_text() for name in before} == before
+  again = _run("transformer", workdir, data_dir, "--num_steps=2")
+  assert (f"nothing to train: the checkpoint in {workdir}/checkpoints is at step {NUM_STEPS} and --num_steps=2"
+          in again.stdout)
+  assert {name: (workdir / name).read_text() for name in before} == before
 
 
 def test_loading_another_models_checkpoint_names_the_first_difference(tmp_path, data_dir):

@@ -28,7 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 FAMILIES = {
-    "transformer": lambda: {"model": _tiny_model(), "task": tasks.LanguageModelling(), "batch": _batch()},
+    # One block: how a block's parameters and activations split is the same for every layer.
+    "transformer": lambda: {"model": _tiny_model(num_layers=1), "task": tasks.LanguageModelling(),
+                            "batch": _batch()},
     "cnn": lambda: {"model": models.create("cnn-small"), "task": tasks.Classification(), "batch": _digits_batch()},
     "lstm": lambda: {"model": models.create("lstm-lm", embed_dim=16, hidden_size=32, num_layers=2),
                      "task": tasks.LanguageModelling(), "batch": _batch()},
