@@ -28,6 +28,7 @@ setuptools.setup(
         "scikit-learn>=1.3",  # the offline digits data set ships inside it
         "tensorboard>=2.16,<3",  # event files written and read without TensorFlow
         "sentencepiece>=0.2.0,<0.3",  # --tokenizer=spm:VOCAB (tested with 0.2.3)
+        "tokenizers>=0.22,<1",  # --tokenizer=hf:DIR (tested with 0.23.3)
         "safetensors>=0.8",  # Hugging Face weights (bigjax.interop.hf); 0.8 reads bfloat16 into numpy
     ],
     extras_require={

@@ -31,8 +31,9 @@ DOCUMENT_MASKS = flags.DEFINE_bool(
     "restart at each end-of-document token). --nodocument_masks lets attention run across document "
     "ends, as plain concatenation does.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per training window.", lower_bound=1)
-TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes, or spm:VOCAB: a SentencePiece model of VOCAB ids "
-                                "trained on the training split and kept in the workdir.")
+TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes; spm:VOCAB: a SentencePiece model of VOCAB ids "
+                                "trained on the training split and kept in the workdir; or hf:DIR: DIR's Hugging "
+                                "Face tokenizer.json.")
 PROMPT = flags.DEFINE_string("prompt", "\n", "--mode=sample: text to continue.")
 NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "--mode=sample: tokens to generate.", lower_bound=1)
 NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "--mode=sample: continuations of the prompt.", lower_bound=1)
@@ -118,7 +119,8 @@ def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):
 
 
 def use_tokenizer_vocab() -> None:
-  """Sizes the model's vocabulary for --tokenizer=spm:VOCAB (an explicit vocab_size override wins)."""
+  """Sizes the model's vocabulary for --tokenizer=spm:VOCAB or hf:DIR (an explicit vocab_size override
+  wins)."""
   vocab = tokenizers.parse(TOKENIZER.value)
   overrides = bigjax_flags.MODEL_OVERRIDES.value
   if vocab is not None and not any(o.strip().startswith("vocab_size") for o in overrides):

@@ -1,6 +1,7 @@
-"""Tokenizers for language models: raw bytes (the default) and SentencePiece trained locally.
+"""Tokenizers for language models: raw bytes (the default), SentencePiece trained locally, and a
+Hugging Face tokenizer.json.
 
-Both turn bytes into int ids and back exactly, keep one id for the end of a document, and say how
+Each turns bytes into int ids and back exactly, keep one id for the end of a document, and say how
 many bytes of text each id stands for (`token_bytes`), so a language model's loss converts to bits
 per byte whatever the tokenizer and runs with different tokenizers compare.
 
@@ -10,15 +11,28 @@ per byte whatever the tokenizer and runs with different tokenizers compare.
                          there on resume, evaluation and sampling. Normalisation is off and unseen
                          characters fall back to their UTF-8 bytes, so decode(encode(text)) == text
                          for any UTF-8 text (bytes that are not UTF-8 become U+FFFD).
+  --tokenizer=hf:DIR     DIR/tokenizer.json read with the `tokenizers` library (a shared model's own
+                         tokenizer, to fine-tune it); its end-of-sequence token (tokenizer_config.json's
+                         eos_token) ends a document. A training run copies tokenizer.json into the
+                         workdir, and later runs on that workdir must pass the same file. Byte-level
+                         BPE (GPT-2, Llama 3, Qwen2) round-trips any UTF-8 text exactly.
 """
 
+import filecmp
+import functools
+import json
 import os
+import shutil
 
 import numpy as np
 
 from bigjax.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+# End-of-sequence tokens of the common families, for a directory without tokenizer_config.json.
+_HF_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 TRAIN_BYTES = 200_000_000  # enough for a good vocabulary; more only slows training down
 _META = "\u2581"
 _SENTENCE_BYTES = 4096  # SentencePiece skips longer training "sentences"; documents are cut to this
@@ -86,13 +100,109 @@ class SentencePieceTokenizer:
     return np.array([size(i) for i in range(self.vocab_size)], np.int32)
 
 
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+  """Byte-level BPE's alphabet (GPT-2's): each byte is one printable character, the printable
+  Latin-1 bytes themselves and the rest shifted to 256 and up, so pieces are strings of bytes."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  chars, shifted = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      chars[chr(byte)] = byte
+    else:
+      chars[chr(256 + shifted)] = byte
+      shifted += 1
+  return chars
+
+
+def _uses_byte_level(node) -> bool:
+  """Whether a tokenizer.json decoder (possibly a Sequence of them) is byte-level."""
+  if isinstance(node, dict):
+    return node.get("type") == "ByteLevel" or any(_uses_byte_level(v) for v in node.get("decoders") or [])
+  return False
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face tokenizer.json; its end-of-sequence token ends a document."""
+
+  def __init__(self, directory: str):
+    import tokenizers as hf_tokenizers  # only --tokenizer=hf: runs need it
+    self.path = os.path.join(directory, HF_FILE)
+    if not os.path.isfile(self.path):
+      raise UserError(f"--tokenizer=hf:{directory}: no {HF_FILE} there; give a Hugging Face model or tokenizer "
+                      "directory")
+    try:
+      self._tok = hf_tokenizers.Tokenizer.from_file(self.path)
+      self._spec = json.loads(self._tok.to_str())
+    except Exception as e:  # the Rust parser raises a bare Exception for a damaged file
+      raise UserError(f"{self.path} is not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.eod_id = self._end_of_document_id(directory)
+    self.name = f"hf:{directory}"
+
+  def _end_of_document_id(self, directory: str) -> int:
+    config_path = os.path.join(directory, HF_CONFIG)
+    candidates = _HF_END_TOKENS
+    if os.path.isfile(config_path):
+      try:
+        with open(config_path, encoding="utf-8") as f:
+          eos = json.load(f).get("eos_token")
+      except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{config_path} is not a JSON object ({e})") from None
+      if isinstance(eos, dict):
+        eos = eos.get("content")
+      if eos:
+        candidates = (eos,)
+    for token in candidates:
+      if (token_id := self._tok.token_to_id(token)) is not None:
+        return token_id
+    raise UserError(f"{self.path}: no end-of-sequence token ({' or '.join(candidates)}) in its vocabulary; "
+                    f"a language model needs one to end each document (set eos_token in {HF_CONFIG})")
+
+  def encode(self, text: bytes) -> np.ndarray:
+    ids = self._tok.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids) -> bytes:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False).encode("utf-8")
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    """Bytes of text per id: a byte-level piece its bytes, a byte-fallback piece (<0xAB>) one, a
+    SentencePiece-style piece its UTF-8 length ("▁" a space), the end of document one byte like the
+    byte tokenizer's NUL, and the unknown token and other special tokens none."""
+    special = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+    unknown = self._spec.get("model", {}).get("unk_token")  # stands for text of unknown length
+    if unknown is not None and self._tok.token_to_id(unknown) is not None:
+      special.add(self._tok.token_to_id(unknown))
+    byte_level = _uses_byte_level(self._spec.get("decoder"))
+    byte_of_char = _byte_of_char()
+
+    def size(i):
+      if i == self.eod_id:
+        return 1
+      piece = self._tok.id_to_token(i)
+      if i in special or piece is None:
+        return 0
+      if byte_level and all(c in byte_of_char for c in piece):
+        return len(piece)  # one character per byte
+      if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return 1
+      return len(piece.replace(_META, " ").encode("utf-8"))
+    return np.array([size(i) for i in range(self.vocab_size)], np.int32)
+
+
 def parse(spec: str) -> int | None:
-  """None for `bytes`; the vocabulary size for `spm:VOCAB`."""
+  """None for `bytes`; the vocabulary size for `spm:VOCAB` and for `hf:DIR` (read from the file)."""
   if spec == "bytes":
     return None
   kind, _, vocab = spec.partition(":")
+  if kind == "hf" and vocab:
+    return HuggingFaceTokenizer(vocab).vocab_size
   if kind != "spm" or not vocab.isdigit():
-    raise UserError(f"--tokenizer={spec!r}: use bytes or spm:VOCAB (say spm:4096)")
+    raise UserError(f"--tokenizer={spec!r}: use bytes, spm:VOCAB (say spm:4096) or hf:DIR (a directory with "
+                    f"{HF_FILE})")
   if int(vocab) < 300:
     raise UserError(f"--tokenizer={spec}: a SentencePiece vocabulary needs room for the 256 byte ids and "
                     "some pieces; use at least spm:300")
@@ -138,8 +248,13 @@ def _sentences(documents):
 def open_tokenizer(spec: str, workdir: str | None, documents=None):
   """The tokenizer `spec` names. SentencePiece loads WORKDIR/tokenizer.model, or trains it on
   `documents` (a callable returning an iterable of byte strings) when it is not there yet."""
+  if spec.startswith("hf:"):
+    return _open_hf_tokenizer(spec[len("hf:"):], workdir, training=documents is not None)
   vocab = parse(spec)
   path = os.path.join(workdir, MODEL_FILE)
+  if os.path.exists(os.path.join(workdir, HF_FILE)):
+    raise UserError(f"{workdir} was trained with the Hugging Face tokenizer {HF_FILE} kept there: pass the run's "
+                    "--tokenizer=hf:DIR")
   if vocab is None:
     if os.path.exists(path):
       raise UserError(f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
@@ -152,6 +267,27 @@ def open_tokenizer(spec: str, workdir: str | None, documents=None):
   tokenizer = SentencePieceTokenizer(path)
   if tokenizer.vocab_size != vocab:
     raise UserError(f"{path} has {tokenizer.vocab_size} ids but --tokenizer={spec}; use that size or a new --workdir")
+  return tokenizer
+
+
+def _open_hf_tokenizer(directory: str, workdir: str, training: bool) -> HuggingFaceTokenizer:
+  """The tokenizer in `directory`, which must be the one a workdir was trained with: a training run
+  keeps a copy of its tokenizer.json, and every later run compares against it."""
+  tokenizer = HuggingFaceTokenizer(directory)
+  if os.path.exists(os.path.join(workdir, MODEL_FILE)):
+    raise UserError(f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+                    "--tokenizer=spm:VOCAB")
+  kept = os.path.join(workdir, HF_FILE)
+  if os.path.exists(kept):
+    if not filecmp.cmp(kept, tokenizer.path, shallow=False):
+      raise UserError(f"{tokenizer.path} differs from the {HF_FILE} that {workdir} was trained with: its ids "
+                      f"would mean other text; pass --tokenizer=hf:DIR of that tokenizer, or use a new --workdir")
+  elif training:
+    import jax
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copyfile(tokenizer.path, f"{kept}.partial")
+      os.replace(f"{kept}.partial", kept)
   return tokenizer
 
 
