@@ -26,6 +26,8 @@ from bigjax import sharding
 from bigjax import train
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
+from bigjax.interop import hf
+from bigjax.nn import transformer
 
 # What and where.
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
@@ -33,7 +35,8 @@ MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
                          "(language models: generate from --prompt), or export (parameters and model "
                          "config of the newest checkpoint to --export_dir).")
 INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the parameters of an export "
-                                "directory or of a workdir's newest checkpoint (fine-tuning).")
+                                "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
+                                "(config.json + safetensors; its architecture then needs no --model) to fine-tune.")
 EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import before anything is built, "
@@ -207,7 +210,7 @@ class Experiment:
         state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
                                                config=self.config, mesh=self.mesh)
         directory = checkpoint.export(EXPORT_DIR.value, {"params": state.params, **state.model_state},
-                                      MODEL.value, model_overrides())
+                                      *model_identity(self.model))
       metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
       return {"step": step}
     if MODE.value != "train":
@@ -236,12 +239,60 @@ def experiment() -> Experiment:
   claims the workdir for a training run (before anything, a tokenizer included, is written there),
   logs the devices, and builds the model, mesh and configs."""
   sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
-  require(MODEL, DATASET, WORKDIR)
+  require(*([MODEL] if hf_init_dir() is None else []), DATASET, WORKDIR)
+  model = build_model()  # before the claim: a model that cannot be built leaves no workdir behind
   if MODE.value == "train" and not COMPILE_ONLY.value:
     _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()
-  return Experiment(model=models.create(MODEL.value, **model_overrides()), mesh=sharding.make_mesh(MESH.value),
+  return Experiment(model=model, mesh=sharding.make_mesh(MESH.value),
                     config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
+
+
+# TransformerConfig fields a run sets for itself when its architecture comes from a Hugging Face
+# config.json: how it computes and stores, not what it computes (a shorter context is a choice too).
+_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate", "max_len")
+
+
+def hf_init_dir() -> str | None:
+  """--init_from when it names a Hugging Face model directory (one with config.json), else None."""
+  if not INIT_FROM.value:
+    return None
+  path = os.path.abspath(os.path.expanduser(INIT_FROM.value))
+  return path if hf.is_hf_directory(path) else None
+
+
+def build_model():
+  """--model with its overrides; or, with --init_from a Hugging Face directory, the architecture its
+  config.json gives (a --model beside it must agree with it)."""
+  hf_dir = hf_init_dir()
+  if hf_dir is None:
+    require(MODEL)
+    return models.create(MODEL.value, **model_overrides())
+  cfg = hf.config_from_hf(hf.read_config(hf_dir), os.path.join(hf_dir, hf.CONFIG), **model_overrides())
+  if MODEL.value:
+    _check_same_architecture(models.create(MODEL.value, **model_overrides()), cfg, hf_dir)
+  return transformer.TransformerLM(cfg)
+
+
+def _check_same_architecture(preset, cfg: transformer.TransformerConfig, hf_dir: str) -> None:
+  leave_out = "leave --model out to take the architecture from config.json"
+  preset_cfg = getattr(preset, "config", None)
+  if not isinstance(preset_cfg, transformer.TransformerConfig):
+    raise UserError(f"--model={MODEL.value} is not a Transformer language model but --init_from={hf_dir} holds "
+                    f"one; {leave_out}")
+  for field in dataclasses.fields(cfg):
+    ours, theirs = getattr(preset_cfg, field.name), getattr(cfg, field.name)
+    if field.name not in _RUN_FIELDS and ours != theirs:
+      raise UserError(f"--model={MODEL.value} has {field.name}={ours!r} but {hf_dir}/{hf.CONFIG} gives "
+                      f"{theirs!r}; {leave_out}")
+
+
+def model_identity(model) -> tuple[str, dict]:
+  """(preset, overrides) that rebuild `model` from an export: --model and its overrides, or for an
+  architecture from a Hugging Face config.json the plain "transformer-lm" preset with every field."""
+  if hf_init_dir() is None:
+    return MODEL.value, model_overrides()
+  return "transformer-lm", dataclasses.asdict(model.config)
 
 
 def save_flags(workdir: str) -> str:

@@ -95,6 +95,10 @@ def _transformer_lm(defaults: dict):
   return _preset(transformer.TransformerLM, transformer.TransformerConfig, defaults)
 
 
+# Every TransformerConfig field given, none assumed: what an export of a model whose architecture
+# came from a Hugging Face config.json names (bigjax.flags.model_identity).
+register("transformer-lm")(_transformer_lm({}))
+
 # Byte-level LM that trains in minutes on a 2-core CPU (experiments/configs/transformer_tiny.flags).
 register("transformer-tiny")(_transformer_lm(dict(
     vocab_size=256, num_layers=2, embed_dim=256, num_heads=4, mlp_dim=1024, max_len=256,

@@ -25,6 +25,7 @@ from bigjax import sharding
 from bigjax import metrics as metrics_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
+from bigjax.interop import hf
 
 
 @flax.struct.dataclass
@@ -46,7 +47,7 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
-  init_from: str | None = None  # export dir or workdir whose parameters start a fresh run
+  init_from: str | None = None  # export dir, workdir or Hugging Face directory whose parameters start a fresh run
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
   grad_accum: int = 1  # micro-batches per optimizer step
   # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
@@ -272,7 +273,16 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
       ckpt.close()
 
 
-def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig):
+def _initial_variables(init_from: str, model, abstract, mesh) -> dict:
+  """--init_from's model variables placed as the fresh state's: a Hugging Face model directory (its
+  config.json gave `model`'s architecture), an export, or a workdir's newest checkpoint."""
+  if hf.is_hf_directory(os.path.abspath(os.path.expanduser(init_from))):
+    _, variables = hf.load(init_from, mesh=mesh, **dataclasses.asdict(model.config))
+    return {"params": jax.device_put(variables["params"], jax.tree.map(lambda a: a.sharding, abstract.params))}
+  return checkpoint.load_variables(init_from, {"params": abstract.params, **abstract.model_state})
+
+
+def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, mesh):
   """(state, start step, train iterator): the newest good checkpoint, or a fresh state."""
   train_iter = iter(train_data)
   abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
@@ -292,7 +302,7 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig):
     train_iter = iter(train_data)  # the failed restores moved the old one: a restart draws a fresh run's batches
   state = steps.init(rng)
   if config.init_from:
-    variables = checkpoint.load_variables(config.init_from, {"params": abstract.params, **abstract.model_state})
+    variables = _initial_variables(config.init_from, model, abstract, mesh)
     state = state.replace(params=variables.pop("params"), model_state=variables)
     metrics_lib.console(f"parameters from {config.init_from}")
   return state, 0, train_iter
@@ -319,7 +329,7 @@ def _fit(*, model, task, tx, train_data, eval_data, config: TrainConfig, mesh, l
   with mesh_context(mesh):
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                           grad_accum=config.grad_accum, xla_options=config.xla_options)
-    state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config)
+    state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config, model, mesh)
     _check_best_metric(steps, state, example_batch, task, config, eval_data)
     if start and start >= config.num_steps:
       metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "

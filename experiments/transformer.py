@@ -121,6 +121,8 @@ def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):
 def use_tokenizer_vocab() -> None:
   """Sizes the model's vocabulary for --tokenizer=spm:VOCAB or hf:DIR (an explicit vocab_size override
   wins)."""
+  if bigjax_flags.hf_init_dir() is not None:
+    return  # the shared model's vocabulary stays; lm_inputs.check_vocab checks the tokenizer fits it
   vocab = tokenizers.parse(TOKENIZER.value)
   overrides = bigjax_flags.MODEL_OVERRIDES.value
   if vocab is not None and not any(o.strip().startswith("vocab_size") for o in overrides):

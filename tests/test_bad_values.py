@@ -237,9 +237,17 @@ def test_create_names_the_config_once():
   assert str(error.value) == "TransformerConfig: num_layers='abc' must be an integer >= 1"
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", [n for n in models.names() if n != "transformer-lm"])
 def test_every_preset_still_builds(name):
   models.create(name)
+
+
+def test_the_plain_transformer_preset_takes_every_size_and_assumes_none():
+  import dataclasses
+  config = models.create("llama-tiny").config
+  assert models.create("transformer-lm", **dataclasses.asdict(config)).config == config
+  with pytest.raises(UserError, match="model 'transformer-lm': .*missing .* required"):
+    models.create("transformer-lm")
 
 
 # ----------------------------------------------------------------------------------------------
