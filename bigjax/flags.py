@@ -38,6 +38,10 @@ INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the p
                                 "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
                                 "(config.json + safetensors; its architecture then needs no --model) to fine-tune.")
 EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
+EXPORT_FORMAT = flags.DEFINE_enum("export_format", "bigjax", ["bigjax", "hf"], "--mode=export: bigjax (what "
+                                  "bigjax.models.load and --init_from read) or hf (a Hugging Face directory, "
+                                  "config.json and model.safetensors, for transformers' from_pretrained; "
+                                  "Transformer language models of the gpt2, llama, qwen2 and qwen3 families).")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import before anything is built, "
                                    "e.g. your own that register presets with bigjax.models.register "
@@ -205,12 +209,18 @@ class Experiment:
       return record
     if MODE.value == "export":
       require(EXPORT_DIR)
+      hf_format = EXPORT_FORMAT.value == "hf"
+      if hf_format:
+        hf.check_exportable(self.model)  # a model transformers has no counterpart for fails before loading
       example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
       with train.mesh_context(self.mesh):
         state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
                                                config=self.config, mesh=self.mesh)
-        directory = checkpoint.export(EXPORT_DIR.value, {"params": state.params, **state.model_state},
-                                      *model_identity(self.model))
+        if hf_format:
+          directory = models.save_hf(EXPORT_DIR.value, self.model, {"params": state.params})
+        else:
+          directory = checkpoint.export(EXPORT_DIR.value, {"params": state.params, **state.model_state},
+                                        *model_identity(self.model))
       metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
       return {"step": step}
     if MODE.value != "train":

@@ -72,6 +72,14 @@ def load(directory: str, *, mesh=None, **overrides):
                   f"model directory (no {hf.CONFIG})")
 
 
+def save_hf(directory: str, module, variables) -> str:
+  """Writes a TransformerLM (of the gpt2, llama, qwen2 or qwen3 family) and its variables as a
+  Hugging Face model directory, which transformers' from_pretrained and `load` read back with the
+  same logits; a model without a Hugging Face counterpart is a one-line error naming what does not
+  map. Sharded parameters are gathered one at a time. Returns the directory."""
+  return hf.save(directory, module, variables)
+
+
 def _config(cls, defaults: dict, overrides: dict):
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(overrides) - known)

@@ -9,13 +9,21 @@ What cannot be mapped exactly is refused in one line (principle 8): another mode
 scaling other than Llama 3's, a sliding window shorter than the context, a missing, misshapen or
 unexpected tensor, a truncated file.
 
+`save(directory, module, variables)` is the inverse for a TransformerLM whose config is one of those
+families (gpt2, llama, qwen2, qwen3), through the same tensor tables: config.json, and
+model.safetensors written one parameter at a time. A bigjax model that transformers cannot express
+(another block, norm or position scheme, a bias pattern no family has) is refused in one line.
+
 Shapes: D model width, H query heads, G key/value heads, K head dim, F MLP width, V vocabulary,
 P positions. Hugging Face's Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
 """
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
+import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
+from jax.experimental import multihost_utils
 
 from bigjax import sharding
+from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.nn import transformer
 
@@ -199,11 +209,20 @@ def config_from_hf(hf_config: dict, where: str = CONFIG, **overrides) -> transfo
 # Tensor names and layouts
 
 
+class _Layout(NamedTuple):
+  """How a Hugging Face tensor becomes a bigjax parameter and back: `to_hf` inverts `to_bigjax`, so
+  one table of names serves the importer and the exporter."""
+  to_bigjax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
 class _Source(NamedTuple):
-  """Where a bigjax parameter comes from: a Hugging Face tensor, its shape there, and the reshaping."""
+  """Where a bigjax parameter comes from: a Hugging Face tensor, its shape there, and the reshaping.
+  Several parameters that name one tensor are pieces of it along its last axis, in table order
+  (GPT-2's fused c_attn)."""
   name: str
   shape: tuple[int, ...]
-  to_bigjax: Callable[[np.ndarray], np.ndarray]
+  layout: _Layout
 
 
 def _same(x):
@@ -214,87 +233,99 @@ def _transpose(w):
   return w.T
 
 
-def _split_out_heads(heads: int, head_dim: int):
-  """A Linear [heads * K, D] -> bigjax's [D, heads, K] projection kernel; a bias [heads * K] -> [heads, K]."""
-  return lambda w: w.T.reshape(-1, heads, head_dim) if w.ndim == 2 else w.reshape(heads, head_dim)
+_SAME = _Layout(_same, _same)
+_TRANSPOSE = _Layout(_transpose, _transpose)
 
 
-def _split_in_heads(heads: int, head_dim: int):
-  """An output projection [D, H * K] (Linear) -> bigjax's [H, K, D]."""
-  return lambda w: w.T.reshape(heads, head_dim, -1)
+def _out_heads(heads: int, head_dim: int) -> _Layout:
+  """A Linear [heads * K, D] <-> bigjax's [D, heads, K] projection kernel; a bias [heads * K] <->
+  [heads, K]."""
+  return _Layout(
+      lambda w: w.T.reshape(-1, heads, head_dim) if w.ndim == 2 else w.reshape(heads, head_dim),
+      lambda x: x.reshape(x.shape[0], heads * head_dim).T if x.ndim == 3 else x.reshape(heads * head_dim))
+
+
+def _in_heads(heads: int, head_dim: int) -> _Layout:
+  """An output projection [D, H * K] (Linear) <-> bigjax's [H, K, D]."""
+  return _Layout(lambda w: w.T.reshape(heads, head_dim, -1), lambda x: x.reshape(heads * head_dim, -1).T)
 
 
 def _llama_family_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, _Source]:
   d, f, v, k = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.resolved_head_dim
   h, g = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
-  sources = {"token_embed/embedding": _Source(f"{prefix}embed_tokens.weight", (v, d), _same),
-             "ln_final/scale": _Source(f"{prefix}norm.weight", (d,), _same)}
+  sources = {"token_embed/embedding": _Source(f"{prefix}embed_tokens.weight", (v, d), _SAME),
+             "ln_final/scale": _Source(f"{prefix}norm.weight", (d,), _SAME)}
   if not cfg.tie_embeddings:
-    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _transpose)
+    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
   for i in range(cfg.num_layers):
     hf, bj = f"{prefix}layers.{i}.", f"block_{i}/"
-    sources[bj + "ln_attn/scale"] = _Source(hf + "input_layernorm.weight", (d,), _same)
-    sources[bj + "ln_mlp/scale"] = _Source(hf + "post_attention_layernorm.weight", (d,), _same)
+    sources[bj + "ln_attn/scale"] = _Source(hf + "input_layernorm.weight", (d,), _SAME)
+    sources[bj + "ln_mlp/scale"] = _Source(hf + "post_attention_layernorm.weight", (d,), _SAME)
     for proj, name, heads in (("q", "query", h), ("k", "key", g), ("v", "value", g)):
       sources[bj + f"attn/{name}/kernel"] = _Source(
-          hf + f"self_attn.{proj}_proj.weight", (heads * k, d), _split_out_heads(heads, k))
+          hf + f"self_attn.{proj}_proj.weight", (heads * k, d), _out_heads(heads, k))
       if cfg.bias("qkv"):
         sources[bj + f"attn/{name}/bias"] = _Source(
-            hf + f"self_attn.{proj}_proj.bias", (heads * k,), _split_out_heads(heads, k))
-    sources[bj + "attn/out/kernel"] = _Source(
-        hf + "self_attn.o_proj.weight", (d, h * k), _split_in_heads(h, k))
+            hf + f"self_attn.{proj}_proj.bias", (heads * k,), _out_heads(heads, k))
+    sources[bj + "attn/out/kernel"] = _Source(hf + "self_attn.o_proj.weight", (d, h * k), _in_heads(h, k))
     if cfg.bias("attn_out"):
-      sources[bj + "attn/out/bias"] = _Source(hf + "self_attn.o_proj.bias", (d,), _same)
+      sources[bj + "attn/out/bias"] = _Source(hf + "self_attn.o_proj.bias", (d,), _SAME)
     if cfg.qk_norm:
-      sources[bj + "attn/query_norm/scale"] = _Source(hf + "self_attn.q_norm.weight", (k,), _same)
-      sources[bj + "attn/key_norm/scale"] = _Source(hf + "self_attn.k_norm.weight", (k,), _same)
+      sources[bj + "attn/query_norm/scale"] = _Source(hf + "self_attn.q_norm.weight", (k,), _SAME)
+      sources[bj + "attn/key_norm/scale"] = _Source(hf + "self_attn.k_norm.weight", (k,), _SAME)
     for proj, name, shape in (("gate", "wi_gate", (f, d)), ("up", "wi_up", (f, d)), ("down", "wo", (d, f))):
-      sources[bj + f"mlp/{name}/kernel"] = _Source(hf + f"mlp.{proj}_proj.weight", shape, _transpose)
+      sources[bj + f"mlp/{name}/kernel"] = _Source(hf + f"mlp.{proj}_proj.weight", shape, _TRANSPOSE)
       if cfg.bias("mlp"):
-        sources[bj + f"mlp/{name}/bias"] = _Source(hf + f"mlp.{proj}_proj.bias", shape[:1], _same)
+        sources[bj + f"mlp/{name}/bias"] = _Source(hf + f"mlp.{proj}_proj.bias", shape[:1], _SAME)
   return sources
 
 
-def _gpt2_fused_qkv(part: int, width: int, heads: int, head_dim: int):
-  """One of q, k, v from GPT-2's fused c_attn ([D, 3D] kernel or [3D] bias)."""
+def _gpt2_fused_qkv(part: int, width: int, heads: int, head_dim: int) -> _Layout:
+  """One of q, k, v in GPT-2's fused c_attn ([D, 3D] kernel or [3D] bias) <-> [D, heads, K] or [heads, K]."""
   def take(x):
     x = x[..., part * width:(part + 1) * width]
     return x.reshape(x.shape[:-1] + (heads, head_dim))
-  return take
+  return _Layout(take, lambda x: x.reshape(x.shape[:-2] + (width,)))
 
 
 def _gpt2_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, _Source]:
   d, f, v, h, k = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.num_heads, cfg.resolved_head_dim
-  sources = {"token_embed/embedding": _Source(f"{prefix}wte.weight", (v, d), _same),
-             "position_embed/embedding": _Source(f"{prefix}wpe.weight", (cfg.max_len, d), _same),
-             "ln_final/scale": _Source(f"{prefix}ln_f.weight", (d,), _same),
-             "ln_final/bias": _Source(f"{prefix}ln_f.bias", (d,), _same)}
+  sources = {"token_embed/embedding": _Source(f"{prefix}wte.weight", (v, d), _SAME),
+             "position_embed/embedding": _Source(f"{prefix}wpe.weight", (cfg.max_len, d), _SAME),
+             "ln_final/scale": _Source(f"{prefix}ln_f.weight", (d,), _SAME),
+             "ln_final/bias": _Source(f"{prefix}ln_f.bias", (d,), _SAME)}
   if not cfg.tie_embeddings:
-    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _transpose)
+    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
   for i in range(cfg.num_layers):
     hf, bj = f"{prefix}h.{i}.", f"block_{i}/"
     for hf_norm, bj_norm in (("ln_1", "ln_attn"), ("ln_2", "ln_mlp")):
-      sources[bj + f"{bj_norm}/scale"] = _Source(hf + f"{hf_norm}.weight", (d,), _same)
-      sources[bj + f"{bj_norm}/bias"] = _Source(hf + f"{hf_norm}.bias", (d,), _same)
+      sources[bj + f"{bj_norm}/scale"] = _Source(hf + f"{hf_norm}.weight", (d,), _SAME)
+      sources[bj + f"{bj_norm}/bias"] = _Source(hf + f"{hf_norm}.bias", (d,), _SAME)
     for part, name in enumerate(("query", "key", "value")):
-      take = _gpt2_fused_qkv(part, d, h, k)
-      sources[bj + f"attn/{name}/kernel"] = _Source(hf + "attn.c_attn.weight", (d, 3 * d), take)
-      sources[bj + f"attn/{name}/bias"] = _Source(hf + "attn.c_attn.bias", (3 * d,), take)
-    sources[bj + "attn/out/kernel"] = _Source(hf + "attn.c_proj.weight", (d, d), lambda w: w.reshape(h, k, d))
-    sources[bj + "attn/out/bias"] = _Source(hf + "attn.c_proj.bias", (d,), _same)
-    sources[bj + "mlp/wi/kernel"] = _Source(hf + "mlp.c_fc.weight", (d, f), _same)
-    sources[bj + "mlp/wi/bias"] = _Source(hf + "mlp.c_fc.bias", (f,), _same)
-    sources[bj + "mlp/wo/kernel"] = _Source(hf + "mlp.c_proj.weight", (f, d), _same)
-    sources[bj + "mlp/wo/bias"] = _Source(hf + "mlp.c_proj.bias", (d,), _same)
+      fused = _gpt2_fused_qkv(part, d, h, k)
+      sources[bj + f"attn/{name}/kernel"] = _Source(hf + "attn.c_attn.weight", (d, 3 * d), fused)
+      sources[bj + f"attn/{name}/bias"] = _Source(hf + "attn.c_attn.bias", (3 * d,), fused)
+    # GPT-2's Conv1D stores [in, out] = [H * K, D], bigjax [H, K, D].
+    sources[bj + "attn/out/kernel"] = _Source(hf + "attn.c_proj.weight", (d, d), _Layout(
+        lambda w: w.reshape(h, k, d), lambda x: x.reshape(h * k, d)))
+    sources[bj + "attn/out/bias"] = _Source(hf + "attn.c_proj.bias", (d,), _SAME)
+    sources[bj + "mlp/wi/kernel"] = _Source(hf + "mlp.c_fc.weight", (d, f), _SAME)
+    sources[bj + "mlp/wi/bias"] = _Source(hf + "mlp.c_fc.bias", (f,), _SAME)
+    sources[bj + "mlp/wo/kernel"] = _Source(hf + "mlp.c_proj.weight", (f, d), _SAME)
+    sources[bj + "mlp/wo/bias"] = _Source(hf + "mlp.c_proj.bias", (d,), _SAME)
   return sources
 
 
-def _tensor_map(model_type: str, cfg: transformer.TransformerConfig, names: set[str]) -> dict[str, _Source]:
+def _tensor_map(model_type: str, cfg: transformer.TransformerConfig,
+                names: set[str] | None = None) -> dict[str, _Source]:
   """bigjax parameter path (layers unrolled) -> its source. Checkpoints of the bare model (LlamaModel,
-  GPT2Model) lack the task model's "model." / "transformer." prefix."""
+  GPT2Model) lack the task model's "model." / "transformer." prefix; without `names` (the exporter),
+  the task model's (GPT2LMHeadModel, LlamaForCausalLM) names."""
   if model_type == "gpt2":
-    return _gpt2_tensors(cfg, "transformer." if "transformer.wte.weight" in names else "")
-  return _llama_family_tensors(cfg, "model." if "model.embed_tokens.weight" in names else "")
+    bare = names is not None and "transformer.wte.weight" not in names
+    return _gpt2_tensors(cfg, "" if bare else "transformer.")
+  bare = names is not None and "model.embed_tokens.weight" not in names
+  return _llama_family_tensors(cfg, "" if bare else "model.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +416,7 @@ def _read_parameter(ckpt: _Checkpoint, sources: dict[str, _Source], path: str, n
   """One bigjax parameter; under scan_layers ("blocks/...") every layer's tensor, stacked."""
   def one(unrolled_path):
     source = sources[unrolled_path]
-    return source.to_bigjax(ckpt.read(source.name))
+    return source.layout.to_bigjax(ckpt.read(source.name))
   if path.startswith("blocks/"):
     rest = path[len("blocks/"):]
     return np.stack([one(f"block_{i}/{rest}") for i in range(num_layers)])
@@ -427,3 +458,240 @@ def _place(host: np.ndarray, placement: jax.sharding.Sharding | None) -> jax.Arr
     return jax.device_put(host)
   # Each device (of every process) receives only its own slice of the host array.
   return jax.make_array_from_callback(host.shape, placement, lambda index: host[index])
+
+
+# ----------------------------------------------------------------------------------------------
+# TransformerLM -> a Hugging Face directory
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# bigjax activation -> a name _ACTIVATIONS reads back as it (GPT-2's own name for the tanh gelu).
+_HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Fields that decide how a model runs or stores its weights, not what it computes.
+_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate")
+_LLAMA3_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_len")
+
+
+def _model_type(cfg: transformer.TransformerConfig) -> str:
+  """The family whose block cfg describes; whether every other field maps is checked afterwards."""
+  if cfg.block != "pre_norm":
+    raise UserError(f"block={cfg.block!r} is a registered block type with no Hugging Face counterpart; "
+                    f"Hugging Face export covers the pre_norm block")
+  parts = (cfg.position, cfg.norm, cfg.mlp)
+  if parts == ("learned", "layernorm", "dense"):
+    return "gpt2"
+  if parts != ("rotary", "rmsnorm", "gated"):
+    raise UserError(f"position={cfg.position!r} with norm={cfg.norm!r} and mlp={cfg.mlp!r} has no Hugging "
+                    f"Face counterpart (gpt2 is learned/layernorm/dense; llama, qwen2, qwen3 "
+                    f"rotary/rmsnorm/gated)")
+  if cfg.qk_norm:
+    return "qwen3"
+  # Qwen2 is Llama with q/k/v biases only; Llama's attention_bias switches q/k/v and output together.
+  if cfg.bias("qkv") and not cfg.bias("attn_out") and not cfg.bias("mlp"):
+    return "qwen2"
+  return "llama"  # Mistral's config (without a sliding window) says the same; Llama's is the common one
+
+
+def _gpt2_config(cfg: transformer.TransformerConfig) -> dict:
+  rate = cfg.dropout_rate  # GPT-2 drops where bigjax does: embeddings, attention weights, residual branches
+  return {"vocab_size": cfg.vocab_size, "n_layer": cfg.num_layers, "n_embd": cfg.embed_dim,
+          "n_head": cfg.num_heads, "n_inner": cfg.mlp_dim, "n_positions": cfg.max_len,
+          "activation_function": _HF_ACTIVATIONS[cfg.activation],
+          "layer_norm_epsilon": cfg.layer_norm_epsilon,
+          "embd_pdrop": rate, "attn_pdrop": rate, "resid_pdrop": rate}
+
+
+def _rope_parameters(cfg: transformer.TransformerConfig) -> dict:
+  rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+  if cfg.rope_scaling == "llama3":
+    rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  return rope
+
+
+def _llama_family_config(cfg: transformer.TransformerConfig, model_type: str) -> dict:
+  fields = {"vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.embed_dim,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads,
+            "head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.mlp_dim,
+            "max_position_embeddings": cfg.max_len, "hidden_act": _HF_ACTIVATIONS[cfg.activation],
+            "rms_norm_eps": cfg.layer_norm_epsilon, "rope_parameters": _rope_parameters(cfg),
+            # Only attention weights have dropout there; bigjax's residual dropout has no counterpart.
+            "attention_dropout": 0.0}
+  if model_type in ("llama", "qwen3"):
+    fields["attention_bias"] = cfg.bias("qkv")
+  if model_type == "llama":
+    fields["mlp_bias"] = cfg.bias("mlp")
+  if model_type in ("qwen2", "qwen3"):
+    fields.update(use_sliding_window=False, sliding_window=None)
+  return fields
+
+
+def _architecture(cfg: transformer.TransformerConfig) -> dict:
+  """The fields that decide what cfg computes, each at its effective value (defaults resolved, unused
+  fields dropped), so two configs of one model compare equal."""
+  fields = dataclasses.asdict(cfg)
+  for name in _RUN_FIELDS:
+    del fields[name]
+  fields.update(num_kv_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=cfg.resolved_head_dim,
+                **{f"{part}_bias": cfg.bias(part) for part in ("qkv", "attn_out", "mlp")})
+  if cfg.norm != "layernorm":
+    del fields["use_bias"]  # then only LayerNorm's bias reads it beyond the three switches above
+  if cfg.position != "rotary":
+    del fields["rotary_base"]
+  if cfg.rope_scaling == "none":
+    for name in _LLAMA3_FIELDS:
+      del fields[name]
+  return fields
+
+
+def config_to_hf(cfg: transformer.TransformerConfig) -> dict:
+  """The config.json (as a dict) of the Hugging Face model that computes what TransformerLM(cfg)
+  does: the inverse of config_from_hf, checked by reading it back. A field it cannot express is a
+  one-line error naming the field."""
+  model_type = _model_type(cfg)
+  if cfg.param_dtype not in _SAFETENSORS_DTYPES:
+    raise UserError(f"param_dtype={cfg.param_dtype!r} has no Hugging Face export; use one of "
+                    f"{', '.join(_SAFETENSORS_DTYPES)}")
+  fields = _gpt2_config(cfg) if model_type == "gpt2" else _llama_family_config(cfg, model_type)
+  # Token ids belong to the tokenizer, which bigjax keeps apart; transformers' defaults (Llama's 1
+  # and 2) would stop generate() at arbitrary tokens.
+  hf_config = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type]], **fields,
+               "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+               "pad_token_id": None, "dtype": cfg.param_dtype}
+  back = config_from_hf(hf_config, f"Hugging Face {model_type} config",
+                        **{name: getattr(cfg, name) for name in _RUN_FIELDS})
+  want, got = _architecture(cfg), _architecture(back)
+  differ = [name for name in want if want[name] != got.get(name)]
+  if differ:
+    raise UserError(f"{', '.join(f'{n}={want[n]!r}' for n in differ)} has no counterpart in a Hugging Face "
+                    f"{model_type} config.json (it would load as "
+                    f"{', '.join(f'{n}={got.get(n)!r}' for n in differ)})")
+  return hf_config
+
+
+def check_exportable(module) -> dict:
+  """config_to_hf of a TransformerLM; any other module is a one-line error (before any weights move)."""
+  if not isinstance(module, transformer.TransformerLM):
+    raise UserError(f"{type(module).__name__} has no Hugging Face export; it covers TransformerLM models of "
+                    f"the {', '.join(ARCHITECTURES)} families")
+  return config_to_hf(module.config)
+
+
+def _gather(leaf) -> np.ndarray:
+  """One parameter, whole, on this host; across processes every one takes part."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = multihost_utils.process_allgather(leaf, tiled=True)
+  return np.asarray(jax.device_get(leaf))
+
+
+def _host_parameters(params, num_layers: int):
+  """(path, host array) per parameter, layers unrolled; gathers one parameter at a time (under
+  scan_layers, one parameter of every layer)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name, host = sharding.path_name(path), _gather(leaf)
+    if name.startswith("blocks/"):
+      for i in range(num_layers):
+        yield f"block_{i}/{name[len('blocks/'):]}", host[i]
+    else:
+      yield name, host
+    del host
+
+
+def _unrolled_names(params, num_layers: int) -> set[str]:
+  names = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = sharding.path_name(path)
+    rest = name[len("blocks/"):]
+    names |= {f"block_{i}/{rest}" for i in range(num_layers)} if name.startswith("blocks/") else {name}
+  return names
+
+
+def _safetensors_header(sources: dict[str, _Source], dtype: str) -> tuple[bytes, dict[str, int]]:
+  """The file's header (length-prefixed JSON, padded so the data starts 8-byte aligned) and each
+  tensor's offset from the data's start."""
+  itemsize = jnp.dtype(dtype).itemsize
+  shapes = {source.name: source.shape for source in sources.values()}
+  header, offsets, offset = {"__metadata__": {"format": "pt"}}, {}, 0
+  for name in sorted(shapes):
+    size = math.prod(shapes[name]) * itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                    "data_offsets": [offset, offset + size]}
+    offsets[name], offset = offset, offset + size
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-(8 + len(text)) % 8)
+  return struct.pack("<Q", len(text)) + text, offsets
+
+
+def _write_safetensors(path: str | None, sources: dict[str, _Source], parameters, dtype: str) -> None:
+  """model.safetensors from (path, host array) pairs. The header follows from the table alone, so
+  each tensor goes to its offset as soon as its parameters arrive and the host holds one at a time
+  (safetensors.numpy.save_file wants them all in memory, and copies each to bytes besides).
+  Processes other than 0 (path None) only take part in the gathering."""
+  pieces = {}  # tensor name -> its bigjax parameters, in table order
+  for param_path, source in sources.items():
+    pieces.setdefault(source.name, []).append(param_path)
+  header, offsets = _safetensors_header(sources, dtype)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "wb") if path is not None else contextlib.nullcontext() as f:
+      if f is not None:
+        f.write(header)
+      for name, tensor in _hf_tensors(sources, pieces, parameters):
+        if f is not None:
+          f.seek(len(header) + offsets[name])
+          # As raw bytes (a bfloat16 buffer is not exportable as one); JAX's platforms are little-endian.
+          f.write(np.ascontiguousarray(tensor, jnp.dtype(dtype)).reshape(-1).view(np.uint8).data)
+  except BaseException:
+    if path is not None and os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  if path is not None:
+    os.replace(tmp, path)
+
+
+def _hf_tensors(sources: dict[str, _Source], pieces: dict[str, list[str]], parameters):
+  """(tensor name, array) as soon as every parameter that makes the tensor has arrived."""
+  pending: dict[str, dict[str, np.ndarray]] = {}
+  for param_path, host in parameters:
+    source = sources[param_path]
+    got = pending.setdefault(source.name, {})
+    got[param_path] = source.layout.to_hf(host)
+    if len(got) < len(pieces[source.name]):
+      continue  # a fused tensor waits for its other pieces
+    del pending[source.name]
+    parts = [got[p] for p in pieces[source.name]]
+    tensor = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    if tensor.shape != source.shape:
+      raise UserError(f"parameter {param_path} has shape {host.shape}, which does not fit tensor "
+                      f"{source.name!r} {source.shape} of the module's config")
+    yield source.name, tensor
+
+
+def save(directory: str, module, variables) -> str:
+  """Writes a TransformerLM and its variables as a Hugging Face model directory (config.json and
+  model.safetensors in the parameters' dtype) that transformers' from_pretrained (and `load`) read
+  as the same model. Parameters may be sharded over a mesh and stacked by scan_layers; each is
+  gathered to the host in turn, so the host never holds more than one of them. Returns the directory."""
+  hf_config = check_exportable(module)
+  cfg = module.config
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if os.path.exists(os.path.join(directory, CONFIG)) or os.path.exists(os.path.join(directory, WEIGHTS)):
+    raise UserError(f"{directory} already holds a model ({CONFIG} or {WEIGHTS}); choose a new directory")
+  params = nn.unbox(variables["params"])
+  sources = _tensor_map(hf_config["model_type"], cfg)
+  have, want = _unrolled_names(params, cfg.num_layers), set(sources)
+  if have != want:
+    odd = sorted(want - have)[:1] + sorted(have - want)[:1]
+    raise UserError(f"the variables do not fit the module's config (parameter {odd[0]} is "
+                    f"{'missing' if odd[0] in want else 'unexpected'})")
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(directory, exist_ok=True)
+  _write_safetensors(os.path.join(directory, WEIGHTS) if writer else None, sources,
+                     _host_parameters(params, cfg.num_layers), cfg.param_dtype)
+  if writer:  # last: a directory with config.json is a complete model
+    workdir_lib.replace_file(os.path.join(directory, CONFIG), json.dumps(hf_config, indent=2) + "\n")
+  return directory
