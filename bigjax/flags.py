@@ -38,10 +38,10 @@ INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the p
                                 "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
                                 "(config.json + safetensors; its architecture then needs no --model) to fine-tune.")
 EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
-EXPORT_FORMAT = flags.DEFINE_enum("export_format", "bigjax", ["bigjax", "hf"], "--mode=export: bigjax (what "
-                                  "bigjax.models.load and --init_from read) or hf (a Hugging Face directory, "
-                                  "config.json and model.safetensors, for transformers' from_pretrained; "
-                                  "Transformer language models of the gpt2, llama, qwen2 and qwen3 families).")
+EXPORT_FORMAT = flags.DEFINE_enum(
+    "export_format", "bigjax", ["bigjax", "hf"], "--mode=export: bigjax (what bigjax.models.load and "
+    "--init_from read) or hf (a Hugging Face directory, config.json and model.safetensors, for transformers' "
+    "from_pretrained; Transformer language models of the gpt2, llama, qwen2 and qwen3 families).")
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
 IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import before anything is built, "
                                    "e.g. your own that register presets with bigjax.models.register "

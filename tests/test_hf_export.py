@@ -24,6 +24,8 @@ from bigjax.errors import UserError
 from bigjax.interop import hf
 from bigjax.nn import transformer
 from tests.test_cli import TINY_FLAGS
+from tests.test_cli import _assert_one_line_error
+from tests.test_cli import _run_experiment
 from tests.test_hf_interop import _FAMILIES
 from tests.test_hf_interop import _TOKENS_BT
 from tests.test_hf_interop import _reference_logits
@@ -74,11 +76,12 @@ def test_export_of_an_imported_model_loads_into_transformers_with_its_logits(hf_
 
 
 def _random_variables(module):
-  """Initial parameters, with the norm scales moved off one so that a misplaced scale shows."""
-  params = nn.unbox(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-  return {"params": jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
-                                 if x.ndim == 1 else x, params)}
+  """Random parameters drawn on the host (compiling init would dominate these tests); vectors (norm
+  scales, biases) around one, so that a misplaced one shows in the logits."""
+  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  rng = np.random.RandomState(0)
+  draw = lambda x: (1.0 if len(x.shape) == 1 else 0.0) + 0.1 * rng.standard_normal(x.shape).astype(x.dtype)
+  return {"params": jax.tree.map(draw, abstract)}
 
 
 _TINY = dict(num_layers=2, embed_dim=32, mlp_dim=64, max_len=32, vocab_size=128)
@@ -171,17 +174,25 @@ def test_cli_exports_a_trained_llama_that_transformers_loads(tmp_path, data_dir)
           "--num_steps=2", "--eval_every=2", "--checkpoint_every=2"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   for extra in ([], ["--mode=export", "--export_format=hf", f"--export_dir={tmp_path / 'hf'}"]):
-    result = subprocess.run([sys.executable, "-m", "experiments.transformer", *tiny, *extra], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "experiments.transformer", *tiny, *extra], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
   assert "exported step 2" in result.stdout
   exported = _from_pretrained(str(tmp_path / "hf"))
   # The run's own parameters, read from its newest checkpoint, give the reference logits.
   module = models.create("llama-tiny", num_layers=1, embed_dim=32, mlp_dim=64)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
   variables = checkpoint.load_variables(str(tmp_path / "run"), abstract)
   with jax.default_matmul_precision("highest"):
     want = np.asarray(jax.jit(module.apply)(variables, _TOKENS_BT))
   assert _relative_error(_reference_logits(exported, _TOKENS_BT), want) < 1e-5
+
+
+def test_cli_refuses_hf_export_of_a_model_that_is_not_a_language_model(tmp_path, data_dir):
+  result = _run_experiment("experiments.mlp", "--dataset=sklearn_digits", f"--workdir={tmp_path}",
+                           f"--data_dir={data_dir}", "--mode=export", "--export_format=hf",
+                           f"--export_dir={tmp_path / 'hf'}")
+  _assert_one_line_error(result, 1, "MLP has no Hugging Face export; it covers TransformerLM models")
+  assert not os.path.exists(tmp_path / "hf")

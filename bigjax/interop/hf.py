@@ -633,23 +633,28 @@ def _write_safetensors(path: str | None, sources: dict[str, _Source], parameters
   pieces = {}  # tensor name -> its bigjax parameters, in table order
   for param_path, source in sources.items():
     pieces.setdefault(source.name, []).append(param_path)
+  tensors = _hf_tensors(sources, pieces, parameters)
+  if path is None:
+    for _ in tensors:
+      pass
+    return
   header, offsets = _safetensors_header(sources, dtype)
   tmp = f"{path}.tmp"
   try:
-    with open(tmp, "wb") if path is not None else contextlib.nullcontext() as f:
-      if f is not None:
-        f.write(header)
-      for name, tensor in _hf_tensors(sources, pieces, parameters):
-        if f is not None:
-          f.seek(len(header) + offsets[name])
-          # As raw bytes (a bfloat16 buffer is not exportable as one); JAX's platforms are little-endian.
-          f.write(np.ascontiguousarray(tensor, jnp.dtype(dtype)).reshape(-1).view(np.uint8).data)
-  except BaseException:
-    if path is not None and os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  if path is not None:
+    with open(tmp, "wb") as f:
+      f.write(header)
+      for name, tensor in tensors:
+        f.seek(len(header) + offsets[name])
+        # As raw bytes (a bfloat16 buffer is not exportable as one); JAX's platforms are little-endian.
+        f.write(np.ascontiguousarray(tensor, jnp.dtype(dtype)).reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    if isinstance(e, OSError):
+      raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix the directory, "
+                      f"then rerun") from None
+    raise
 
 
 def _hf_tensors(sources: dict[str, _Source], pieces: dict[str, list[str]], parameters):
@@ -674,7 +679,8 @@ def save(directory: str, module, variables) -> str:
   """Writes a TransformerLM and its variables as a Hugging Face model directory (config.json and
   model.safetensors in the parameters' dtype) that transformers' from_pretrained (and `load`) read
   as the same model. Parameters may be sharded over a mesh and stacked by scan_layers; each is
-  gathered to the host in turn, so the host never holds more than one of them. Returns the directory."""
+  gathered to the host in turn and written out, so the host holds about one at a time (three for
+  GPT-2's fused q/k/v), never the model. Returns the directory."""
   hf_config = check_exportable(module)
   cfg = module.config
   directory = os.path.abspath(os.path.expanduser(directory))
