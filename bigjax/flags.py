@@ -33,7 +33,7 @@ from bigjax.nn import transformer
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
                          "train (resuming from --workdir), eval (the newest checkpoint), sample "
                          "(language models: generate from --prompt), or export (parameters and model "
-                         "config of the newest checkpoint to --export_dir).")
+                         "config of the newest checkpoint to --export_dir, as --export_format says).")
 INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the parameters of an export "
                                 "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
                                 "(config.json + safetensors; its architecture then needs no --model) to fine-tune.")

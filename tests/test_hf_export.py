@@ -91,6 +91,8 @@ _TINY = dict(num_layers=2, embed_dim=32, mlp_dim=64, max_len=32, vocab_size=128)
     ("llama-tiny", dict(tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16,
                         rope_scaling_factor=4.0), "llama"),
     ("transformer-tiny", {}, "gpt2"),
+    ("llama-tiny", dict(qkv_bias=True), "qwen2"),
+    ("llama-tiny", dict(qk_norm=True, head_dim=16), "qwen3"),
 ])
 def test_bigjax_model_exports_with_its_logits(tmp_path, name, overrides, model_type):
   module = models.create(name, **_TINY, **overrides)
@@ -165,6 +167,16 @@ def test_export_refuses_a_directory_that_holds_a_model(hf_dirs):
   directory, _ = hf_dirs["gpt2"]
   with pytest.raises(UserError, match="already holds a model"):
     models.save_hf(directory, *models.load(directory))
+
+
+def test_variables_that_do_not_fit_the_config_are_named(tmp_path):
+  module = _lm()
+  variables = _random_variables(module)
+  del variables["params"]["block_1"]["mlp"]["wo"]
+  with pytest.raises(UserError, match=r"the variables do not fit the module's config \(parameter "
+                                      r"block_1/mlp/wo/kernel is missing\)"):
+    models.save_hf(str(tmp_path / "out"), module, variables)
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_cli_exports_a_trained_llama_that_transformers_loads(tmp_path, data_dir):
