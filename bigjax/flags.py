@@ -278,7 +278,7 @@ def build_model():
   if hf_dir is None:
     require(MODEL)
     return models.create(MODEL.value, **model_overrides())
-  cfg = hf.config_from_hf(hf.read_config(hf_dir), os.path.join(hf_dir, hf.CONFIG), **model_overrides())
+  cfg = hf.check(hf_dir, **model_overrides())
   if MODEL.value:
     _check_same_architecture(models.create(MODEL.value, **model_overrides()), cfg, hf_dir)
   return transformer.TransformerLM(cfg)

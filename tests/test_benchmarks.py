@@ -169,3 +169,21 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
   assert (gpt["model"], gpt["dtype"], gpt["cudnn_attention_calls"]) == ("gpt2-medium", "bfloat16", 0)
   assert gpt["tokens_per_s"] > 0 and resnet["images_per_s"] > 0
   assert "jax 0." in (out / "versions.txt").read_text()
+
+
+def test_load_benchmark_writes_a_checkpoint_and_measures_its_sharded_load(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-m", "benchmarks.load", "--model=llama-tiny", "--dtype=float32",
+                           f"--checkpoint_dir={tmp_path / 'ckpt'}"], cwd=repo, capture_output=True, text=True,
+                          timeout=300, check=True)
+  record = json.loads(result.stdout.strip().splitlines()[-1])
+  assert record["mesh"] == "data=1, fsdp=8, tensor=1" and record["parameters"] == 1_639_680
+  assert record["checkpoint_bytes"] >= 4 * record["parameters"]
+  # Every parameter of llama-tiny splits over fsdp:8, so each device holds an eighth of the model.
+  assert record["bytes_per_device_max"] == record["bytes_per_device_min"] == record["model_bytes_over_devices"]
+  assert record["load_s"] > 0 and record["peak_rss_bytes"] >= record["rss_before_bytes"]

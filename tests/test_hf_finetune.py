@@ -73,3 +73,18 @@ def test_a_model_flag_that_disagrees_with_config_json_is_one_line_and_touches_no
       f"error: --model=llama-tiny has embed_dim=256 but {directory}/config.json gives 32; leave --model out to "
       "take the architecture from config.json")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_hugging_face_directory_is_one_line_before_the_workdir_exists(tmp_path, data_dir, hf_llama):
+  import shutil
+  from safetensors import numpy as safetensors_numpy
+  directory, _ = hf_llama
+  damaged = shutil.copytree(directory, tmp_path / "damaged")
+  tensors = safetensors_numpy.load_file(damaged / "model.safetensors")
+  del tensors["model.layers.1.mlp.down_proj.weight"]
+  safetensors_numpy.save_file(tensors, damaged / "model.safetensors")
+  refused = _experiment(tmp_path / "run", f"--data_dir={data_dir}", f"--init_from={damaged}", "--num_steps=1")
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+  last = refused.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "model.layers.1.mlp.down_proj.weight" in last, last
+  assert not (tmp_path / "run").exists()

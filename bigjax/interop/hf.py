@@ -423,6 +423,19 @@ def _read_parameter(ckpt: _Checkpoint, sources: dict[str, _Source], path: str, n
   return one(path)
 
 
+def check(directory: str, **overrides) -> transformer.TransformerConfig:
+  """The TransformerConfig of a Hugging Face directory, once its tensors' names and shapes (the
+  safetensors headers, no values) are those the config calls for: what `load` would refuse is
+  refused here, before a run touches its workdir."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  hf_config = read_config(directory)
+  where = os.path.join(directory, CONFIG)
+  cfg = config_from_hf(hf_config, where, **overrides)
+  with _Checkpoint(directory) as ckpt:
+    _check_tensors(ckpt, _tensor_map(hf_config["model_type"], cfg, ckpt.names), cfg.tie_embeddings, where)
+  return cfg
+
+
 def load(directory: str, *, mesh: jax.sharding.Mesh | None = None, **overrides):
   """(TransformerLM, {"params": ...}) from a Hugging Face model directory, ready for
   `module.apply(variables, tokens_BT)` and bigjax.sample. With `mesh`, each parameter lands in the
