@@ -35,6 +35,7 @@ LOAD_ONLY = flags.DEFINE_bool("load_only", False, "Internal: this is the loading
 def write_random_checkpoint(name: str, dtype: str, directory: str) -> None:
   """A Hugging Face directory of preset `name`'s shapes, values ~N(0, 0.02), made one tensor at a
   time in numpy (initialising a billion parameters with JAX's RNG on a CPU takes minutes)."""
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -44,8 +45,7 @@ def write_random_checkpoint(name: str, dtype: str, directory: str) -> None:
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda leaf: (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype),
-                        jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, abstract,
-                                     is_leaf=lambda x: hasattr(x, "value")))
+                        nn.unbox(abstract))
   models.save_hf(directory, module, {"params": params})
 
 
