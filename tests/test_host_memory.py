@@ -49,9 +49,18 @@ def _run_program(**env_vars) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("huge_pages", ["as this machine has them", "off for the process"])
+# How each transparent-huge-page setting is reached from one machine: its own, `never` by the prctl
+# above, and `always` for malloc's memory by glibc's tunable that madvises every heap it maps.
+HUGE_PAGES = {
+    "as this machine has them": {"THP_DISABLE": "0"},
+    "off for the process (as never)": {"THP_DISABLE": "1"},
+    "on for every allocation (as always)": {"THP_DISABLE": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+
+
+@pytest.mark.parametrize("huge_pages", HUGE_PAGES)
 def test_with_the_settings_xla_cpu_buffers_are_reused(huge_pages):
-  result = _run_program(THP_DISABLE="1" if huge_pages == "off for the process" else "0")
+  result = _run_program(**HUGE_PAGES[huge_pages])
   assert result["applied"]
   # A reused buffer takes (almost) no faults, whatever the kernel's huge-page setting.
   assert result["faults_per_call"] < FEW_FAULTS, result
