@@ -27,7 +27,6 @@ from bigjax import train
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.interop import hf
-from bigjax.nn import transformer
 
 # What and where.
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
@@ -216,11 +215,11 @@ class Experiment:
       with train.mesh_context(self.mesh):
         state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
                                                config=self.config, mesh=self.mesh)
+        variables = {"params": state.params, **state.model_state}
         if hf_format:
-          directory = models.save_hf(EXPORT_DIR.value, self.model, {"params": state.params})
+          directory = models.save_hf(EXPORT_DIR.value, self.model, variables)
         else:
-          directory = checkpoint.export(EXPORT_DIR.value, {"params": state.params, **state.model_state},
-                                        *model_identity(self.model))
+          directory = checkpoint.export(EXPORT_DIR.value, variables, *model_identity(self.model))
       metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
       return {"step": step}
     if MODE.value != "train":
@@ -258,9 +257,11 @@ def experiment() -> Experiment:
                     config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
 
 
-# TransformerConfig fields a run sets for itself when its architecture comes from a Hugging Face
-# config.json: how it computes and stores, not what it computes (a shorter context is a choice too).
-_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate", "max_len")
+# Config fields a run sets for itself when its architecture comes from a Hugging Face config.json:
+# how it computes, stores and initialises, not what it computes (a shorter context, a ResNet's image
+# size are choices too).
+_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate", "max_len", "conv_impl",
+               "zero_init_residual")
 
 
 def hf_init_dir() -> str | None:
@@ -281,15 +282,15 @@ def build_model():
   cfg = hf.check(hf_dir, **model_overrides())
   if MODEL.value:
     _check_same_architecture(models.create(MODEL.value, **model_overrides()), cfg, hf_dir)
-  return transformer.TransformerLM(cfg)
+  return hf.module_for(cfg)
 
 
-def _check_same_architecture(preset, cfg: transformer.TransformerConfig, hf_dir: str) -> None:
+def _check_same_architecture(preset, cfg, hf_dir: str) -> None:
   leave_out = "leave --model out to take the architecture from config.json"
   preset_cfg = getattr(preset, "config", None)
-  if not isinstance(preset_cfg, transformer.TransformerConfig):
-    raise UserError(f"--model={MODEL.value} is not a Transformer language model but --init_from={hf_dir} holds "
-                    f"one; {leave_out}")
+  if type(preset_cfg) is not type(cfg):
+    raise UserError(f"--model={MODEL.value} is a {type(preset).__name__} but --init_from={hf_dir} holds a "
+                    f"{type(hf.module_for(cfg)).__name__}; {leave_out}")
   for field in dataclasses.fields(cfg):
     ours, theirs = getattr(preset_cfg, field.name), getattr(cfg, field.name)
     if field.name not in _RUN_FIELDS and ours != theirs:
@@ -299,10 +300,10 @@ def _check_same_architecture(preset, cfg: transformer.TransformerConfig, hf_dir:
 
 def model_identity(model) -> tuple[str, dict]:
   """(preset, overrides) that rebuild `model` from an export: --model and its overrides, or for an
-  architecture from a Hugging Face config.json the plain "transformer-lm" preset with every field."""
+  architecture from a Hugging Face config.json the plain preset of its kind with every field."""
   if hf_init_dir() is None:
     return MODEL.value, model_overrides()
-  return "transformer-lm", dataclasses.asdict(model.config)
+  return models.full_config_preset(model), dataclasses.asdict(model.config)
 
 
 def save_flags(workdir: str) -> str:

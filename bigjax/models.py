@@ -54,8 +54,9 @@ def create(name: str, **overrides) -> nn.Module:
 def load(directory: str, *, mesh=None, **overrides):
   """(module, variables) ready for `module.apply(variables, ...)`: evaluate or sample without the
   training state. `directory` is either a bigjax export (written by `--mode=export`) or a Hugging
-  Face model directory (config.json and safetensors weights; model types in interop.hf.MODEL_TYPES),
-  whose logits then equal transformers'. For the latter, `mesh` places every parameter straight into
+  Face model directory (config.json and safetensors weights; model types in interop.hf.MODEL_TYPES:
+  the LMs gpt2, llama, mistral, qwen2, qwen3 and the image classifiers vit, resnet), whose logits
+  then equal transformers'. For the latter, `mesh` places every parameter straight into
   its sharding and `overrides` replace config fields (dtype, param_dtype, scan_layers, ...)."""
   path = os.path.abspath(os.path.expanduser(directory))
   if not os.path.isdir(path):
@@ -73,10 +74,10 @@ def load(directory: str, *, mesh=None, **overrides):
 
 
 def save_hf(directory: str, module, variables) -> str:
-  """Writes a TransformerLM (of the gpt2, llama, qwen2 or qwen3 family) and its variables as a
-  Hugging Face model directory, which transformers' from_pretrained and `load` read back with the
-  same logits; a model without a Hugging Face counterpart is a one-line error naming what does not
-  map. Sharded parameters are gathered one at a time. Returns the directory."""
+  """Writes a TransformerLM (of the gpt2, llama, qwen2 or qwen3 family), ViT or ResNet and its
+  variables as a Hugging Face model directory, which transformers' from_pretrained and `load` read
+  back with the same logits; a model without a Hugging Face counterpart is a one-line error naming
+  what does not map. Sharded variables are gathered one at a time. Returns the directory."""
   return hf.save(directory, module, variables)
 
 
@@ -103,9 +104,22 @@ def _transformer_lm(defaults: dict):
   return _preset(transformer.TransformerLM, transformer.TransformerConfig, defaults)
 
 
-# Every TransformerConfig field given, none assumed: what an export of a model whose architecture
-# came from a Hugging Face config.json names (bigjax.flags.model_identity).
-register("transformer-lm")(_transformer_lm({}))
+# Every config field given, none assumed: what an export of a model whose architecture came from a
+# Hugging Face config.json names (bigjax.flags.model_identity), one preset per kind of model.
+_FULL_CONFIG_PRESETS = {"transformer-lm": (transformer.TransformerLM, transformer.TransformerConfig),
+                        "vit": (transformer.ViT, transformer.ViTConfig),
+                        "resnet": (conv.ResNet, conv.ResNetConfig)}
+FULL_CONFIG_PRESETS = tuple(_FULL_CONFIG_PRESETS)
+for _name, (_module, _config_cls) in _FULL_CONFIG_PRESETS.items():
+  register(_name)(_preset(_module, _config_cls, {}))
+
+
+def full_config_preset(module: nn.Module) -> str:
+  """The preset that rebuilds `module` from all of its config's fields."""
+  for name, (module_cls, _) in _FULL_CONFIG_PRESETS.items():
+    if type(module) is module_cls:
+      return name
+  raise UserError(f"{type(module).__name__} has no full-config preset; give --model")
 
 # Byte-level LM that trains in minutes on a 2-core CPU (experiments/configs/transformer_tiny.flags).
 register("transformer-tiny")(_transformer_lm(dict(

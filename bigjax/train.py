@@ -276,10 +276,11 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
 def _initial_variables(init_from: str, model, abstract, mesh) -> dict:
   """--init_from's model variables placed as the fresh state's: a Hugging Face model directory (its
   config.json gave `model`'s architecture), an export, or a workdir's newest checkpoint."""
+  wanted = {"params": abstract.params, **abstract.model_state}
   if hf.is_hf_directory(os.path.abspath(os.path.expanduser(init_from))):
     _, variables = hf.load(init_from, mesh=mesh, **dataclasses.asdict(model.config))
-    return {"params": jax.device_put(variables["params"], jax.tree.map(lambda a: a.sharding, abstract.params))}
-  return checkpoint.load_variables(init_from, {"params": abstract.params, **abstract.model_state})
+    return jax.device_put(variables, jax.tree.map(lambda a: a.sharding, wanted))
+  return checkpoint.load_variables(init_from, wanted)
 
 
 def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, mesh):

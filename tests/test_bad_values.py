@@ -237,17 +237,20 @@ def test_create_names_the_config_once():
   assert str(error.value) == "TransformerConfig: num_layers='abc' must be an integer >= 1"
 
 
-@pytest.mark.parametrize("name", [n for n in models.names() if n != "transformer-lm"])
+@pytest.mark.parametrize("name", [n for n in models.names() if n not in models.FULL_CONFIG_PRESETS])
 def test_every_preset_still_builds(name):
   models.create(name)
 
 
-def test_the_plain_transformer_preset_takes_every_size_and_assumes_none():
+@pytest.mark.parametrize("name, like", [("transformer-lm", "llama-tiny"), ("vit", "vit-ti16"), ("resnet", "resnet18")])
+def test_the_full_config_presets_take_every_field_and_assume_none(name, like):
   import dataclasses
-  config = models.create("llama-tiny").config
-  assert models.create("transformer-lm", **dataclasses.asdict(config)).config == config
-  with pytest.raises(UserError, match="model 'transformer-lm': .*missing .* required"):
-    models.create("transformer-lm")
+  module = models.create(like)
+  config = module.config
+  assert models.create(name, **dataclasses.asdict(config)).config == config
+  assert models.full_config_preset(module) == name
+  with pytest.raises(UserError, match=f"model '{name}': .*missing .* required"):
+    models.create(name)
 
 
 # ----------------------------------------------------------------------------------------------

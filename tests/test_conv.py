@@ -189,9 +189,9 @@ def test_every_image_preset_runs_at_tiny_size(name):
 
 def test_every_image_preset_is_listed():
   image_classes = (conv.CNN, conv.ResNet, mlp.MLP, transformer.ViT)
-  # transformer-lm assumes no sizes, so it builds only from a full config (tests/test_bad_values.py).
+  # The full-config presets assume no sizes, so they build only from a full config (tests/test_bad_values.py).
   image_presets = {n for n in models.names()
-                   if n != "transformer-lm" and isinstance(models.create(n), image_classes)}
+                   if n not in models.FULL_CONFIG_PRESETS and isinstance(models.create(n), image_classes)}
   # ResNet-34/101/152 differ from 18/50 only in stage sizes, which the parameter counts check.
   assert image_presets == set(TINY) | {"resnet34", "resnet101", "resnet152"}
 

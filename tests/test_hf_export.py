@@ -153,9 +153,12 @@ def _lm(**overrides):
     (_lm(qk_norm=True, mlp_bias=True), "mlp_bias=True has no counterpart in a Hugging Face qwen3"),
     (models.create("transformer-tiny", use_bias=False), "use_bias=False, qkv_bias=False, .* has no "
                                                         "counterpart in a Hugging Face gpt2"),
-    (models.create("mlp"), "MLP has no Hugging Face export; it covers TransformerLM models"),
+    (models.create("mlp"), "MLP has no Hugging Face export; it covers TransformerLM, ViT, ResNet models"),
+    (models.create("resnet18", stem="small"), "stem='small' has no Hugging Face counterpart"),
+    (models.create("vit-ti16", pool="mean"), "pool='mean' with position='learned' has no Hugging Face counterpart"),
+    (models.create("vit-ti16", position="sinusoidal_2d"), "position='sinusoidal_2d' has no Hugging Face"),
 ], ids=["learned_rmsnorm", "sinusoidal", "custom_block", "out_bias_only", "qwen3_mlp_bias", "gpt2_no_bias",
-        "not_an_lm"])
+        "not_an_lm_vit_or_resnet", "resnet_small_stem", "vit_mean_pool", "vit_fixed_positions"])
 def test_models_without_a_hugging_face_counterpart_are_refused_in_one_line(tmp_path, module, message):
   with pytest.raises(UserError, match=message) as error:
     models.save_hf(str(tmp_path / "out"), module, {"params": {}})
@@ -173,8 +176,8 @@ def test_variables_that_do_not_fit_the_config_are_named(tmp_path):
   module = _lm()
   variables = _random_variables(module)
   del variables["params"]["block_1"]["mlp"]["wo"]
-  with pytest.raises(UserError, match=r"the variables do not fit the module's config \(parameter "
-                                      r"block_1/mlp/wo/kernel is missing\)"):
+  with pytest.raises(UserError, match=r"the variables do not fit the module's config \(variable "
+                                      r"params/block_1/mlp/wo/kernel is missing\)"):
     models.save_hf(str(tmp_path / "out"), module, variables)
   assert not os.path.exists(tmp_path / "out")
 
@@ -202,9 +205,9 @@ def test_cli_exports_a_trained_llama_that_transformers_loads(tmp_path, data_dir)
   assert _relative_error(_reference_logits(exported, _TOKENS_BT), want) < 1e-5
 
 
-def test_cli_refuses_hf_export_of_a_model_that_is_not_a_language_model(tmp_path, data_dir):
+def test_cli_refuses_hf_export_of_a_model_without_a_hugging_face_family(tmp_path, data_dir):
   result = _run_experiment("experiments.mlp", "--dataset=sklearn_digits", f"--workdir={tmp_path}",
                            f"--data_dir={data_dir}", "--mode=export", "--export_format=hf",
                            f"--export_dir={tmp_path / 'hf'}")
-  _assert_one_line_error(result, 1, "MLP has no Hugging Face export; it covers TransformerLM models")
+  _assert_one_line_error(result, 1, "MLP has no Hugging Face export; it covers TransformerLM, ViT, ResNet")
   assert not os.path.exists(tmp_path / "hf")

@@ -270,7 +270,7 @@ def test_missing_tensor_is_named(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "gpt2", tmp_path)
   _edit_tensors(directory, lambda tensors: tensors.pop("transformer.h.1.mlp.c_fc.bias"))
   _assert_one_line_error(directory, "tensor 'transformer.h.1.mlp.c_fc.bias' is missing .* for bigjax "
-                                    "parameter block_1/mlp/wi/bias")
+                                    "variable params/block_1/mlp/wi/bias")
 
 
 def test_misshapen_tensor_is_named(hf_dirs, tmp_path):

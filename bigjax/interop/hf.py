@@ -1,21 +1,25 @@
-"""Hugging Face model directories (config.json and safetensors) as bigjax TransformerLMs.
+"""Hugging Face model directories (config.json and safetensors) as bigjax models, and back.
 
-`load(directory)` maps config.json to a TransformerConfig and reads the weights one tensor at a time
-with safetensors' lazy reader, reshaping each into bigjax's layout and, given a mesh, placing it
-straight into its parameter's sharding: the model never exists whole on one device, and the host
-holds one tensor at a time (one parameter of every layer, stacked, under scan_layers).
+`load(directory)` maps config.json to a bigjax config (TransformerLM for gpt2, llama, mistral, qwen2
+and qwen3; ViT for vit; ResNet for resnet) and reads the weights one tensor at a time with
+safetensors' lazy reader, reshaping each into bigjax's layout and, given a mesh, placing it straight
+into its parameter's sharding: the model never exists whole on one device, and the host holds one
+tensor at a time (one parameter of every layer, stacked, under scan_layers).
 
 What cannot be mapped exactly is refused in one line (principle 8): another model_type, a rotary
-scaling other than Llama 3's, a sliding window shorter than the context, a missing, misshapen or
-unexpected tensor, a truncated file.
+scaling other than Llama 3's, a sliding window shorter than the context, a ResNet whose widths do
+not double per stage, a missing, misshapen or unexpected tensor, a truncated file.
 
-`save(directory, module, variables)` is the inverse for a TransformerLM whose config is one of those
-families (gpt2, llama, qwen2, qwen3), through the same tensor tables: config.json, and
-model.safetensors written one parameter at a time. A bigjax model that transformers cannot express
-(another block, norm or position scheme, a bias pattern no family has) is refused in one line.
+`save(directory, module, variables)` is the inverse, through the same tensor tables: config.json,
+and model.safetensors written one parameter at a time. A bigjax model that transformers cannot
+express (another block, norm or position scheme, a bias pattern no family has, a ResNet stem for
+small images) is refused in one line.
 
+Tensor tables map a bigjax variable path, collection first and layers unrolled
+("params/block_0/attn/query/kernel", "batch_stats/stem_bn/mean"), to its Hugging Face tensor.
 Shapes: D model width, H query heads, G key/value heads, K head dim, F MLP width, V vocabulary,
-P positions. Hugging Face's Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+P positions, C classes. Hugging Face's Linear stores [out, in], its Conv2d [out, in, kh, kw];
+GPT-2's Conv1D stores [in, out].
 """
 
 import contextlib
@@ -37,19 +41,23 @@ from jax.experimental import multihost_utils
 from bigjax import sharding
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
+from bigjax.nn import conv
 from bigjax.nn import transformer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+LM_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+IMAGE_TYPES = ("resnet", "vit")
+MODEL_TYPES = LM_TYPES + IMAGE_TYPES
 
 # hidden_act / activation_function -> bigjax activation. GPT-2's "gelu_new" is the tanh form.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
                 "gelu": "gelu_exact", "relu": "relu"}
 _DTYPES = ("float32", "bfloat16", "float16")
-# Buffers that older transformers versions saved beside the weights; nothing to load from them.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# Buffers that transformers saves beside the weights; nothing to load from them (older versions'
+# causal masks and rotary frequencies, BatchNorm's update counter).
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".num_batches_tracked")
 
 
 def is_hf_directory(directory: str) -> bool:
@@ -94,6 +102,30 @@ class _Fields:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
       self.fail(f"{key}={value!r} must be a number" if value is not None else f"needs {key}")
     return float(value)
+
+  def ints(self, key: str) -> list[int]:
+    value = self.hf.get(key)
+    if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                      for v in value)):
+      self.fail(f"{key}={value!r} must be a list of integers >= 1" if value is not None else f"needs {key}")
+    return value
+
+  def square(self, key: str, default: int) -> tuple[int, int]:
+    """image_size or patch_size: one integer, or [height, width]."""
+    value = self.hf.get(key, default)
+    pair = value if isinstance(value, list) else [value, value]
+    if not (len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)):
+      self.fail(f"{key}={value!r} must be an integer >= 1 or [height, width]")
+    return tuple(pair)
+
+  def num_labels(self) -> int:
+    # transformers writes id2label (its num_labels is len(id2label)); 2 labels when neither is given.
+    id2label = self.hf.get("id2label")
+    if id2label is None:
+      return self.int("num_labels", 2)
+    if not (isinstance(id2label, dict) and id2label):
+      self.fail(f"id2label={id2label!r} must be a non-empty JSON object")
+    return len(id2label)
 
   def flag(self, key: str, default: bool) -> bool:
     value = self.hf.get(key, default)
@@ -189,20 +221,72 @@ def _gpt2_fields(f: _Fields) -> dict:
       tie_embeddings=f.flag("tie_word_embeddings", True))
 
 
-def config_from_hf(hf_config: dict, where: str = CONFIG, **overrides) -> transformer.TransformerConfig:
-  """The TransformerConfig of a Hugging Face config.json (as a dict), with `overrides` replacing
-  fields (dtype, param_dtype, scan_layers, remat, ...). Compute and storage dtypes default to the
-  checkpoint's own."""
+def _vit_fields(f: _Fields) -> dict:
+  if not f.flag("qkv_bias", True):
+    f.fail("qkv_bias=false is not supported; bigjax's ViT has q/k/v biases")
+  height, width = f.square("image_size", 224)
+  patch_height, patch_width = f.square("patch_size", 16)
+  if patch_height != patch_width:
+    f.fail(f"patch_size={[patch_height, patch_width]} is not supported; bigjax's ViT has square patches")
+  return dict(
+      num_classes=f.num_labels(), input_shape=(height, width, f.int("num_channels", 3)), patch_size=patch_height,
+      num_layers=f.int("num_hidden_layers"), embed_dim=f.int("hidden_size"), num_heads=f.int("num_attention_heads"),
+      mlp_dim=f.int("intermediate_size"), pool="cls", position="learned", activation=f.activation("hidden_act"),
+      layer_norm_epsilon=f.number("layer_norm_eps", 1e-12))
+
+
+def _resnet_widths(width: int, stages: int, block: str) -> list[int]:
+  """Each stage's output channels in bigjax's ResNet: the width doubles per stage, x4 after a bottleneck."""
+  return [width * 2 ** stage * (4 if block == "bottleneck" else 1) for stage in range(stages)]
+
+
+def _resnet_fields(f: _Fields) -> dict:
+  block = f.hf.get("layer_type", "bottleneck")
+  if block not in ("basic", "bottleneck"):
+    f.fail(f"layer_type={block!r} is not supported; bigjax's ResNet has basic and bottleneck blocks")
+  if f.activation("hidden_act") != "relu":
+    f.fail(f"hidden_act={f.hf['hidden_act']!r} is not supported; bigjax's ResNet uses relu")
+  for key in ("downsample_in_first_stage", "downsample_in_bottleneck"):
+    if f.flag(key, False):
+      f.fail(f"{key}=true is not supported; bigjax's ResNet is v1.5 (the first stage keeps the stem's "
+             f"resolution, a bottleneck strides in its 3x3 convolution)")
+  depths, widths, width = f.ints("depths"), f.ints("hidden_sizes"), f.int("embedding_size", 64)
+  if widths != _resnet_widths(width, len(depths), block):
+    f.fail(f"hidden_sizes={widths} with embedding_size={width} is not supported; bigjax's ResNet doubles the "
+           f"width every stage: {_resnet_widths(width, len(depths), block)}")
+  # Hugging Face's ResNet pools globally and takes any image size; 224 x 224 is its training size.
+  return dict(num_classes=f.num_labels(), stage_sizes=tuple(depths), block=block,
+              input_shape=(224, 224, f.int("num_channels", 3)), width=width, stem="imagenet")
+
+
+def config_from_hf(hf_config: dict, where: str = CONFIG, **overrides):
+  """The bigjax config (TransformerConfig, ViTConfig or ResNetConfig) of a Hugging Face config.json
+  (as a dict), with `overrides` replacing fields (dtype, param_dtype, scan_layers, input_shape, ...).
+  Compute and storage dtypes default to the checkpoint's own."""
   f = _Fields(hf_config, where)
   model_type = hf_config.get("model_type")
   if model_type not in MODEL_TYPES:
     f.fail(f"model_type {model_type!r} is not supported; bigjax imports {', '.join(MODEL_TYPES)}")
-  fields = _gpt2_fields(f) if model_type == "gpt2" else _llama_family_fields(f, model_type)
-  fields.update(dtype=f.dtype(), param_dtype=f.dtype())
+  family = _FAMILIES[model_type]
+  fields = {**family.fields(f, model_type), "dtype": f.dtype(), "param_dtype": f.dtype()}
   try:
-    return transformer.TransformerConfig(**{**fields, **overrides})
-  except TypeError as e:  # an override that names no field
+    return family.config_class(**{**fields, **overrides})
+  except (TypeError, ValueError) as e:  # an override that names no field, or one the config refuses
     raise UserError(f"{where}: {e}") from None
+
+
+def module_for(cfg):
+  """The bigjax module a config_from_hf config describes."""
+  for family in _FAMILIES.values():
+    if isinstance(cfg, family.config_class):
+      return family.module_class(cfg)
+  raise UserError(f"{type(cfg).__name__} is not a config of a Hugging Face family")
+
+
+def _example_input(cfg):
+  if isinstance(cfg, transformer.TransformerConfig):
+    return jnp.zeros((1, 1), jnp.int32)
+  return jnp.zeros((1, *cfg.input_shape), jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +319,8 @@ def _transpose(w):
 
 _SAME = _Layout(_same, _same)
 _TRANSPOSE = _Layout(_transpose, _transpose)
+# A Conv2d kernel [out, in, kh, kw] <-> bigjax's [kh, kw, in, out].
+_CONV = _Layout(lambda w: w.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 
 
 def _out_heads(heads: int, head_dim: int) -> _Layout:
@@ -253,12 +339,12 @@ def _in_heads(heads: int, head_dim: int) -> _Layout:
 def _llama_family_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, _Source]:
   d, f, v, k = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.resolved_head_dim
   h, g = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
-  sources = {"token_embed/embedding": _Source(f"{prefix}embed_tokens.weight", (v, d), _SAME),
-             "ln_final/scale": _Source(f"{prefix}norm.weight", (d,), _SAME)}
+  sources = {"params/token_embed/embedding": _Source(f"{prefix}embed_tokens.weight", (v, d), _SAME),
+             "params/ln_final/scale": _Source(f"{prefix}norm.weight", (d,), _SAME)}
   if not cfg.tie_embeddings:
-    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
+    sources["params/head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
   for i in range(cfg.num_layers):
-    hf, bj = f"{prefix}layers.{i}.", f"block_{i}/"
+    hf, bj = f"{prefix}layers.{i}.", f"params/block_{i}/"
     sources[bj + "ln_attn/scale"] = _Source(hf + "input_layernorm.weight", (d,), _SAME)
     sources[bj + "ln_mlp/scale"] = _Source(hf + "post_attention_layernorm.weight", (d,), _SAME)
     for proj, name, heads in (("q", "query", h), ("k", "key", g), ("v", "value", g)):
@@ -290,14 +376,14 @@ def _gpt2_fused_qkv(part: int, width: int, heads: int, head_dim: int) -> _Layout
 
 def _gpt2_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, _Source]:
   d, f, v, h, k = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size, cfg.num_heads, cfg.resolved_head_dim
-  sources = {"token_embed/embedding": _Source(f"{prefix}wte.weight", (v, d), _SAME),
-             "position_embed/embedding": _Source(f"{prefix}wpe.weight", (cfg.max_len, d), _SAME),
-             "ln_final/scale": _Source(f"{prefix}ln_f.weight", (d,), _SAME),
-             "ln_final/bias": _Source(f"{prefix}ln_f.bias", (d,), _SAME)}
+  sources = {"params/token_embed/embedding": _Source(f"{prefix}wte.weight", (v, d), _SAME),
+             "params/position_embed/embedding": _Source(f"{prefix}wpe.weight", (cfg.max_len, d), _SAME),
+             "params/ln_final/scale": _Source(f"{prefix}ln_f.weight", (d,), _SAME),
+             "params/ln_final/bias": _Source(f"{prefix}ln_f.bias", (d,), _SAME)}
   if not cfg.tie_embeddings:
-    sources["head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
+    sources["params/head/kernel"] = _Source("lm_head.weight", (v, d), _TRANSPOSE)
   for i in range(cfg.num_layers):
-    hf, bj = f"{prefix}h.{i}.", f"block_{i}/"
+    hf, bj = f"{prefix}h.{i}.", f"params/block_{i}/"
     for hf_norm, bj_norm in (("ln_1", "ln_attn"), ("ln_2", "ln_mlp")):
       sources[bj + f"{bj_norm}/scale"] = _Source(hf + f"{hf_norm}.weight", (d,), _SAME)
       sources[bj + f"{bj_norm}/bias"] = _Source(hf + f"{hf_norm}.bias", (d,), _SAME)
@@ -316,16 +402,123 @@ def _gpt2_tensors(cfg: transformer.TransformerConfig, prefix: str) -> dict[str, 
   return sources
 
 
-def _tensor_map(model_type: str, cfg: transformer.TransformerConfig,
-                names: set[str] | None = None) -> dict[str, _Source]:
-  """bigjax parameter path (layers unrolled) -> its source. Checkpoints of the bare model (LlamaModel,
-  GPT2Model) lack the task model's "model." / "transformer." prefix; without `names` (the exporter),
-  the task model's (GPT2LMHeadModel, LlamaForCausalLM) names."""
-  if model_type == "gpt2":
-    bare = names is not None and "transformer.wte.weight" not in names
-    return _gpt2_tensors(cfg, "" if bare else "transformer.")
-  bare = names is not None and "model.embed_tokens.weight" not in names
-  return _llama_family_tensors(cfg, "" if bare else "model.")
+def _vit_tensors(cfg: transformer.ViTConfig, prefix: str) -> dict[str, _Source]:
+  """ViTForImageClassification: patch convolution, class token and positions, pre-LN encoder layers,
+  the final LayerNorm, and the classifier on the class token."""
+  d, f, h, p, c = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.patch_size, cfg.input_shape[2]
+  k, positions = d // h, cfg.grid[0] * cfg.grid[1] + 1
+  embeddings = f"{prefix}embeddings."
+  sources = {
+      "params/patch_embed/kernel": _Source(embeddings + "patch_embeddings.projection.weight", (d, c, p, p), _CONV),
+      "params/patch_embed/bias": _Source(embeddings + "patch_embeddings.projection.bias", (d,), _SAME),
+      "params/cls_token": _Source(embeddings + "cls_token", (1, 1, d), _SAME),
+      "params/position_embed": _Source(embeddings + "position_embeddings", (1, positions, d),
+                                       _Layout(lambda w: w[0], lambda x: x[None])),
+      "params/ln_final/scale": _Source(f"{prefix}layernorm.weight", (d,), _SAME),
+      "params/ln_final/bias": _Source(f"{prefix}layernorm.bias", (d,), _SAME),
+      "params/head/kernel": _Source("classifier.weight", (cfg.num_classes, d), _TRANSPOSE),
+      "params/head/bias": _Source("classifier.bias", (cfg.num_classes,), _SAME)}
+  for i in range(cfg.num_layers):
+    hf, bj = f"{prefix}encoder.layer.{i}.", f"params/block_{i}/"
+    for hf_norm, bj_norm in (("layernorm_before", "ln_attn"), ("layernorm_after", "ln_mlp")):
+      sources[bj + f"{bj_norm}/scale"] = _Source(hf + f"{hf_norm}.weight", (d,), _SAME)
+      sources[bj + f"{bj_norm}/bias"] = _Source(hf + f"{hf_norm}.bias", (d,), _SAME)
+    for name in ("query", "key", "value"):
+      sources[bj + f"attn/{name}/kernel"] = _Source(hf + f"attention.attention.{name}.weight", (d, d),
+                                                    _out_heads(h, k))
+      sources[bj + f"attn/{name}/bias"] = _Source(hf + f"attention.attention.{name}.bias", (d,), _out_heads(h, k))
+    sources[bj + "attn/out/kernel"] = _Source(hf + "attention.output.dense.weight", (d, d), _in_heads(h, k))
+    sources[bj + "attn/out/bias"] = _Source(hf + "attention.output.dense.bias", (d,), _SAME)
+    sources[bj + "mlp/wi/kernel"] = _Source(hf + "intermediate.dense.weight", (f, d), _TRANSPOSE)
+    sources[bj + "mlp/wi/bias"] = _Source(hf + "intermediate.dense.bias", (f,), _SAME)
+    sources[bj + "mlp/wo/kernel"] = _Source(hf + "output.dense.weight", (d, f), _TRANSPOSE)
+    sources[bj + "mlp/wo/bias"] = _Source(hf + "output.dense.bias", (d,), _SAME)
+  return sources
+
+
+def _conv_and_norm(sources: dict, bj_conv: str, bj_norm: str, hf_conv: str, hf_norm: str,
+                   shape: tuple[int, int, int, int]) -> None:
+  """A bias-free Conv2d [out, in, kh, kw] and the BatchNorm after it: scale and bias are parameters,
+  the running mean and variance batch statistics."""
+  sources[f"params/{bj_conv}/kernel"] = _Source(f"{hf_conv}.weight", shape, _CONV)
+  for hf_name, bj_name in (("weight", "params/{}/scale"), ("bias", "params/{}/bias"),
+                           ("running_mean", "batch_stats/{}/mean"), ("running_var", "batch_stats/{}/var")):
+    sources[bj_name.format(bj_norm)] = _Source(f"{hf_norm}.{hf_name}", shape[:1], _SAME)
+
+
+def _resnet_tensors(cfg: conv.ResNetConfig, prefix: str) -> dict[str, _Source]:
+  """ResNetForImageClassification: the 7x7 stem, stages of basic or bottleneck layers (each conv
+  with its BatchNorm, a projection shortcut where the shape changes), and classifier.1 on the pooled
+  features."""
+  sources = {}
+  stem = f"{prefix}embedder.embedder."
+  _conv_and_norm(sources, "stem_conv", "stem_bn", stem + "convolution", stem + "normalization",
+                 (cfg.width, cfg.input_shape[2], 7, 7))
+  channels = cfg.width
+  for stage, (num_blocks, out) in enumerate(zip(cfg.stage_sizes, _resnet_widths(cfg.width, len(cfg.stage_sizes),
+                                                                                 cfg.block))):
+    features = cfg.width * 2 ** stage
+    for i in range(num_blocks):
+      hf, bj = f"{prefix}encoder.stages.{stage}.layers.{i}.", f"stage{stage}_block{i}/"
+      if cfg.block == "bottleneck":
+        convs = ((features, channels, 1), (features, features, 3), (out, features, 1))
+      else:
+        convs = ((features, channels, 3), (features, features, 3))
+      for j, (c_out, c_in, kernel) in enumerate(convs):
+        _conv_and_norm(sources, bj + f"conv{j + 1}", bj + f"bn{j + 1}", hf + f"layer.{j}.convolution",
+                       hf + f"layer.{j}.normalization", (c_out, c_in, kernel, kernel))
+      if (stage > 0 and i == 0) or channels != out:  # as bigjax's ResidualBlock and transformers decide
+        _conv_and_norm(sources, bj + "downsample", bj + "downsample_bn", hf + "shortcut.convolution",
+                       hf + "shortcut.normalization", (out, channels, 1, 1))
+      channels = out
+  sources["params/fc/kernel"] = _Source("classifier.1.weight", (cfg.num_classes, channels), _TRANSPOSE)
+  sources["params/fc/bias"] = _Source("classifier.1.bias", (cfg.num_classes,), _SAME)
+  return sources
+
+
+class _Family(NamedTuple):
+  """One Hugging Face model type: its config.json fields, the bigjax config and module it becomes,
+  and its tensors (under `prefix` in the task model's checkpoint; `probe`, without the prefix, tells
+  a task model's checkpoint from a bare one's)."""
+  fields: Callable[[_Fields, str], dict]
+  config_class: type
+  module_class: type
+  tensors: Callable[..., dict[str, _Source]]
+  prefix: str
+  probe: str
+
+
+_LLAMA_FAMILY = _Family(_llama_family_fields, transformer.TransformerConfig, transformer.TransformerLM,
+                        _llama_family_tensors, "model.", "embed_tokens.weight")
+_FAMILIES = {
+    "gpt2": _Family(lambda f, _: _gpt2_fields(f), transformer.TransformerConfig, transformer.TransformerLM,
+                    _gpt2_tensors, "transformer.", "wte.weight"),
+    **{model_type: _LLAMA_FAMILY for model_type in ("llama", "mistral", "qwen2", "qwen3")},
+    "vit": _Family(lambda f, _: _vit_fields(f), transformer.ViTConfig, transformer.ViT, _vit_tensors, "vit.",
+                   "embeddings.cls_token"),
+    "resnet": _Family(lambda f, _: _resnet_fields(f), conv.ResNetConfig, conv.ResNet, _resnet_tensors, "resnet.",
+                      "embedder.embedder.convolution.weight"),
+}
+
+
+def _tensor_map(model_type: str, cfg, names: set[str] | None = None) -> dict[str, _Source]:
+  """bigjax variable path (layers unrolled) -> its source. Checkpoints of the bare model (LlamaModel,
+  GPT2Model, ViTModel) lack the task model's prefix ("model.", "transformer.", "vit."); without
+  `names` (the exporter), the task model's (LlamaForCausalLM, ViTForImageClassification) names."""
+  family = _FAMILIES[model_type]
+  bare = names is not None and family.prefix + family.probe not in names
+  return family.tensors(cfg, "" if bare else family.prefix)
+
+
+def _num_layers(cfg) -> int:
+  """How many layers scan_layers stacks under "blocks/" (ResNet has none)."""
+  return getattr(cfg, "num_layers", 0)
+
+
+def _scanned(name: str) -> tuple[str, str] | None:
+  """("params/", "attn/query/kernel") for a stacked "params/blocks/attn/query/kernel", else None."""
+  collection, _, rest = name.partition("/")
+  return (f"{collection}/", rest[len("blocks/"):]) if rest.startswith("blocks/") else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +593,7 @@ def _check_tensors(ckpt: _Checkpoint, sources: dict[str, _Source], tied: bool, w
   for path, source in sources.items():
     if source.name not in ckpt.names:
       raise UserError(f"{ckpt.directory}: tensor {source.name!r} is missing ({where} needs it for "
-                      f"bigjax parameter {path})")
+                      f"bigjax variable {path})")
     if ckpt.shape(source.name) != source.shape:
       raise UserError(f"{ckpt.directory}: tensor {source.name!r} has shape {ckpt.shape(source.name)}, but "
                       f"{where} needs {source.shape}")
@@ -412,41 +605,49 @@ def _check_tensors(ckpt: _Checkpoint, sources: dict[str, _Source], tied: bool, w
                     f"refusing to drop it")
 
 
-def _read_parameter(ckpt: _Checkpoint, sources: dict[str, _Source], path: str, num_layers: int) -> np.ndarray:
-  """One bigjax parameter; under scan_layers ("blocks/...") every layer's tensor, stacked."""
+def _read_variable(ckpt: _Checkpoint, sources: dict[str, _Source], path: str, num_layers: int) -> np.ndarray:
+  """One bigjax variable; under scan_layers ("params/blocks/...") every layer's tensor, stacked."""
   def one(unrolled_path):
     source = sources[unrolled_path]
     return source.layout.to_bigjax(ckpt.read(source.name))
-  if path.startswith("blocks/"):
-    rest = path[len("blocks/"):]
-    return np.stack([one(f"block_{i}/{rest}") for i in range(num_layers)])
+  scanned = _scanned(path)
+  if scanned:
+    collection, rest = scanned
+    return np.stack([one(f"{collection}block_{i}/{rest}") for i in range(num_layers)])
   return one(path)
 
 
-def check(directory: str, **overrides) -> transformer.TransformerConfig:
-  """The TransformerConfig of a Hugging Face directory, once its tensors' names and shapes (the
-  safetensors headers, no values) are those the config calls for: what `load` would refuse is
-  refused here, before a run touches its workdir."""
+def _read(directory: str, overrides: dict):
+  """(absolute directory, config.json as a dict, where it is, the bigjax config)."""
   directory = os.path.abspath(os.path.expanduser(directory))
   hf_config = read_config(directory)
   where = os.path.join(directory, CONFIG)
-  cfg = config_from_hf(hf_config, where, **overrides)
+  return directory, hf_config, where, config_from_hf(hf_config, where, **overrides)
+
+
+def check(directory: str, **overrides):
+  """The bigjax config of a Hugging Face directory, once its tensors' names and shapes (the
+  safetensors headers, no values) are those the config calls for: what `load` would refuse is
+  refused here, before a run touches its workdir."""
+  directory, hf_config, where, cfg = _read(directory, overrides)
   with _Checkpoint(directory) as ckpt:
-    _check_tensors(ckpt, _tensor_map(hf_config["model_type"], cfg, ckpt.names), cfg.tie_embeddings, where)
+    _check_tensors(ckpt, _tensor_map(hf_config["model_type"], cfg, ckpt.names), _tied(cfg), where)
   return cfg
 
 
+def _tied(cfg) -> bool:
+  return getattr(cfg, "tie_embeddings", False)
+
+
 def load(directory: str, *, mesh: jax.sharding.Mesh | None = None, **overrides):
-  """(TransformerLM, {"params": ...}) from a Hugging Face model directory, ready for
-  `module.apply(variables, tokens_BT)` and bigjax.sample. With `mesh`, each parameter lands in the
-  sharding its logical axes give on that mesh (bigjax.sharding.LOGICAL_RULES); without, on the
-  default device. `overrides` replace TransformerConfig fields (dtype, param_dtype, scan_layers, ...)."""
-  directory = os.path.abspath(os.path.expanduser(directory))
-  hf_config = read_config(directory)
-  where = os.path.join(directory, CONFIG)
-  cfg = config_from_hf(hf_config, where, **overrides)
-  model = transformer.TransformerLM(cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  """(module, variables) from a Hugging Face model directory: a TransformerLM, ViT or ResNet, and
+  {"params": ...} (with "batch_stats" for a ResNet), ready for `module.apply(variables, inputs)` and
+  bigjax.sample. With `mesh`, each variable lands in the sharding its logical axes give on that mesh
+  (bigjax.sharding.LOGICAL_RULES); without, on the default device. `overrides` replace config fields
+  (dtype, param_dtype, scan_layers, ...)."""
+  directory, hf_config, where, cfg = _read(directory, overrides)
+  model = module_for(cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), _example_input(cfg)))
   shardings = None
   if mesh is not None:
     shardings = sharding.logical_shardings(abstract, mesh)
@@ -456,14 +657,14 @@ def load(directory: str, *, mesh: jax.sharding.Mesh | None = None, **overrides):
   placements = jax.tree_util.tree_leaves(shardings) if shardings is not None else [None] * len(leaves)
   with _Checkpoint(directory) as ckpt:
     sources = _tensor_map(hf_config["model_type"], cfg, ckpt.names)
-    _check_tensors(ckpt, sources, cfg.tie_embeddings, where)
-    params = []
+    _check_tensors(ckpt, sources, _tied(cfg), where)
+    variables = []
     for (path, leaf), placement in zip(leaves, placements, strict=True):
       leaf = leaf.value if is_box(leaf) else leaf
-      host = np.asarray(_read_parameter(ckpt, sources, sharding.path_name(path), cfg.num_layers), leaf.dtype)
-      params.append(_place(host, placement))
-      del host  # one parameter on the host at a time
-  return model, {"params": jax.tree_util.tree_unflatten(treedef, params)}
+      host = np.asarray(_read_variable(ckpt, sources, sharding.path_name(path), _num_layers(cfg)), leaf.dtype)
+      variables.append(_place(host, placement))
+      del host  # one variable on the host at a time
+  return model, jax.tree_util.tree_unflatten(treedef, variables)
 
 
 def _place(host: np.ndarray, placement: jax.sharding.Sharding | None) -> jax.Array:
@@ -473,22 +674,30 @@ def _place(host: np.ndarray, placement: jax.sharding.Sharding | None) -> jax.Arr
   return jax.make_array_from_callback(host.shape, placement, lambda index: host[index])
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# TransformerLM -> a Hugging Face directory
+# A bigjax model -> a Hugging Face directory
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "vit": "ViTForImageClassification",
+                 "resnet": "ResNetForImageClassification"}
 # bigjax activation -> a name _ACTIVATIONS reads back as it (GPT-2's own name for the tanh gelu).
 _HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-# Fields that decide how a model runs or stores its weights, not what it computes.
-_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate")
+_COUNTER_DTYPE = ("int64", "I64")  # BatchNorm's num_batches_tracked
+# Fields that decide how a model runs, stores or initialises its weights, not what it computes.
+_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate", "conv_impl", "zero_init_residual")
 _LLAMA3_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                   "rope_original_max_len")
 
 
-def _model_type(cfg: transformer.TransformerConfig) -> str:
-  """The family whose block cfg describes; whether every other field maps is checked afterwards."""
+def _model_type(cfg) -> str:
+  """The family cfg describes; whether every other field maps is checked afterwards."""
+  if isinstance(cfg, transformer.ViTConfig):
+    return "vit"
+  if isinstance(cfg, conv.ResNetConfig):
+    return "resnet"
   if cfg.block != "pre_norm":
     raise UserError(f"block={cfg.block!r} is a registered block type with no Hugging Face counterpart; "
                     f"Hugging Face export covers the pre_norm block")
@@ -542,12 +751,51 @@ def _llama_family_config(cfg: transformer.TransformerConfig, model_type: str) ->
   return fields
 
 
-def _architecture(cfg: transformer.TransformerConfig) -> dict:
+def _labels(num_classes: int) -> dict:
+  """Class names as transformers writes them when it knows none (bigjax keeps no names)."""
+  return {"id2label": {str(i): f"LABEL_{i}" for i in range(num_classes)},
+          "label2id": {f"LABEL_{i}": i for i in range(num_classes)}}
+
+
+def _vit_config(cfg: transformer.ViTConfig) -> dict:
+  if (cfg.pool, cfg.position) != ("cls", "learned"):
+    raise UserError(f"pool={cfg.pool!r} with position={cfg.position!r} has no Hugging Face counterpart (its ViT "
+                    f"classifies the class token, with learned positions)")
+  height, width, channels = cfg.input_shape
+  return {"hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "intermediate_size": cfg.mlp_dim, "hidden_act": _HF_ACTIVATIONS[cfg.activation],
+          "layer_norm_eps": cfg.layer_norm_epsilon, "image_size": height if height == width else [height, width],
+          "patch_size": cfg.patch_size, "num_channels": channels, "qkv_bias": True,
+          # bigjax drops where ViT's hidden dropout does (embeddings, residual branches) and on attention weights.
+          "hidden_dropout_prob": cfg.dropout_rate, "attention_probs_dropout_prob": cfg.dropout_rate,
+          **_labels(cfg.num_classes)}
+
+
+def _resnet_config(cfg: conv.ResNetConfig) -> dict:
+  if cfg.stem != "imagenet":
+    raise UserError(f"stem={cfg.stem!r} has no Hugging Face counterpart (its ResNet has the 7x7/2 convolution "
+                    f"and 3x3/2 max pool stem, stem='imagenet')")
+  return {"num_channels": cfg.input_shape[2], "embedding_size": cfg.width,
+          "hidden_sizes": _resnet_widths(cfg.width, len(cfg.stage_sizes), cfg.block),
+          "depths": list(cfg.stage_sizes), "layer_type": cfg.block, "hidden_act": "relu",
+          "downsample_in_first_stage": False, "downsample_in_bottleneck": False, **_labels(cfg.num_classes)}
+
+
+def _run_fields(cfg) -> dict:
+  """cfg's fields that config.json does not hold: how it runs, and a ResNet's image size (any fits)."""
+  fields = {name: getattr(cfg, name) for name in _RUN_FIELDS if hasattr(cfg, name)}
+  if isinstance(cfg, conv.ResNetConfig):
+    fields["input_shape"] = cfg.input_shape
+  return fields
+
+
+def _architecture(cfg) -> dict:
   """The fields that decide what cfg computes, each at its effective value (defaults resolved, unused
-  fields dropped), so two configs of one model compare equal."""
-  fields = dataclasses.asdict(cfg)
-  for name in _RUN_FIELDS:
-    del fields[name]
+  fields dropped, sequences as tuples), so two configs of one model compare equal."""
+  fields = {name: tuple(value) if isinstance(value, list) else value
+            for name, value in dataclasses.asdict(cfg).items() if name not in _RUN_FIELDS}
+  if not isinstance(cfg, transformer.TransformerConfig):
+    return fields
   fields.update(num_kv_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=cfg.resolved_head_dim,
                 **{f"{part}_bias": cfg.bias(part) for part in ("qkv", "attn_out", "mlp")})
   if cfg.norm != "layernorm":
@@ -560,22 +808,29 @@ def _architecture(cfg: transformer.TransformerConfig) -> dict:
   return fields
 
 
-def config_to_hf(cfg: transformer.TransformerConfig) -> dict:
-  """The config.json (as a dict) of the Hugging Face model that computes what TransformerLM(cfg)
-  does: the inverse of config_from_hf, checked by reading it back. A field it cannot express is a
+def _family_config(cfg, model_type: str) -> dict:
+  if model_type == "vit":
+    return _vit_config(cfg)
+  if model_type == "resnet":
+    return _resnet_config(cfg)
+  fields = _gpt2_config(cfg) if model_type == "gpt2" else _llama_family_config(cfg, model_type)
+  # Token ids belong to the tokenizer, which bigjax keeps apart; transformers' defaults (Llama's 1
+  # and 2) would stop generate() at arbitrary tokens.
+  return {**fields, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+          "pad_token_id": None}
+
+
+def config_to_hf(cfg) -> dict:
+  """The config.json (as a dict) of the Hugging Face model that computes what module_for(cfg) does:
+  the inverse of config_from_hf, checked by reading it back. A field it cannot express is a
   one-line error naming the field."""
   model_type = _model_type(cfg)
   if cfg.param_dtype not in _SAFETENSORS_DTYPES:
     raise UserError(f"param_dtype={cfg.param_dtype!r} has no Hugging Face export; use one of "
                     f"{', '.join(_SAFETENSORS_DTYPES)}")
-  fields = _gpt2_config(cfg) if model_type == "gpt2" else _llama_family_config(cfg, model_type)
-  # Token ids belong to the tokenizer, which bigjax keeps apart; transformers' defaults (Llama's 1
-  # and 2) would stop generate() at arbitrary tokens.
-  hf_config = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type]], **fields,
-               "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
-               "pad_token_id": None, "dtype": cfg.param_dtype}
-  back = config_from_hf(hf_config, f"Hugging Face {model_type} config",
-                        **{name: getattr(cfg, name) for name in _RUN_FIELDS})
+  hf_config = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type]],
+               **_family_config(cfg, model_type), "dtype": cfg.param_dtype}
+  back = config_from_hf(hf_config, f"Hugging Face {model_type} config", **_run_fields(cfg))
   want, got = _architecture(cfg), _architecture(back)
   differ = [name for name in want if want[name] != got.get(name)]
   if differ:
@@ -586,10 +841,13 @@ def config_to_hf(cfg: transformer.TransformerConfig) -> dict:
 
 
 def check_exportable(module) -> dict:
-  """config_to_hf of a TransformerLM; any other module is a one-line error (before any weights move)."""
-  if not isinstance(module, transformer.TransformerLM):
-    raise UserError(f"{type(module).__name__} has no Hugging Face export; it covers TransformerLM models of "
-                    f"the {', '.join(ARCHITECTURES)} families")
+  """config_to_hf of a TransformerLM, ViT or ResNet; any other module is a one-line error (before any
+  weights move)."""
+  exportable = (transformer.TransformerLM, transformer.ViT, conv.ResNet)
+  if not isinstance(module, exportable):
+    raise UserError(f"{type(module).__name__} has no Hugging Face export; it covers "
+                    f"{', '.join(c.__name__ for c in exportable)} models of the {', '.join(ARCHITECTURES)} "
+                    f"families")
   return config_to_hf(module.config)
 
 
@@ -600,66 +858,79 @@ def _gather(leaf) -> np.ndarray:
   return np.asarray(jax.device_get(leaf))
 
 
-def _host_parameters(params, num_layers: int):
-  """(path, host array) per parameter, layers unrolled; gathers one parameter at a time (under
-  scan_layers, one parameter of every layer)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+def _unrolled(name: str, num_layers: int) -> list[str]:
+  """A variable's path per layer: "params/blocks/x" (scan_layers) -> "params/block_0/x", ..."""
+  scanned = _scanned(name)
+  if scanned is None:
+    return [name]
+  collection, rest = scanned
+  return [f"{collection}block_{i}/{rest}" for i in range(num_layers)]
+
+
+def _host_variables(variables, num_layers: int):
+  """(path, host array) per variable, layers unrolled; gathers one variable at a time (under
+  scan_layers, one variable of every layer)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     name, host = sharding.path_name(path), _gather(leaf)
-    if name.startswith("blocks/"):
-      for i in range(num_layers):
-        yield f"block_{i}/{name[len('blocks/'):]}", host[i]
-    else:
-      yield name, host
+    names = _unrolled(name, num_layers)
+    yield from zip(names, host) if _scanned(name) else [(name, host)]
     del host
 
 
-def _unrolled_names(params, num_layers: int) -> set[str]:
-  names = set()
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = sharding.path_name(path)
-    rest = name[len("blocks/"):]
-    names |= {f"block_{i}/{rest}" for i in range(num_layers)} if name.startswith("blocks/") else {name}
-  return names
+def _unrolled_names(variables, num_layers: int) -> set[str]:
+  return {unrolled for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+          for unrolled in _unrolled(sharding.path_name(path), num_layers)}
 
 
-def _safetensors_header(sources: dict[str, _Source], dtype: str) -> tuple[bytes, dict[str, int]]:
-  """The file's header (length-prefixed JSON, padded so the data starts 8-byte aligned) and each
-  tensor's offset from the data's start."""
-  itemsize = jnp.dtype(dtype).itemsize
-  shapes = {source.name: source.shape for source in sources.values()}
+def _counters(sources: dict[str, _Source]) -> dict[str, np.ndarray]:
+  """A zero num_batches_tracked beside every BatchNorm's running mean: transformers keeps the counter
+  as a buffer and reports it missing otherwise (its value only matters for momentum=None)."""
+  suffix = ".running_mean"
+  return {source.name[:-len(suffix)] + ".num_batches_tracked": np.zeros((), np.int64)
+          for source in sources.values() if source.name.endswith(suffix)}
+
+
+def _safetensors_header(entries: dict[str, tuple[tuple[int, ...], str]]) -> tuple[bytes, dict[str, int]]:
+  """The file's header (length-prefixed JSON, padded so the data starts 8-byte aligned) for tensors
+  name -> (shape, numpy dtype name), and each tensor's offset from the data's start."""
   header, offsets, offset = {"__metadata__": {"format": "pt"}}, {}, 0
-  for name in sorted(shapes):
-    size = math.prod(shapes[name]) * itemsize
-    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
-                    "data_offsets": [offset, offset + size]}
+  for name in sorted(entries):
+    shape, dtype = entries[name]
+    size = math.prod(shape) * jnp.dtype(dtype).itemsize
+    code = _COUNTER_DTYPE[1] if dtype == _COUNTER_DTYPE[0] else _SAFETENSORS_DTYPES[dtype]
+    header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
     offsets[name], offset = offset, offset + size
   text = json.dumps(header, separators=(",", ":")).encode()
   text += b" " * (-(8 + len(text)) % 8)
   return struct.pack("<Q", len(text)) + text, offsets
 
 
-def _write_safetensors(path: str | None, sources: dict[str, _Source], parameters, dtype: str) -> None:
-  """model.safetensors from (path, host array) pairs. The header follows from the table alone, so
-  each tensor goes to its offset as soon as its parameters arrive and the host holds one at a time
-  (safetensors.numpy.save_file wants them all in memory, and copies each to bytes besides).
-  Processes other than 0 (path None) only take part in the gathering."""
-  pieces = {}  # tensor name -> its bigjax parameters, in table order
-  for param_path, source in sources.items():
-    pieces.setdefault(source.name, []).append(param_path)
-  tensors = _hf_tensors(sources, pieces, parameters)
+def _write_safetensors(path: str | None, sources: dict[str, _Source], variables, dtype: str) -> None:
+  """model.safetensors from (path, host array) pairs, in `dtype`, and BatchNorm's counters. The
+  header follows from the table alone, so each tensor goes to its offset as soon as its variables
+  arrive and the host holds one at a time (safetensors.numpy.save_file wants them all in memory,
+  and copies each to bytes besides). Processes other than 0 (path None) only take part in the
+  gathering."""
+  pieces = {}  # tensor name -> its bigjax variables, in table order
+  for variable_path, source in sources.items():
+    pieces.setdefault(source.name, []).append(variable_path)
+  counters = _counters(sources)
+  tensors = _hf_tensors(sources, pieces, variables)
   if path is None:
     for _ in tensors:
       pass
     return
-  header, offsets = _safetensors_header(sources, dtype)
+  entries = {source.name: (source.shape, dtype) for source in sources.values()}
+  entries.update({name: (value.shape, _COUNTER_DTYPE[0]) for name, value in counters.items()})
+  header, offsets = _safetensors_header(entries)
   tmp = f"{path}.tmp"
   try:
     with open(tmp, "wb") as f:
       f.write(header)
-      for name, tensor in tensors:
+      for name, tensor in (*tensors, *counters.items()):
         f.seek(len(header) + offsets[name])
         # As raw bytes (a bfloat16 buffer is not exportable as one); JAX's platforms are little-endian.
-        f.write(np.ascontiguousarray(tensor, jnp.dtype(dtype)).reshape(-1).view(np.uint8).data)
+        f.write(np.ascontiguousarray(tensor, jnp.dtype(entries[name][1])).reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
   except BaseException as e:
     with contextlib.suppress(OSError):
@@ -670,10 +941,10 @@ def _write_safetensors(path: str | None, sources: dict[str, _Source], parameters
     raise
 
 
-def _hf_tensors(sources: dict[str, _Source], pieces: dict[str, list[str]], parameters):
-  """(tensor name, array) as soon as every parameter that makes the tensor has arrived."""
+def _hf_tensors(sources: dict[str, _Source], pieces: dict[str, list[str]], variables):
+  """(tensor name, array) as soon as every variable that makes the tensor has arrived."""
   pending: dict[str, dict[str, np.ndarray]] = {}
-  for param_path, host in parameters:
+  for param_path, host in variables:
     source = sources[param_path]
     got = pending.setdefault(source.name, {})
     got[param_path] = source.layout.to_hf(host)
@@ -683,34 +954,35 @@ def _hf_tensors(sources: dict[str, _Source], pieces: dict[str, list[str]], param
     parts = [got[p] for p in pieces[source.name]]
     tensor = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     if tensor.shape != source.shape:
-      raise UserError(f"parameter {param_path} has shape {host.shape}, which does not fit tensor "
+      raise UserError(f"variable {param_path} has shape {host.shape}, which does not fit tensor "
                       f"{source.name!r} {source.shape} of the module's config")
     yield source.name, tensor
 
 
 def save(directory: str, module, variables) -> str:
-  """Writes a TransformerLM and its variables as a Hugging Face model directory (config.json and
-  model.safetensors in the parameters' dtype) that transformers' from_pretrained (and `load`) read
-  as the same model. Parameters may be sharded over a mesh and stacked by scan_layers; each is
-  gathered to the host in turn and written out, so the host holds about one at a time (three for
-  GPT-2's fused q/k/v), never the model. Returns the directory."""
+  """Writes a TransformerLM, ViT or ResNet and its variables ({"params": ...}, with "batch_stats"
+  for a ResNet) as a Hugging Face model directory (config.json and model.safetensors in the
+  parameters' dtype) that transformers' from_pretrained (and `load`) read as the same model.
+  Variables may be sharded over a mesh and stacked by scan_layers; each is gathered to the host in
+  turn and written out, so the host holds about one at a time (three for GPT-2's fused q/k/v), never
+  the model. Returns the directory."""
   hf_config = check_exportable(module)
   cfg = module.config
   directory = os.path.abspath(os.path.expanduser(directory))
   if os.path.exists(os.path.join(directory, CONFIG)) or os.path.exists(os.path.join(directory, WEIGHTS)):
     raise UserError(f"{directory} already holds a model ({CONFIG} or {WEIGHTS}); choose a new directory")
-  params = nn.unbox(variables["params"])
+  variables = nn.unbox(dict(variables))
   sources = _tensor_map(hf_config["model_type"], cfg)
-  have, want = _unrolled_names(params, cfg.num_layers), set(sources)
+  have, want = _unrolled_names(variables, _num_layers(cfg)), set(sources)
   if have != want:
     odd = sorted(want - have)[:1] + sorted(have - want)[:1]
-    raise UserError(f"the variables do not fit the module's config (parameter {odd[0]} is "
+    raise UserError(f"the variables do not fit the module's config (variable {odd[0]} is "
                     f"{'missing' if odd[0] in want else 'unexpected'})")
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(directory, exist_ok=True)
   _write_safetensors(os.path.join(directory, WEIGHTS) if writer else None, sources,
-                     _host_parameters(params, cfg.num_layers), cfg.param_dtype)
+                     _host_variables(variables, _num_layers(cfg)), cfg.param_dtype)
   if writer:  # last: a directory with config.json is a complete model
     workdir_lib.replace_file(os.path.join(directory, CONFIG), json.dumps(hf_config, indent=2) + "\n")
   return directory

@@ -360,6 +360,8 @@ class ViTConfig:
   mlp_dim: int
   pool: Literal["cls", "mean"] = "cls"
   position: Literal["learned", "sinusoidal_2d"] = "learned"
+  activation: str = "gelu_exact"  # of the MLP; as TransformerConfig's
+  layer_norm_epsilon: float = 1e-6  # timm's; Hugging Face's ViT uses 1e-12
   dropout_rate: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -375,6 +377,8 @@ class ViTConfig:
       checks.positive_int(self, name)
     checks.one_of(self, "pool", ("cls", "mean"))
     checks.one_of(self, "position", ("learned", "sinusoidal_2d"))
+    checks.one_of(self, "activation", _ACTIVATIONS)
+    checks.positive_number(self, "layer_norm_epsilon")
     checks.fraction(self, "dropout_rate")
     checks.float_dtype(self, "dtype")
     checks.float_dtype(self, "param_dtype")
@@ -399,7 +403,7 @@ class ViTConfig:
         vocab_size=1,  # unused by the blocks; 1 passes the decoder's check
         num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, max_len=self.grid[0] * self.grid[1] + 1, position="none",
-        activation="gelu_exact", dropout_rate=self.dropout_rate, layer_norm_epsilon=1e-6,
+        activation=self.activation, dropout_rate=self.dropout_rate, layer_norm_epsilon=self.layer_norm_epsilon,
         dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers)
 
 
