@@ -23,6 +23,7 @@ from bigjax import metrics
 from bigjax import models
 from bigjax import optim
 from bigjax import sharding
+from bigjax import tasks
 from bigjax import train
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
@@ -111,6 +112,24 @@ WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (
 GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Clip gradients to this global norm; 0 disables.")
 MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum; first-moment decay b1 of adamw and lion.")
 NESTEROV = flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
+FREEZE = flags.DEFINE_multi_string(
+    "freeze", [], "Regular expression (repeatable) searched in parameter paths (block_0/attn/query/kernel; "
+    "blocks/... under --scan_layers): matching parameters stay unchanged bit for bit and keep no optimizer state.")
+LR_MULTIPLIER = flags.DEFINE_multi_string(
+    "lr_multiplier", [], "REGEX=FACTOR (repeatable): parameters whose path matches train with FACTOR times the "
+    "learning rate; the first matching pattern wins.")
+WD_MULTIPLIER = flags.DEFINE_multi_string(
+    "wd_multiplier", [], "REGEX=FACTOR (repeatable): parameters whose path matches decay with FACTOR times "
+    "--weight_decay (which still leaves vectors alone); the first matching pattern wins.")
+EMA_DECAY = flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the parameters with this "
+                                "decay (0.999: over about the last 1000 steps), sharded and checkpointed with them; "
+                                "0 keeps none.")
+EVAL_WITH_EMA = flags.DEFINE_bool("eval_with_ema", False, "Evaluate the --ema_decay average, not the parameters.")
+EXPORT_EMA = flags.DEFINE_bool("export_ema", False, "--mode=export: export the --ema_decay average.")
+LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Train on targets that put this much probability "
+                                     "spread evenly over all classes (the plain loss is still reported).")
+Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "Weight of the log(Z)^2 term added to the trained loss (PaLM: 1e-4), "
+                            "Z the softmax normaliser; its mean is reported as log_z_squared.")
 ADAM_B2 = flags.DEFINE_float("adam_b2", 0.999, "Second-moment decay of adamw; 0.95-0.99 adapts faster in short runs.")
 # Logging, evaluation, checkpoints.
 LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Log train metrics every N steps.", lower_bound=1)
@@ -132,7 +151,8 @@ def train_config() -> train.TrainConfig:
       workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
       log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
       keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
-      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(), allow_restart=ALLOW_RESTART.value)
+      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(), allow_restart=ALLOW_RESTART.value,
+      eval_with_ema=EVAL_WITH_EMA.value)
 
 
 def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
@@ -155,7 +175,27 @@ def optim_config() -> optim.OptimConfig:
   return optim.OptimConfig(
       optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value, schedule=SCHEDULE.value,
       warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value,
-      momentum=MOMENTUM.value, nesterov=NESTEROV.value, b2=ADAM_B2.value)
+      momentum=MOMENTUM.value, nesterov=NESTEROV.value, b2=ADAM_B2.value, freeze=tuple(FREEZE.value),
+      lr_multipliers=_pattern_factors(LR_MULTIPLIER), wd_multipliers=_pattern_factors(WD_MULTIPLIER),
+      ema_decay=EMA_DECAY.value)
+
+
+def _pattern_factors(holder: flags.FlagHolder) -> tuple[tuple[str, float], ...]:
+  """REGEX=FACTOR values as (regex, factor) pairs; the last "=" splits, so a pattern may hold one."""
+  pairs = []
+  for value in holder.value:
+    pattern, sep, factor = value.rpartition("=")
+    try:
+      pairs.append((pattern, float(factor)))
+    except ValueError:
+      sep = ""
+    if not sep or not pattern:
+      raise UserError(f"--{holder.name}={value!r} must be REGEX=FACTOR, e.g. --{holder.name}='embed=0.1'")
+  return tuple(pairs)
+
+
+def loss_config() -> tasks.Losses:
+  return tasks.Losses(label_smoothing=LABEL_SMOOTHING.value, z_loss=Z_LOSS.value)
 
 
 def model_overrides() -> dict:
@@ -193,6 +233,7 @@ class Experiment:
   optim: optim.OptimConfig
   dataset: str
   data_dir: str | None
+  losses: tasks.Losses = tasks.Losses()
 
   @property
   def tx(self):
@@ -201,6 +242,7 @@ class Experiment:
   def run(self, *, task, train_data, eval_data) -> dict:
     """--mode=train: fit (resuming if the workdir has a checkpoint); --mode=eval: evaluate the
     newest checkpoint. Returns the last record."""
+    task = dataclasses.replace(task, losses=self.losses)
     if MODE.value == "eval":
       record = train.evaluate_checkpoint(model=self.model, task=task, tx=self.tx, eval_data=eval_data,
                                          config=self.config, mesh=self.mesh)
@@ -215,6 +257,8 @@ class Experiment:
       with train.mesh_context(self.mesh):
         state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
                                                config=self.config, mesh=self.mesh)
+        if EXPORT_EMA.value:
+          state = train.ema_state(state, "--export_ema")
         variables = {"params": state.params, **state.model_state}
         if hf_format:
           directory = models.save_hf(EXPORT_DIR.value, self.model, variables)
@@ -254,7 +298,8 @@ def experiment() -> Experiment:
     _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()
   return Experiment(model=model, mesh=sharding.make_mesh(MESH.value),
-                    config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value)
+                    config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value,
+                    losses=loss_config())
 
 
 # Config fields a run sets for itself when its architecture comes from a Hugging Face config.json:

@@ -2,14 +2,63 @@
 
 A task's `loss_sums` returns sums that add up over batches, steps and devices (loss summed over
 targets, target count, ...), so the train loop can average them over any interval and evaluation
-over any number of batches without a task-specific branch.
+over any number of batches without a task-specific branch. Every task's sums hold "loss" (the plain
+cross-entropy, which is reported), "objective" (what training differentiates: the loss with label
+smoothing and the z-loss term when they are on) and "count" (what both are summed over).
 """
 
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
+
+from bigjax import config_checks as checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Losses:
+  """What training minimises beside the plain cross-entropy (reported either way).
+
+  Attributes:
+    label_smoothing: the target distribution puts 1 - e on the label and e spread evenly over all
+      classes (Szegedy et al. 2016), so the trained loss is (1 - e) CE + e mean_v(-log p_v).
+    z_loss: weight of log(Z)^2, Z the softmax normaliser, added per target (PaLM; MaxText's
+      z_loss_multiplier): it keeps the logits from drifting, 1e-4 in PaLM.
+  """
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+
+  def __post_init__(self):
+    checks.fraction(self, "label_smoothing")
+    checks.nonnegative_number(self, "z_loss")
+
+
+def _cross_entropy_sums(logits_NV, labels_N, weights_N, losses: Losses) -> dict:
+  """"loss" and "objective" summed over N predictions with their weights, and the log(Z)^2 sum when
+  the z-loss is on (reported as its mean)."""
+  logits_NV = logits_NV.astype(jnp.float32)
+  plain_N = optax.softmax_cross_entropy_with_integer_labels(logits_NV, labels_N)
+  sums = {"loss": jnp.sum(plain_N * weights_N)}
+  if not (losses.label_smoothing or losses.z_loss):
+    return {**sums, "objective": sums["loss"]}
+  log_z_N = jax.nn.logsumexp(logits_NV, axis=-1)
+  objective_N = plain_N
+  if losses.label_smoothing:
+    uniform_N = log_z_N - jnp.mean(logits_NV, axis=-1)  # mean over classes of -log p_v
+    objective_N = (1 - losses.label_smoothing) * plain_N + losses.label_smoothing * uniform_N
+  if losses.z_loss:
+    sums["log_z_squared"] = jnp.sum(jnp.square(log_z_N) * weights_N)
+    objective_N = objective_N + losses.z_loss * jnp.square(log_z_N)
+  return {**sums, "objective": jnp.sum(objective_N * weights_N)}
+
+
+def _loss_metrics(sums, count: float) -> dict[str, float]:
+  out = {"loss": float(sums["loss"]) / count}
+  if "log_z_squared" in sums:
+    out["log_z_squared"] = float(sums["log_z_squared"]) / count
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +74,7 @@ class LanguageModelling:
   bytes_per_token: float | None = 1.0
   token_bytes: tuple[int, ...] | None = None
   unit: str = "tokens"
+  losses: Losses = Losses()
 
   def init(self, model, rng, batch):
     """Model variables, initialised on inputs shaped like the batch's."""
@@ -40,10 +90,9 @@ class LanguageModelling:
     if "segment_ids" in batch:  # packed documents: attention stays inside each one
       packed = {"segment_ids_BT": batch["segment_ids"][:, :-1], "positions_BT": batch["positions"][:, :-1]}
     logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs, **packed)
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    sums = {"loss": jnp.sum(losses_BT * weights_BT), "correct": jnp.sum(correct_BT * weights_BT),
-            "count": jnp.sum(weights_BT)}
+    sums = {**_cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.losses),
+            "correct": jnp.sum(correct_BT * weights_BT), "count": jnp.sum(weights_BT)}
     if self.token_bytes is not None:
       sums["bytes"] = jnp.sum(jnp.asarray(self.token_bytes, jnp.float32)[targets_BT] * weights_BT)
     if "loss_mask" in batch:
@@ -56,8 +105,8 @@ class LanguageModelling:
     """Means from summed values: loss and accuracy per target token, bits per byte for byte-level
     data, and the fraction of examples whose targets are all right when the batch has a loss mask."""
     count = max(float(sums["count"]), 1.0)
-    loss = float(sums["loss"]) / count
-    out = {"loss": loss, "accuracy": float(sums["correct"]) / count}
+    out = {**_loss_metrics(sums, count), "accuracy": float(sums["correct"]) / count}
+    loss = out["loss"]
     if "bytes" in sums:
       out["bits_per_byte"] = float(sums["loss"]) / math.log(2) / max(float(sums["bytes"]), 1.0)
     elif self.bytes_per_token:
@@ -75,6 +124,7 @@ class Classification:
   averages in evaluation.
   """
   unit: str = "images"
+  losses: Losses = Losses()
 
   def init(self, model, rng, batch):
     return model.init({"params": rng, "dropout": rng}, batch["image"], train=False)
@@ -85,12 +135,11 @@ class Classification:
     logits_BC, new_model_state = outputs if mutable else (outputs, {})
     labels_B = batch["label"]
     weights_B = batch.get("weights", jnp.ones(labels_B.shape, jnp.float32)).astype(jnp.float32)
-    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC.astype(jnp.float32), labels_B)
     correct_B = (jnp.argmax(logits_BC, axis=-1) == labels_B).astype(jnp.float32)
-    sums = {"loss": jnp.sum(losses_B * weights_B), "correct": jnp.sum(correct_B * weights_B),
-            "count": jnp.sum(weights_B)}
+    sums = {**_cross_entropy_sums(logits_BC, labels_B, weights_B, self.losses),
+            "correct": jnp.sum(correct_B * weights_B), "count": jnp.sum(weights_B)}
     return sums, dict(new_model_state)
 
   def metrics(self, sums) -> dict[str, float]:
     count = max(float(sums["count"]), 1.0)
-    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+    return {**_loss_metrics(sums, count), "accuracy": float(sums["correct"]) / count}

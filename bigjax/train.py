@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from bigjax import checkpoint
+from bigjax import optim
 from bigjax import sharding
 from bigjax import metrics as metrics_lib
 from bigjax import workdir as workdir_lib
@@ -53,6 +54,8 @@ class TrainConfig:
   # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
   # (otherwise that is a one-line error and nothing is touched)
   allow_restart: bool = False
+  # evaluate the parameter average the optimizer keeps (optim.OptimConfig.ema_decay), not the parameters
+  eval_with_ema: bool = False
   # XLA compiler options for the jitted steps; see `platform_xla_options` for which apply where
   xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -112,11 +115,29 @@ def state_shardings(*, model, tx, task, example_batch, mesh, rng):
   abstract_state = jax.eval_shape(
       functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch), rng)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = _optimizer_state_shardings(abstract_state.opt_state, abstract_state.params, param_shardings,
+                                            replicated)
   return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                     model_state=model_state_shardings, rng=replicated)
+
+
+def _optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
+  """Each optimizer-state leaf that mirrors a parameter (its path ends with the parameter's path and
+  it has the parameter's shape: Adam's moments, a parameter average, also inside the masked trees
+  of parameter groups) takes that parameter's sharding; everything else (step counts, Adafactor's
+  factored statistics) is replicated. optax.tree_map_params cannot see through masked groups."""
+  params = {tuple(path): (leaf.shape, placement) for (path, leaf), placement in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree_util.tree_leaves(param_shardings),
+      strict=True)}
+  depth = {len(path) for path in params}
+
+  def placement(path, leaf):
+    for n in depth:
+      shape_and_placement = params.get(tuple(path[-n:]))
+      if shape_and_placement is not None and shape_and_placement[0] == leaf.shape:
+        return shape_and_placement[1]
+    return replicated
+  return jax.tree_util.tree_map_with_path(placement, abstract_opt_state)
 
 
 def _grads_and_sums(params, model_state, batch, rngs, *, model, task):
@@ -124,7 +145,7 @@ def _grads_and_sums(params, model_state, batch, rngs, *, model, task):
   the updated model state of one (micro-)batch."""
   def summed_loss(params):
     sums, new_model_state = task.loss_sums(model, {"params": params, **model_state}, batch, rngs=rngs, train=True)
-    return sums["loss"], (sums, new_model_state)
+    return sums["objective"], (sums, new_model_state)
 
   (_, (sums, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
   return grads, sums, {**model_state, **new_model_state}
@@ -331,6 +352,7 @@ def _fit(*, model, task, tx, train_data, eval_data, config: TrainConfig, mesh, l
     steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
                           grad_accum=config.grad_accum, xla_options=config.xla_options)
     state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config, model, mesh)
+    evaluated_state(state, config)  # --eval_with_ema without an average fails before the first step
     _check_best_metric(steps, state, example_batch, task, config, eval_data)
     if start and start >= config.num_steps:
       metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
@@ -428,13 +450,26 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
   return state, step, steps
 
 
+def ema_state(state: TrainState, flag: str) -> TrainState:
+  """`state` with the optimizer's parameter average as its parameters; `flag` names the option that
+  asked for it in the error when the run keeps none."""
+  ema = optim.ema_params(state.opt_state)
+  if ema is None:
+    raise UserError(f"{flag} needs a run that keeps a parameter average: train with --ema_decay > 0")
+  return state.replace(params=ema)
+
+
+def evaluated_state(state: TrainState, config: TrainConfig) -> TrainState:
+  return ema_state(state, "--eval_with_ema") if config.eval_with_ema else state
+
+
 def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainConfig, mesh) -> dict:
   """Evaluates the newest checkpoint in `config.workdir` on every eval batch."""
   example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
   with mesh_context(mesh):
     state, step, steps = load_checkpoint(model=model, task=task, tx=tx, example_batch=example_batch,
                                          config=config, mesh=mesh)
-    return {"step": step, **evaluate(steps.eval_step, state, eval_data, mesh, task)}
+    return {"step": step, **evaluate(steps.eval_step, evaluated_state(state, config), eval_data, mesh, task)}
 
 
 class _StopSignals:
@@ -563,7 +598,7 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       continue
     fetched = fetch(step, step_metrics)  # before saving: a NaN state is never checkpointed
     speed.pause()
-    evals = evaluate(eval_fn, state, eval_data, mesh, task) if is_eval_step(step) else {}
+    evals = evaluate(eval_fn, evaluated_state(state, config), eval_data, mesh, task) if is_eval_step(step) else {}
     if save:
       ckpt.save(step, state, train_iter, metrics=evals)
     speed.resume()
