@@ -240,3 +240,103 @@ def test_cli_flags_reach_the_run_and_bad_ones_are_one_line_errors(tmp_path, data
     refused = _transformer(tmp_path / flag.split("=")[0].strip("-"), data_dir, flag)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and message in refused.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter averages (--ema_decay).
+
+
+def test_the_parameter_average_after_n_steps_equals_the_closed_form():
+  """SGD on constant gradients: p_k = p_0 - k lr g, so the average is known in closed form."""
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray(3.0)}
+  grads = {"w": jnp.asarray([0.5, 1.0, -1.0]), "b": jnp.asarray(2.0)}
+  decay, lr, steps = 0.9, 0.1, 5
+  cfg = optim.OptimConfig(optimizer="sgd", momentum=0.0, learning_rate=lr, schedule="constant", warmup_steps=0,
+                          grad_clip=0.0, ema_decay=decay)
+  _, opt_state, _ = _steps(cfg, params, lambda p: grads, steps)
+  average = optim.ema_params(opt_state)
+  for name in params:
+    p_k = [np.asarray(params[name]) - k * lr * np.asarray(grads[name]) for k in range(steps + 1)]
+    want = decay ** steps * p_k[0] + (1 - decay) * sum(decay ** (steps - k) * p_k[k] for k in range(1, steps + 1))
+    np.testing.assert_allclose(average[name], want, rtol=1e-6, err_msg=name)
+  assert optim.ema_params(optim.make_optimizer(optim.OptimConfig(), 5).init(params)) is None
+
+
+def _fit_lm(workdir, data_dir, num_steps, *, init_from=None, **optim_fields):
+  model = _tiny_lm()
+  cfg = train.TrainConfig(workdir=str(workdir), num_steps=num_steps, batch_size=8, log_every=1, eval_every=3,
+                          checkpoint_every=3, init_from=init_from, eval_with_ema=True)
+  optim_cfg = optim.OptimConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant", **optim_fields)
+  windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
+  return train.fit(model=model, task=tasks.LanguageModelling(), tx=optim.make_optimizer(optim_cfg, num_steps),
+                   learning_rate=optim.make_schedule(optim_cfg, num_steps),
+                   train_data=lm.train_batches(windows, 8, seed=0),
+                   eval_data=lm.eval_batches(windows, 8, max_batches=2), config=cfg,
+                   mesh=sharding.make_mesh("data:2,fsdp:2,tensor:2"))
+
+
+def _saved_state(workdir, step):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def _saved_average(state):
+  """The average in a checkpoint restored without a target (named tuples come back as dicts): the
+  last element of the optimizer chain."""
+  return state["opt_state"][-1]["ema"]
+
+
+def _losses(rows):
+  return [{k: v for k, v in row.items() if "loss" in k or k == "step"} for row in rows]
+
+
+def test_the_average_is_sharded_checkpointed_and_resumed_exactly(tmp_path, data_dir):
+  _fit_lm(tmp_path / "unbroken", data_dir, 6, ema_decay=0.5)
+  _fit_lm(tmp_path / "resumed", data_dir, 3, ema_decay=0.5)
+  resumed = _fit_lm(tmp_path / "resumed", data_dir, 6, ema_decay=0.5)
+  assert resumed["step"] == 6
+  unbroken, again = _saved_state(tmp_path / "unbroken", 6), _saved_state(tmp_path / "resumed", 6)
+  for got, want in zip(jax.tree.leaves(again["opt_state"]), jax.tree.leaves(unbroken["opt_state"]), strict=True):
+    np.testing.assert_array_equal(got, want)
+  unbroken_rows = _losses(metrics.read_jsonl(tmp_path / "unbroken" / "metrics.jsonl"))
+  assert _losses(metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == unbroken_rows
+  assert any("eval_loss" in row for row in unbroken_rows)
+  # --eval_with_ema evaluated the average, which is not the parameters.
+  average = _saved_average(unbroken)
+  assert jax.tree.structure(average) == jax.tree.structure(unbroken["params"])
+  assert not all(np.array_equal(a, p) for a, p in zip(jax.tree.leaves(average), jax.tree.leaves(unbroken["params"])))
+  windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
+  task, model = tasks.LanguageModelling(), _tiny_lm()
+  sums = [jax.device_get(task.loss_sums(model, {"params": average}, batch)[0])
+          for batch in lm.eval_batches(windows, 8, max_batches=2)]
+  by_hand = task.metrics(jax.tree.map(lambda *x: sum(x), *sums))["loss"]
+  np.testing.assert_allclose(unbroken_rows[-1]["eval_loss"], by_hand, rtol=1e-5)
+
+
+def test_the_average_is_sharded_like_the_parameters():
+  model = _tiny_lm()
+  tx = optim.make_optimizer(optim.OptimConfig(ema_decay=0.9, freeze=("token_embed",)), 10)
+  batch = {"tokens": jnp.zeros((1, 9), jnp.int32)}
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  shardings = train.state_shardings(model=model, tx=tx, task=tasks.LanguageModelling(), example_batch=batch,
+                                    mesh=mesh, rng=jax.random.key(0))
+  average = optim.ema_params(shardings.opt_state)
+  assert jax.tree.leaves(average) == jax.tree.leaves(shardings.params)
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(average))
+
+
+def test_cli_exports_the_average_and_refuses_it_without_one(tmp_path, data_dir):
+  ran = _transformer(tmp_path / "run", data_dir, "--ema_decay=0.5", "--eval_with_ema")
+  assert ran.returncode == 0, ran.stderr
+  exported = _transformer(tmp_path / "run", data_dir, "--ema_decay=0.5", "--mode=export", "--export_ema",
+                          f"--export_dir={tmp_path / 'ema'}")
+  assert exported.returncode == 0, exported.stderr
+  _, variables = models.load(str(tmp_path / "ema"))
+  average = _saved_average(_saved_state(tmp_path / "run", 2))
+  for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(average), strict=True):
+    np.testing.assert_array_equal(got, want)
+  refused = _transformer(tmp_path / "plain", data_dir, "--eval_with_ema")
+  assert refused.returncode == 1
+  assert refused.stderr.strip().splitlines()[-1] == ("error: --eval_with_ema needs a run that keeps a parameter "
+                                                     "average: train with --ema_decay > 0")
+  assert not os.path.exists(tmp_path / "plain" / "checkpoints" / "2")
