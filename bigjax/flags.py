@@ -242,7 +242,7 @@ class Experiment:
   def run(self, *, task, train_data, eval_data) -> dict:
     """--mode=train: fit (resuming if the workdir has a checkpoint); --mode=eval: evaluate the
     newest checkpoint. Returns the last record."""
-    task = dataclasses.replace(task, losses=self.losses)
+    task = _with_losses(task, self.losses)
     if MODE.value == "eval":
       record = train.evaluate_checkpoint(model=self.model, task=task, tx=self.tx, eval_data=eval_data,
                                          config=self.config, mesh=self.mesh)
@@ -281,6 +281,16 @@ class Experiment:
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
                      train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh,
                      on_start=lambda: save_flags(self.config.workdir))
+
+
+def _with_losses(task, losses: tasks.Losses):
+  """The task with --label_smoothing and --z_loss; a task of a fork's own without a `losses` field
+  runs as it is unless they are set."""
+  if any(field.name == "losses" for field in dataclasses.fields(task)):
+    return dataclasses.replace(task, losses=losses)
+  if losses != tasks.Losses():
+    raise UserError(f"{type(task).__name__} takes no --label_smoothing or --z_loss (it has no `losses` field)")
+  return task
 
 
 # What a run holds until its process ends (the workdir's lock): closed by `run`.

@@ -55,7 +55,13 @@ class OptimConfig:
     if not (checks.is_number(self.ema_decay) and 0 <= self.ema_decay < 1):
       checks.fail(self, f"ema_decay={self.ema_decay!r} must be in [0, 1) (0 keeps no average)")
     for name in ("freeze", "lr_multipliers", "wd_multipliers"):
-      for entry in getattr(self, name):
+      entries = getattr(self, name)
+      shape_ok = isinstance(entries, (tuple, list)) and all(
+          isinstance(e, str) if name == "freeze" else isinstance(e, (tuple, list)) and len(e) == 2 for e in entries)
+      if not shape_ok:
+        what = "regular expressions" if name == "freeze" else "(regular expression, factor) pairs"
+        checks.fail(self, f"{name}={entries!r} must be a tuple of {what}")
+      for entry in entries:
         pattern, factor = (entry, None) if name == "freeze" else entry
         try:
           re.compile(pattern)

@@ -18,6 +18,7 @@ from bigjax import lm_inputs
 from bigjax import models
 from bigjax import optim
 from bigjax import sample
+from bigjax import tasks
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
@@ -87,6 +88,7 @@ _VALID = {
     "RNNClassifierConfig": lambda: models.create("lstm-classifier").config,
     "OptimConfig": optim.OptimConfig,
     "SamplingConfig": sample.SamplingConfig,
+    "Losses": tasks.Losses,
 }
 
 
