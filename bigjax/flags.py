@@ -28,6 +28,7 @@ from bigjax import train
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.interop import hf
+from bigjax.nn import lora as lora_lib
 
 # What and where.
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
@@ -126,6 +127,15 @@ EMA_DECAY = flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving ave
                                 "0 keeps none.")
 EVAL_WITH_EMA = flags.DEFINE_bool("eval_with_ema", False, "Evaluate the --ema_decay average, not the parameters.")
 EXPORT_EMA = flags.DEFINE_bool("export_ema", False, "--mode=export: export the --ema_decay average.")
+LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "Train low-rank adapters of this rank on the --lora_targets "
+                                 "projections, with every other parameter frozen; 0 trains the model itself. "
+                                 "--mode=export merges them into the weights.", lower_bound=0)
+LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "The adapters' update is scaled by lora_alpha / lora_rank; "
+                                "default: the rank (scale 1).")
+LORA_TARGETS = flags.DEFINE_string("lora_targets", lora_lib.DEFAULT_TARGETS, "Regular expression searched in "
+                                   "kernel paths (block_0/mlp/wi/kernel): the projections to adapt; default: "
+                                   "the attention and MLP projections of Transformer blocks.")
+LORA_DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "Dropout on the adapters' inputs while training.")
 LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Train on targets that put this much probability "
                                      "spread evenly over all classes (the plain loss is still reported).")
 Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "Weight of the log(Z)^2 term added to the trained loss (PaLM: 1e-4), "
@@ -177,7 +187,18 @@ def optim_config() -> optim.OptimConfig:
       warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value,
       momentum=MOMENTUM.value, nesterov=NESTEROV.value, b2=ADAM_B2.value, freeze=tuple(FREEZE.value),
       lr_multipliers=_pattern_factors(LR_MULTIPLIER), wd_multipliers=_pattern_factors(WD_MULTIPLIER),
-      ema_decay=EMA_DECAY.value)
+      ema_decay=EMA_DECAY.value, trainable=(lora_lib.ADAPTER_PATTERN,) if LORA_RANK.value else ())
+
+
+def lora_config() -> lora_lib.LoraConfig | None:
+  """The --lora_* flags' adapters; None without --lora_rank."""
+  if not LORA_RANK.value:
+    for holder in (LORA_ALPHA, LORA_DROPOUT):
+      if holder.present:
+        raise UserError(f"--{holder.name} needs --lora_rank > 0 (the adapters' rank)")
+    return None
+  return lora_lib.LoraConfig(rank=LORA_RANK.value, alpha=LORA_ALPHA.value, targets=LORA_TARGETS.value,
+                             dropout=LORA_DROPOUT.value)
 
 
 def _pattern_factors(holder: flags.FlagHolder) -> tuple[tuple[str, float], ...]:
@@ -226,7 +247,8 @@ def compute_dtype() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """What every experiment builds the same way from the shared flags."""
+  """What every experiment builds the same way from the shared flags. `model` is the module that
+  trains, evaluates and samples: with --lora_rank, a lora.Lora around the architecture, base_model."""
   model: Any
   mesh: jax.sharding.Mesh
   config: train.TrainConfig
@@ -234,6 +256,10 @@ class Experiment:
   dataset: str
   data_dir: str | None
   losses: tasks.Losses = tasks.Losses()
+
+  @property
+  def base_model(self):
+    return lora_lib.base_of(self.model)
 
   @property
   def tx(self):
@@ -252,18 +278,18 @@ class Experiment:
       require(EXPORT_DIR)
       hf_format = EXPORT_FORMAT.value == "hf"
       if hf_format:
-        hf.check_exportable(self.model)  # a model transformers has no counterpart for fails before loading
+        hf.check_exportable(self.base_model)  # a model transformers has no counterpart for fails before loading
       example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
       with train.mesh_context(self.mesh):
         state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
                                                config=self.config, mesh=self.mesh)
         if EXPORT_EMA.value:
           state = train.ema_state(state, "--export_ema")
-        variables = {"params": state.params, **state.model_state}
+        variables = {"params": _merged_adapters(self.model, state.params), **state.model_state}
         if hf_format:
-          directory = models.save_hf(EXPORT_DIR.value, self.model, variables)
+          directory = models.save_hf(EXPORT_DIR.value, self.base_model, variables)
         else:
-          directory = checkpoint.export(EXPORT_DIR.value, variables, *model_identity(self.model))
+          directory = checkpoint.export(EXPORT_DIR.value, variables, *model_identity(self.base_model))
       metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
       return {"step": step}
     if MODE.value != "train":
@@ -281,6 +307,13 @@ class Experiment:
                      learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
                      train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh,
                      on_start=lambda: save_flags(self.config.workdir))
+
+
+def _merged_adapters(model, params):
+  """The parameters of the architecture: LoRA's adapters folded into the kernels they adapt."""
+  if not isinstance(model, lora_lib.Lora):
+    return params
+  return jax.jit(lora_lib.merged, static_argnums=1)(params, model.config)
 
 
 def _with_losses(task, losses: tasks.Losses):
@@ -304,6 +337,9 @@ def experiment() -> Experiment:
   sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
   require(*([MODEL] if hf_init_dir() is None else []), DATASET, WORKDIR)
   model = build_model()  # before the claim: a model that cannot be built leaves no workdir behind
+  adapters = lora_config()
+  if adapters is not None:
+    model = lora_lib.Lora(model, adapters)
   if MODE.value == "train" and not COMPILE_ONLY.value:
     _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()

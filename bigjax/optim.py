@@ -36,6 +36,9 @@ class OptimConfig:
   freeze: tuple[str, ...] = ()
   lr_multipliers: tuple[tuple[str, float], ...] = ()
   wd_multipliers: tuple[tuple[str, float], ...] = ()
+  # When set, parameters whose path none of these regular expressions matches are frozen (LoRA
+  # trains only its adapters: lora.ADAPTER_PATTERN).
+  trainable: tuple[str, ...] = ()
   # > 0: keep an exponential moving average of the parameters, updated after every step (ParamsEma).
   ema_decay: float = 0.0
 
@@ -54,15 +57,15 @@ class OptimConfig:
     checks.positive_number(self, "eps")
     if not (checks.is_number(self.ema_decay) and 0 <= self.ema_decay < 1):
       checks.fail(self, f"ema_decay={self.ema_decay!r} must be in [0, 1) (0 keeps no average)")
-    for name in ("freeze", "lr_multipliers", "wd_multipliers"):
+    for name in ("freeze", "trainable", "lr_multipliers", "wd_multipliers"):
       entries = getattr(self, name)
       shape_ok = isinstance(entries, (tuple, list)) and all(
-          isinstance(e, str) if name == "freeze" else isinstance(e, (tuple, list)) and len(e) == 2 for e in entries)
+          isinstance(e, str) if name in ("freeze", "trainable") else isinstance(e, (tuple, list)) and len(e) == 2 for e in entries)
       if not shape_ok:
-        what = "regular expressions" if name == "freeze" else "(regular expression, factor) pairs"
+        what = "regular expressions" if name in ("freeze", "trainable") else "(regular expression, factor) pairs"
         checks.fail(self, f"{name}={entries!r} must be a tuple of {what}")
       for entry in entries:
-        pattern, factor = (entry, None) if name == "freeze" else entry
+        pattern, factor = (entry, None) if name in ("freeze", "trainable") else entry
         try:
           re.compile(pattern)
         except (re.error, TypeError) as e:
@@ -75,7 +78,7 @@ class OptimConfig:
 
   @property
   def groups_parameters(self) -> bool:
-    return bool(self.freeze or self.lr_multipliers or self.wd_multipliers)
+    return bool(self.freeze or self.lr_multipliers or self.wd_multipliers or self.trainable)
 
 
 def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
@@ -120,7 +123,7 @@ def parameter_groups(cfg: OptimConfig, params) -> dict:
   lr_patterns = [pattern for pattern, _ in cfg.lr_multipliers]
   wd_patterns = [pattern for pattern, _ in cfg.wd_multipliers]
   for flag, patterns in (("--freeze", cfg.freeze), ("--lr_multiplier", lr_patterns),
-                         ("--wd_multiplier", wd_patterns)):
+                         ("--wd_multiplier", wd_patterns), ("trainable", cfg.trainable)):
     for pattern in patterns:
       if not any(re.search(pattern, path) for path in paths):
         raise UserError(f"{flag} pattern {pattern!r} matches no parameter; paths look like "
@@ -128,7 +131,7 @@ def parameter_groups(cfg: OptimConfig, params) -> dict:
 
   def group(path, _):
     name = sharding.path_name(path)
-    if _first_match(cfg.freeze, name) is not None:
+    if _first_match(cfg.freeze, name) is not None or (cfg.trainable and _first_match(cfg.trainable, name) is None):
       return FROZEN
     lr, wd = _first_match(lr_patterns, name), _first_match(wd_patterns, name)
     return f"lr{'-' if lr is None else lr}_wd{'-' if wd is None else wd}"
@@ -148,8 +151,15 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransforma
   peak learning rate and weight decay (schedules scale with their peak, so a factor scales every
   step's rate) and frozen ones optax.set_to_zero, which keeps no state; clipping then sees the
   trained parameters' gradients only."""
-  opt = _grouped(cfg, num_steps) if cfg.groups_parameters else _clipped(cfg, _optimizer(cfg, num_steps))
-  return optax.chain(opt, params_ema(cfg.ema_decay)) if cfg.ema_decay else opt
+  if not cfg.groups_parameters:
+    opt = _clipped(cfg, _optimizer(cfg, num_steps))
+    return optax.chain(opt, params_ema(cfg.ema_decay)) if cfg.ema_decay else opt
+  opt = _grouped(cfg, num_steps)
+  if not cfg.ema_decay:
+    return opt
+  # Frozen parameters need no average (it would equal them): with LoRA that is nearly every one.
+  trained = lambda params: jax.tree.map(lambda g: g != FROZEN, parameter_groups(cfg, params))
+  return optax.chain(opt, optax.masked(params_ema(cfg.ema_decay), trained))
 
 
 class ParamsEma(NamedTuple):
@@ -178,11 +188,15 @@ def params_ema(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def ema_params(opt_state):
-  """The parameter average in an optimizer state from make_optimizer with ema_decay > 0, else None."""
+def ema_params(opt_state, params):
+  """The parameter average in an optimizer state from make_optimizer with ema_decay > 0 (frozen
+  parameters, which it does not hold, as `params` has them), else None."""
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEma))
            if isinstance(x, ParamsEma)]
-  return found[0].ema if found else None
+  if not found:
+    return None
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree.map(lambda e, p: p if is_masked(e) else e, found[0].ema, params, is_leaf=is_masked)
 
 
 def _grouped(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:

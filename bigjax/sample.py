@@ -11,6 +11,7 @@ import numpy as np
 
 from bigjax import config_checks as checks
 from bigjax.errors import UserError
+from bigjax.nn import lora
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
@@ -52,7 +53,8 @@ def choose_tokens(logits_BV, rng, cfg: SamplingConfig):
 
 def _decoder(model: nn.Module):
   """(start(params, prompt) -> (logits, carry), step(params, carry, tokens, position) -> (logits, carry))."""
-  if isinstance(model, transformer.TransformerLM):
+  architecture = lora.base_of(model)  # a Lora samples as its base does, through its own apply
+  if isinstance(architecture, transformer.TransformerLM):
     def start(params, prompt_BP):
       # Only the cache's shapes are needed: an empty cache is all zeros.
       init = functools.partial(model.init, decode=True)  # decode stays a Python bool, not a tracer
@@ -66,7 +68,7 @@ def _decoder(model: nn.Module):
                                       decode=True, mutable=["cache"])
       return logits[:, -1], variables["cache"]
     return start, step
-  if isinstance(model, recurrent.RNNLM):
+  if isinstance(architecture, recurrent.RNNLM):
     def start(params, prompt_BP):
       logits, state = model.apply({"params": params}, prompt_BP, return_state=True)
       return logits[:, -1], state
@@ -76,7 +78,7 @@ def _decoder(model: nn.Module):
       logits, state = model.apply({"params": params}, tokens_BT, initial_state=state, return_state=True)
       return logits[:, -1], state
     return start, step
-  raise UserError(f"cannot sample from {type(model).__name__}: use a TransformerLM or RNNLM")
+  raise UserError(f"cannot sample from {type(architecture).__name__}: use a TransformerLM or RNNLM")
 
 
 def length_limit(model: nn.Module) -> int | None:

@@ -27,6 +27,7 @@ from bigjax import metrics as metrics_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.interop import hf
+from bigjax.nn import lora
 
 
 @flax.struct.dataclass
@@ -296,10 +297,12 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
 
 def _initial_variables(init_from: str, model, abstract, mesh) -> dict:
   """--init_from's model variables placed as the fresh state's: a Hugging Face model directory (its
-  config.json gave `model`'s architecture), an export, or a workdir's newest checkpoint."""
-  wanted = {"params": abstract.params, **abstract.model_state}
+  config.json gave `model`'s architecture), an export, or a workdir's newest checkpoint. A LoRA
+  model takes its base parameters from there; its adapters are the caller's (fresh) ones."""
+  base_params, _ = lora.split_adapters(abstract.params)
+  wanted = {"params": base_params, **abstract.model_state}
   if hf.is_hf_directory(os.path.abspath(os.path.expanduser(init_from))):
-    _, variables = hf.load(init_from, mesh=mesh, **dataclasses.asdict(model.config))
+    _, variables = hf.load(init_from, mesh=mesh, **dataclasses.asdict(lora.base_of(model).config))
     return jax.device_put(variables, jax.tree.map(lambda a: a.sharding, wanted))
   return checkpoint.load_variables(init_from, wanted)
 
@@ -325,7 +328,8 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
   state = steps.init(rng)
   if config.init_from:
     variables = _initial_variables(config.init_from, model, abstract, mesh)
-    state = state.replace(params=variables.pop("params"), model_state=variables)
+    _, adapters = lora.split_adapters(state.params)
+    state = state.replace(params=lora.join(variables.pop("params"), adapters), model_state=variables)
     metrics_lib.console(f"parameters from {config.init_from}")
   return state, 0, train_iter
 
@@ -360,7 +364,9 @@ def _fit(*, model, task, tx, train_data, eval_data, config: TrainConfig, mesh, l
       return {"step": start}
     if on_start is not None:
       on_start()
-    metrics_lib.console(f"model: {count_params(state.params):,} parameters; mesh: {sharding.describe(mesh)}"
+    _, adapters = lora.split_adapters(state.params)
+    trained = f" ({count_params(adapters):,} of them in LoRA adapters, the rest frozen)" if adapters else ""
+    metrics_lib.console(f"model: {count_params(state.params):,} parameters{trained}; mesh: {sharding.describe(mesh)}"
                         + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items()))
     log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
     # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
@@ -453,7 +459,7 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
 def ema_state(state: TrainState, flag: str) -> TrainState:
   """`state` with the optimizer's parameter average as its parameters; `flag` names the option that
   asked for it in the error when the run keeps none."""
-  ema = optim.ema_params(state.opt_state)
+  ema = optim.ema_params(state.opt_state, state.params)
   if ema is None:
     raise UserError(f"{flag} needs a run that keeps a parameter average: train with --ema_decay > 0")
   return state.replace(params=ema)

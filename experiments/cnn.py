@@ -37,7 +37,7 @@ def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
 def check_num_classes(exp: bigjax_flags.Experiment, label_key: str) -> None:
   """Labels past the model's last output would train on garbage: stop with the fix instead."""
   classes = sources.num_classes(exp.dataset, label_key, exp.data_dir)
-  outputs = getattr(getattr(exp.model, "config", None), "num_classes", None)
+  outputs = getattr(getattr(exp.base_model, "config", None), "num_classes", None)
   if classes and outputs and classes > outputs:
     raise UserError(f"{exp.dataset} has {classes} classes but --model={bigjax_flags.MODEL.value} outputs {outputs}; "
                     f"add --model_override=num_classes={classes}")

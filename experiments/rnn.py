@@ -15,7 +15,7 @@ def main(argv):
   del argv
   transformer.use_tokenizer_vocab()
   exp = bigjax_flags.experiment()
-  if isinstance(exp.model, recurrent.RNNLM):
+  if isinstance(exp.base_model, recurrent.RNNLM):
     transformer.fit_language_model(exp)
   else:
     cnn.fit_classifier(exp)

@@ -50,8 +50,8 @@ def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   prompt = tokenizer.encode(PROMPT.value.encode())
   if not len(prompt):
     raise UserError("the prompt is empty; give at least one character to continue")
-  lm_inputs.check_vocab(exp.model, tokenizer)
-  lm_inputs.check_sample_length(exp.model, len(prompt), NUM_TOKENS.value)  # before the checkpoint: none is needed
+  lm_inputs.check_vocab(exp.base_model, tokenizer)
+  lm_inputs.check_sample_length(exp.base_model, len(prompt), NUM_TOKENS.value)  # before the checkpoint: none is needed
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
@@ -71,7 +71,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   """Language modelling on the experiment's text data set (bytes or SentencePiece tokens), or on
   its (inputs, targets) pairs with the loss on the targets only; --mode picks training,
   evaluation or sampling."""
-  lm_inputs.check_seq_len(exp.model, SEQ_LEN.value)
+  lm_inputs.check_seq_len(exp.base_model, SEQ_LEN.value)
   if bigjax_flags.MODE.value == "sample":
     return {"samples": sample_language_model(exp)}
   train_split = bigjax_flags.TRAIN_SPLIT.value
@@ -80,7 +80,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   if lm.is_prompt_target(exp.dataset, exp.data_dir):
     if TOKENIZER.value != "bytes":
       raise UserError(f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer")
-    lm_inputs.check_vocab(exp.model, tokenizers.ByteTokenizer())
+    lm_inputs.check_vocab(exp.base_model, tokenizers.ByteTokenizer())
     train_pairs = lm.open_prompt_targets(exp.dataset, train_split, SEQ_LEN.value, exp.data_dir)
     eval_pairs = lm.open_prompt_targets(exp.dataset, eval_split, SEQ_LEN.value, exp.data_dir)
     metrics.console(f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs")
@@ -89,13 +89,13 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
                                                      workers=workers),
                    eval_data=pipeline.eval_batches(eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
   tokenizer = open_tokenizer(exp, train_split)
-  lm_inputs.check_vocab(exp.model, tokenizer)
+  lm_inputs.check_vocab(exp.base_model, tokenizer)
   # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
   # packed stream as it comes).
-  takes_segments = "segment_ids_BT" in inspect.signature(exp.model.__call__).parameters
+  takes_segments = "segment_ids_BT" in inspect.signature(exp.base_model.__call__).parameters
   segments = DOCUMENT_MASKS.value and takes_segments
-  if DOCUMENT_MASKS.value and not takes_segments and not isinstance(exp.model, recurrent.RNNLM):
-    metrics.console(f"note: {type(exp.model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
+  if DOCUMENT_MASKS.value and not takes_segments and not isinstance(exp.base_model, recurrent.RNNLM):
+    metrics.console(f"note: {type(exp.base_model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
                     f"into one window attend across their ends; give it that argument (as TransformerLM has) "
                     f"or pass --nodocument_masks to say that is intended")
   windows = {split: lm.open_windows(exp.dataset, split, SEQ_LEN.value, exp.data_dir, tokenizer,

@@ -33,6 +33,10 @@ EXPERIMENTS = {
     "cnn": ["experiments.cnn", "--flagfile=experiments/configs/cnn_tiny.flags", "--batch_size=16",
             "--eval_batches=2"],
 }
+# LoRA with adapter dropout and a parameter average evaluated: adapters, their optimizer state, the
+# average and the dropout draws must all resume exactly.
+EXPERIMENTS["transformer-lora-ema"] = EXPERIMENTS["transformer"] + [
+    "--lora_rank=4", "--lora_dropout=0.1", "--learning_rate=0.01", "--ema_decay=0.9", "--eval_with_ema"]
 
 
 def _command(kind, workdir, data_dir, *extra):
@@ -92,7 +96,7 @@ def _copy_of(workdir, tmp_path):
   return shutil.copytree(workdir, tmp_path / "run")
 
 
-@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+@pytest.mark.parametrize("kind", ["transformer", "cnn", "transformer-lora-ema"])
 def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(kind, tmp_path, data_dir, finished_run):
   unbroken = finished_run(kind)
   kill_after = random.Random().randint(4, NUM_STEPS - 2)  # after the first save, at step 3

@@ -254,12 +254,12 @@ def test_the_parameter_average_after_n_steps_equals_the_closed_form():
   cfg = optim.OptimConfig(optimizer="sgd", momentum=0.0, learning_rate=lr, schedule="constant", warmup_steps=0,
                           grad_clip=0.0, ema_decay=decay)
   _, opt_state, _ = _steps(cfg, params, lambda p: grads, steps)
-  average = optim.ema_params(opt_state)
+  average = optim.ema_params(opt_state, params)
   for name in params:
     p_k = [np.asarray(params[name]) - k * lr * np.asarray(grads[name]) for k in range(steps + 1)]
     want = decay ** steps * p_k[0] + (1 - decay) * sum(decay ** (steps - k) * p_k[k] for k in range(1, steps + 1))
     np.testing.assert_allclose(average[name], want, rtol=1e-6, err_msg=name)
-  assert optim.ema_params(optim.make_optimizer(optim.OptimConfig(), 5).init(params)) is None
+  assert optim.ema_params(optim.make_optimizer(optim.OptimConfig(), 5).init(params), params) is None
 
 
 def _fit_lm(workdir, data_dir, num_steps, *, init_from=None, **optim_fields):
@@ -320,8 +320,12 @@ def test_the_average_is_sharded_like_the_parameters():
   mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
   shardings = train.state_shardings(model=model, tx=tx, task=tasks.LanguageModelling(), example_batch=batch,
                                     mesh=mesh, rng=jax.random.key(0))
-  average = optim.ema_params(shardings.opt_state)
+  average = optim.ema_params(shardings.opt_state, shardings.params)
   assert jax.tree.leaves(average) == jax.tree.leaves(shardings.params)
+  # The frozen embedding's average would equal it: the optimizer state holds none.
+  kept, = [x for x in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: isinstance(x, optim.ParamsEma))
+           if isinstance(x, optim.ParamsEma)]
+  assert len(jax.tree.leaves(kept.ema)) == len(jax.tree.leaves(shardings.params)) - 1
   assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(average))
 
 
