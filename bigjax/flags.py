@@ -193,8 +193,8 @@ def optim_config() -> optim.OptimConfig:
 def lora_config() -> lora_lib.LoraConfig | None:
   """The --lora_* flags' adapters; None without --lora_rank."""
   if not LORA_RANK.value:
-    for holder in (LORA_ALPHA, LORA_DROPOUT):
-      if holder.present:
+    for holder in (LORA_ALPHA, LORA_DROPOUT):  # a saved flags.txt repeats the defaults: only values count
+      if holder.value != holder.default:
         raise UserError(f"--{holder.name} needs --lora_rank > 0 (the adapters' rank)")
     return None
   return lora_lib.LoraConfig(rank=LORA_RANK.value, alpha=LORA_ALPHA.value, targets=LORA_TARGETS.value,
