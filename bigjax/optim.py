@@ -158,7 +158,7 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransforma
   if not cfg.ema_decay:
     return opt
   # Frozen parameters need no average (it would equal them): with LoRA that is nearly every one.
-  trained = lambda params: jax.tree.map(lambda g: g != FROZEN, parameter_groups(cfg, params))
+  trained = lambda params: jax.tree.map(lambda frozen: not frozen, _frozen_mask(cfg, params))
   return optax.chain(opt, optax.masked(params_ema(cfg.ema_decay), trained))
 
 
@@ -204,9 +204,13 @@ def _grouped(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
                                                 weight_decay=cfg.weight_decay * wd), num_steps)
            for name, (lr, wd) in _group_names(cfg).items()}
   groups = lambda params: parameter_groups(cfg, params)
-  frozen = lambda params: jax.tree.map(lambda g: g == FROZEN, groups(params))
+  frozen = lambda params: _frozen_mask(cfg, params)
   return optax.chain(optax.masked(optax.set_to_zero(), frozen),
                      _clipped(cfg, optax.multi_transform({**inner, FROZEN: optax.set_to_zero()}, groups)))
+
+
+def _frozen_mask(cfg: OptimConfig, params):
+  return jax.tree.map(lambda group: group == FROZEN, parameter_groups(cfg, params))
 
 
 def _clipped(cfg: OptimConfig, opt: optax.GradientTransformation) -> optax.GradientTransformation:
