@@ -3,6 +3,7 @@ their own learning-rate and weight-decay factors by regular expressions over the
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
@@ -145,7 +146,23 @@ def _group_names(cfg: OptimConfig) -> dict[str, tuple[float, float]]:
   return {f"lr{i}_wd{j}": (lr, wd) for i, lr in lr_factors.items() for j, wd in wd_factors.items()}
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+class Optimizer(NamedTuple):
+  """An optax GradientTransformation (init, update) that also says which parameters it trains, so
+  that the train step differentiates those only: the gradients of frozen parameters (with LoRA,
+  nearly all of them) are never computed, nor held in memory."""
+  init: Callable
+  update: Callable
+  trained: Callable | None = None  # params -> a tree like them of bools; None: every parameter trains
+
+
+def trained_mask(tx, params):
+  """The tree of bools, True where `tx` updates the parameter (every one for a plain optax tx)."""
+  if isinstance(tx, Optimizer) and tx.trained is not None:
+    return tx.trained(params)
+  return jax.tree.map(lambda _: True, params)
+
+
+def make_optimizer(cfg: OptimConfig, num_steps: int) -> Optimizer:
   """Clipping (optional) followed by the chosen optimizer, driven by the schedule. With frozen
   parameters or per-parameter factors, each group of parameters gets the optimizer with its own
   peak learning rate and weight decay (schedules scale with their peak, so a factor scales every
@@ -153,13 +170,13 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransforma
   trained parameters' gradients only."""
   if not cfg.groups_parameters:
     opt = _clipped(cfg, _optimizer(cfg, num_steps))
-    return optax.chain(opt, params_ema(cfg.ema_decay)) if cfg.ema_decay else opt
+    return Optimizer(*(optax.chain(opt, params_ema(cfg.ema_decay)) if cfg.ema_decay else opt))
   opt = _grouped(cfg, num_steps)
-  if not cfg.ema_decay:
-    return opt
-  # Frozen parameters need no average (it would equal them): with LoRA that is nearly every one.
   trained = lambda params: jax.tree.map(lambda frozen: not frozen, _frozen_mask(cfg, params))
-  return optax.chain(opt, optax.masked(params_ema(cfg.ema_decay), trained))
+  if cfg.ema_decay:
+    # Frozen parameters need no average (it would equal them): with LoRA that is nearly every one.
+    opt = optax.chain(opt, optax.masked(params_ema(cfg.ema_decay), trained))
+  return Optimizer(opt.init, opt.update, trained)
 
 
 class ParamsEma(NamedTuple):

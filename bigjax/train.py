@@ -141,14 +141,17 @@ def _optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardi
   return jax.tree_util.tree_map_with_path(placement, abstract_opt_state)
 
 
-def _grads_and_sums(params, model_state, batch, rngs, *, model, task):
-  """Gradients of the summed loss (not the mean: micro-batches add up), the summed metrics and
-  the updated model state of one (micro-)batch."""
-  def summed_loss(params):
-    sums, new_model_state = task.loss_sums(model, {"params": params, **model_state}, batch, rngs=rngs, train=True)
+def _grads_and_sums(params, model_state, batch, rngs, *, model, task, trained):
+  """Gradients of the summed loss (not the mean: micro-batches add up) with respect to the trained
+  parameters (None in place of each frozen one: never computed), the summed metrics and the updated
+  model state of one (micro-)batch."""
+  def summed_loss(trainable):
+    merged = jax.tree.map(lambda p, t, m: t if m else jax.lax.stop_gradient(p), params, trainable, trained)
+    sums, new_model_state = task.loss_sums(model, {"params": merged, **model_state}, batch, rngs=rngs, train=True)
     return sums["objective"], (sums, new_model_state)
 
-  (_, (sums, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+  trainable = jax.tree.map(lambda p, m: p if m else None, params, trained)
+  (_, (sums, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(trainable)
   return grads, sums, {**model_state, **new_model_state}
 
 
@@ -166,7 +169,8 @@ def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1
   update (batch norm statistics see each micro-batch). Returns the new state and the step's summed
   metrics."""
   step_rng = jax.random.fold_in(state.rng, state.step)
-  grads_fn = functools.partial(_grads_and_sums, model=model, task=task)
+  trained = optim.trained_mask(tx, state.params)
+  grads_fn = functools.partial(_grads_and_sums, model=model, task=task, trained=trained)
   if grad_accum == 1:
     grads, sums, model_state = grads_fn(state.params, state.model_state, batch, {"dropout": step_rng})
   else:
@@ -178,17 +182,20 @@ def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state), None
 
     micro_batches = _micro_batches(batch, grad_accum)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(lambda p, m: jnp.zeros_like(p) if m else None, state.params, trained)
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
         lambda: grads_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro_batches),
                          {"dropout": step_rng})[1]))
     (grads, sums, model_state), _ = jax.lax.scan(
         accumulate, (zeros, zero_sums, state.model_state), (jnp.arange(grad_accum), micro_batches))
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0).astype(g.dtype), grads)
+  grad_norm = optax.tree.norm(grads)  # of the trained parameters
+  # The optimizer takes a gradient for every parameter; a frozen one's zeros fold away in XLA.
+  grads = jax.tree.map(lambda p, g, m: g if m else jnp.zeros_like(p), state.params, grads, trained)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, model_state=model_state)
-  return new_state, {"sums": sums, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
+  return new_state, {"sums": sums, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates)}
 
 
 def eval_step(state: TrainState, batch, *, model, task):
