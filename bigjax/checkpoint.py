@@ -489,8 +489,12 @@ def export(directory: str, variables: dict, model_name: str, overrides: dict) ->
   return directory
 
 
-def read_export(directory: str):
-  """(model name, overrides, variables) of an export directory."""
+def is_export(directory: str) -> bool:
+  return os.path.isfile(os.path.join(os.path.abspath(os.path.expanduser(directory)), EXPORT_CONFIG))
+
+
+def read_export_identity(directory: str) -> tuple[str, dict]:
+  """(model name, overrides) that an export directory's model was built from."""
   directory = os.path.abspath(os.path.expanduser(directory))
   config_path = os.path.join(directory, EXPORT_CONFIG)
   if not os.path.exists(config_path):
@@ -500,13 +504,20 @@ def read_export(directory: str):
       config = json.load(f)
   except json.JSONDecodeError as e:
     raise UserError(f"{config_path} is not valid JSON ({e}); export the model again") from None
+  return config["model"], _tuples(config["overrides"])
+
+
+def read_export(directory: str):
+  """(model name, overrides, variables) of an export directory."""
+  name, overrides = read_export_identity(directory)
+  directory = os.path.abspath(os.path.expanduser(directory))
   params_dir = os.path.join(directory, EXPORT_PARAMS)
   with _reading(params_dir, directory):
     variables = ocp.StandardCheckpointer().restore(params_dir)
   expected = _expected_fingerprints(params_dir, whole_state=False)
   if expected is not None:
     _check_fingerprints(expected, variables, params_dir, directory)
-  return config["model"], _tuples(config["overrides"]), variables
+  return name, overrides, variables
 
 
 def _tuples(value):

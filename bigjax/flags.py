@@ -335,7 +335,8 @@ def experiment() -> Experiment:
   claims the workdir for a training run (before anything, a tokenizer included, is written there),
   logs the devices, and builds the model, mesh and configs."""
   sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
-  require(*([MODEL] if hf_init_dir() is None else []), DATASET, WORKDIR)
+  # --init_from a Hugging Face directory or an export gives the architecture: no --model needed
+  require(*([] if hf_init_dir() or _takes_export_model() else [MODEL]), DATASET, WORKDIR)
   model = build_model()  # before the claim: a model that cannot be built leaves no workdir behind
   adapters = lora_config()
   if adapters is not None:
@@ -363,13 +364,28 @@ def hf_init_dir() -> str | None:
   return path if hf.is_hf_directory(path) else None
 
 
+def _takes_export_model() -> bool:
+  return not MODEL.value and bool(INIT_FROM.value) and checkpoint.is_export(INIT_FROM.value)
+
+
+def _preset_and_overrides() -> tuple[str, dict]:
+  """--model and its overrides; without --model, an --init_from export's model with the run's
+  overrides on top (a run field such as remat, or any other: the parameters' shapes are checked)."""
+  if _takes_export_model():
+    name, overrides = checkpoint.read_export_identity(INIT_FROM.value)
+    return name, {**overrides, **model_overrides()}
+  require(MODEL)
+  return MODEL.value, model_overrides()
+
+
 def build_model():
-  """--model with its overrides; or, with --init_from a Hugging Face directory, the architecture its
-  config.json gives (a --model beside it must agree with it)."""
+  """--model with its overrides (or an --init_from export's, see _preset_and_overrides); or, with
+  --init_from a Hugging Face directory, the architecture its config.json gives (a --model beside it
+  must agree with it)."""
   hf_dir = hf_init_dir()
   if hf_dir is None:
-    require(MODEL)
-    return models.create(MODEL.value, **model_overrides())
+    name, overrides = _preset_and_overrides()
+    return models.create(name, **overrides)
   cfg = hf.check(hf_dir, **model_overrides())
   if MODEL.value:
     _check_same_architecture(models.create(MODEL.value, **model_overrides()), cfg, hf_dir)
@@ -393,7 +409,7 @@ def model_identity(model) -> tuple[str, dict]:
   """(preset, overrides) that rebuild `model` from an export: --model and its overrides, or for an
   architecture from a Hugging Face config.json the plain preset of its kind with every field."""
   if hf_init_dir() is None:
-    return MODEL.value, model_overrides()
+    return _preset_and_overrides()
   return models.full_config_preset(model), dataclasses.asdict(model.config)
 
 

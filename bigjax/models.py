@@ -61,7 +61,7 @@ def load(directory: str, *, mesh=None, **overrides):
   path = os.path.abspath(os.path.expanduser(directory))
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a directory (give a bigjax export or a Hugging Face model directory)")
-  if os.path.isfile(os.path.join(path, checkpoint.EXPORT_CONFIG)):
+  if checkpoint.is_export(path):
     if mesh is not None or overrides:
       raise UserError(f"{path} is a bigjax export: mesh and config overrides apply to Hugging Face "
                       f"directories only")

@@ -332,13 +332,19 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
     metrics_lib.console(f"starting again from step 0: every checkpoint was unreadable ({reasons}); set aside as "
                         f"{', '.join(moved)}" + (f"; the earlier run's metrics kept as {', '.join(kept)}" if kept else ""))
     train_iter = iter(train_data)  # the failed restores moved the old one: a restart draws a fresh run's batches
+  return _fresh_state(steps, rng, config, model, mesh), 0, train_iter
+
+
+def _fresh_state(steps, rng, config: TrainConfig, model, mesh):
+  """A step-0 state: initialised, with --init_from's parameters in place of the base's."""
   state = steps.init(rng)
   if config.init_from:
+    abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     variables = _initial_variables(config.init_from, model, abstract, mesh)
     _, adapters = lora.split_adapters(state.params)
     state = state.replace(params=lora.join(variables.pop("params"), adapters), model_state=variables)
     metrics_lib.console(f"parameters from {config.init_from}")
-  return state, 0, train_iter
+  return state
 
 
 def _check_best_metric(steps, state, example_batch, task, config: TrainConfig, eval_data) -> None:
@@ -477,12 +483,25 @@ def evaluated_state(state: TrainState, config: TrainConfig) -> TrainState:
 
 
 def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainConfig, mesh) -> dict:
-  """Evaluates the newest checkpoint in `config.workdir` on every eval batch."""
+  """Evaluates the newest checkpoint in `config.workdir` on every eval batch; a workdir without
+  one, given `config.init_from`, evaluates that model as training would start from it (step 0: the
+  score before fine-tuning)."""
   example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
   with mesh_context(mesh):
-    state, step, steps = load_checkpoint(model=model, task=task, tx=tx, example_batch=example_batch,
-                                         config=config, mesh=mesh)
+    if config.init_from and not _has_checkpoint(config.workdir):
+      rng = jax.random.PRNGKey(config.seed)
+      steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
+                            xla_options=config.xla_options)
+      state, step = _fresh_state(steps, rng, config, model, mesh), 0
+    else:
+      state, step, steps = load_checkpoint(model=model, task=task, tx=tx, example_batch=example_batch,
+                                           config=config, mesh=mesh)
     return {"step": step, **evaluate(steps.eval_step, evaluated_state(state, config), eval_data, mesh, task)}
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 class _StopSignals:

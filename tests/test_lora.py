@@ -3,6 +3,7 @@ adapters trained and given optimizer state, adapters sharded with their layer, m
 bigjax's and Hugging Face's formats with the adapted model's logits, and one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -230,12 +231,21 @@ def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data
           "--model_override=num_layers=1", "--model_override=embed_dim=32", "--model_override=mlp_dim=64",
           "--eval_batches=2", "--num_steps=3", "--eval_every=3", "--log_every=1"]
   base, run = tmp_path / "base", tmp_path / "lora"
+  # No --model: the architecture comes from the export's model.json.
+  lora_flags = [f"--workdir={run}", "--model=", f"--init_from={tmp_path / 'b'}", "--lora_rank=4", "--lora_alpha=16",
+                "--lora_dropout=0.1", "--learning_rate=0.05", "--warmup_steps=0"]
+  outputs = []
   for flags in ([f"--workdir={base}"], [f"--workdir={base}", "--mode=export", f"--export_dir={tmp_path / 'b'}"],
-                [f"--workdir={run}", f"--init_from={tmp_path / 'b'}", "--lora_rank=4", "--lora_alpha=16",
-                 "--lora_dropout=0.1", "--learning_rate=0.05", "--warmup_steps=0"]):
+                [f"--workdir={base}", "--mode=eval"], [*lora_flags, "--mode=eval"], lora_flags):
     result = _transformer(*tiny, *flags)
     assert result.returncode == 0, result.stderr
+    outputs.append(result.stdout)
   assert "of them in LoRA adapters, the rest frozen" in result.stdout
+  # Before fine-tuning, --mode=eval of the LoRA run (no checkpoint yet) scores its --init_from
+  # model: the base's own score, at step 0.
+  eval_loss = lambda out: float(re.search(r"eval_loss (\S+)", out).group(1))
+  assert eval_loss(outputs[3]) == eval_loss(outputs[2])
+  assert re.search(r"step\s+0\b", outputs[3]) and "parameters from" in outputs[3]
   for flags in (["--mode=export", f"--export_dir={tmp_path / 'merged'}"],
                 ["--mode=export", "--export_format=hf", f"--export_dir={tmp_path / 'hf'}"]):
     result = _transformer(f"--flagfile={run / 'flags.txt'}", *flags)

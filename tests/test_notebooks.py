@@ -9,7 +9,7 @@ import pytest
 COLAB = pathlib.Path(__file__).resolve().parent.parent / "colab"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sharding", "extend"])
+@pytest.mark.parametrize("name", ["quickstart", "sharding", "extend", "finetune"])
 def test_notebook_runs_end_to_end(name, tmp_path, data_dir, monkeypatch):
   monkeypatch.setenv("BIGJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # the session's prepared data sets
