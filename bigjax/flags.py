@@ -276,6 +276,9 @@ class Experiment:
       return record
     if MODE.value == "export":
       require(EXPORT_DIR)
+      if EXPORT_EMA.value and not self.optim.ema_decay:
+        raise UserError(f"--export_ema needs --ema_decay: export with the run's own flags "
+                        f"(--flagfile={os.path.join(self.config.workdir, 'flags.txt')}), or drop --export_ema")
       hf_format = EXPORT_FORMAT.value == "hf"
       if hf_format:
         hf.check_exportable(self.base_model)  # a model transformers has no counterpart for fails before loading

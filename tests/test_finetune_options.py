@@ -22,6 +22,7 @@ from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
 from bigjax.errors import UserError
+from tests.test_cli import _assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -339,6 +340,11 @@ def test_cli_exports_the_average_and_refuses_it_without_one(tmp_path, data_dir):
   average = _saved_average(_saved_state(tmp_path / "run", 2))
   for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(average), strict=True):
     np.testing.assert_array_equal(got, want)
+  # The run's own flags without --ema_decay build a state with no average to export.
+  no_average = _transformer(tmp_path / "run", data_dir, "--mode=export", "--export_ema",
+                            f"--export_dir={tmp_path / 'none'}")
+  _assert_one_line_error(no_average, 1, "--export_ema needs --ema_decay: export with the run's own flags")
+  assert not os.path.exists(tmp_path / "none")
   refused = _transformer(tmp_path / "plain", data_dir, "--eval_with_ema")
   assert refused.returncode == 1
   assert refused.stderr.strip().splitlines()[-1] == ("error: --eval_with_ema needs a run that keeps a parameter "
