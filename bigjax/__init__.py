@@ -1,10 +1,7 @@
-"""bigjax: a small, hackable JAX research framework."""
+"""bigjax: a small, hackable JAX research framework. Importing it changes nothing process-wide."""
 
-from bigjax import host_memory
 from bigjax.errors import UserError
-
-# Before XLA's CPU backend starts, or its threads never see the settings (bigjax/host_memory.py).
-host_memory.keep_freed_host_memory()
+from bigjax.host_memory import keep_freed_host_memory
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__"]
+__all__ = ["UserError", "keep_freed_host_memory", "__version__"]

@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from bigjax import checkpoint
+from bigjax import host_memory
 from bigjax import metrics
 from bigjax import models
 from bigjax import optim
@@ -489,7 +490,10 @@ def _drop_orbax_coroutine_errors(default_hook):
 
 
 def run(main) -> None:
-  """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1."""
+  """app.run(main) where a UserError anywhere becomes `error: <message>` and exit code 1, with
+  bigjax.host_memory's settings applied first (before JAX starts its CPU backend)."""
+  host_memory.keep_freed_host_memory()
+
   def guarded(argv):
     # Orbax and TFDS log every action at INFO; show warnings and up unless --verbosity asks for more.
     if not flags.FLAGS["verbosity"].present:

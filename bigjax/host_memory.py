@@ -10,9 +10,11 @@ whole buffer again: ~140,000 page faults and a third of a core in the kernel per
 stays in the heap and the next step gets the same pages back.
 
 The settings are process-wide, and a thread picks its arena when it starts, so they only reach
-XLA's threads if applied before the CPU backend starts: `import bigjax` applies them then. They
-are left out where an accelerator plugin is installed (the host then does little array work, and
-its input pipeline may want several arenas) and when BIGJAX_KEEP_HOST_MEMORY=0.
+XLA's threads if applied before the CPU backend starts. Importing bigjax does not apply them: the
+CLI entry point (bigjax.flags.run) does, first thing, and a script or notebook calls
+`bigjax.keep_freed_host_memory()` before its first JAX computation. They are left out where an
+accelerator plugin is installed (the host then does little array work, and its input pipeline may
+want several arenas) and when BIGJAX_KEEP_HOST_MEMORY=0.
 """
 
 import ctypes
@@ -24,7 +26,8 @@ import platform
 import sys
 
 import jax
-from jax._src import xla_bridge
+
+from bigjax import private_apis
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -59,8 +62,18 @@ def keep_freed_host_memory() -> bool:
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return False
   # The plugin check first: on GPU/TPU hosts nothing below (a private JAX call among it) runs.
-  if not runs_on_cpu_only(jax.config.jax_platforms) or xla_bridge.backends_are_initialized():
+  if not runs_on_cpu_only(jax.config.jax_platforms) or private_apis.jax_backends_started():
     return False
+  global _applied
   libc = ctypes.CDLL("libc.so.6")
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
-  return all(libc.mallopt(option, value) == 1 for option, value in settings)
+  _applied = _applied or all(libc.mallopt(option, value) == 1 for option, value in settings)
+  return _applied
+
+
+_applied = False
+
+
+def applied() -> bool:
+  """Whether keep_freed_host_memory changed this process's malloc settings."""
+  return _applied

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bigjax import private_apis
 from bigjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,7 +40,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   if coordinator_address is None:
     if num_processes is not None or process_id is not None:
       raise UserError("--num_processes and --process_id need --coordinator_address (host:port of process 0)")
-    if not _cluster_detected():
+    if not private_apis.jax_cluster_detected():
       return False
   elif num_processes is None or process_id is None:
     raise UserError("--coordinator_address needs --num_processes and --process_id too")
@@ -49,17 +50,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   return True
-
-
-def _cluster_detected() -> bool:
-  """Whether JAX's own cluster detection finds an environment it can initialise from. The list of
-  environments is private to JAX: if it moves, launch with explicit flags instead."""
-  try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
-    environments = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-  except (ImportError, AttributeError):
-    return False
-  return any(not env.opt_in_only_method and env.is_env_present() for env in environments)
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:

@@ -16,9 +16,12 @@ if _OWN_CACHE:
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-import bigjax  # noqa: E402,F401  (before jax starts its CPU backend, as a user's import is: bigjax/host_memory.py)
+import bigjax  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# As the CLI entry point does, before jax starts its CPU backend (bigjax/host_memory.py).
+bigjax.keep_freed_host_memory()
 
 assert jax.device_count() == 8, "tests need 8 forced host devices; is jax imported before conftest?"
 

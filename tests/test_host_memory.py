@@ -79,3 +79,18 @@ def test_only_cpu_platforms_get_the_settings():
   assert host_memory.runs_on_cpu_only("cpu")
   assert not host_memory.runs_on_cpu_only("cuda,cpu")
   assert not host_memory.runs_on_cpu_only("tpu")
+
+
+def _applied_after(program: str) -> str:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.strip().splitlines()[-1]
+
+
+def test_importing_bigjax_changes_nothing_and_the_cli_entry_point_applies_the_settings():
+  imports = "import bigjax, bigjax.flags, bigjax.train, bigjax.models, bigjax.data.lm, experiments.transformer"
+  assert _applied_after(f"{imports}; from bigjax import host_memory; print(host_memory.applied())") == "False"
+  cli = (f"{imports}, sys; from bigjax import host_memory; sys.argv = ['x']; "
+         "bigjax.flags.run(lambda argv: print(host_memory.applied()))")
+  assert _applied_after(cli) == "True"

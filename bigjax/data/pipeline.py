@@ -8,8 +8,8 @@ import os
 import grain
 import jax
 import numpy as np
-from absl import flags
 
+from bigjax import private_apis
 from bigjax.errors import UserError
 
 
@@ -79,10 +79,7 @@ class Loader:
     ds = self.batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                                 prefetch_buffer_size=READ_AHEAD))
     if self.workers > 0:
-      if not flags.FLAGS.is_parsed():
-        # grain's workers read absl flags of their own; outside an absl app (a notebook, a test)
-        # their defaults are the right values.
-        flags.FLAGS.mark_as_parsed()
+      private_apis.let_grain_workers_read_flags()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=READ_AHEAD))
     return ds
 

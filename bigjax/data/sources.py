@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from tensorflow_datasets.core import constants as tfds_constants
 
+from bigjax import private_apis
 from bigjax.data import digits
 from bigjax.data import files
 from bigjax.data import python_text
@@ -108,8 +109,7 @@ def _prepare_in_process_order(builder) -> None:
     if turn == jax.process_index() and not builder.is_prepared():
       tfds.disable_progress_bar()
       print(f"preparing {builder.name} in {builder.data_dir} from local sources (nothing is downloaded)", flush=True)
-      # TFDS's own two lines would say "Downloading and preparing"; silenced on this builder only.
-      builder._log_download_bytes = builder._log_download_done = lambda: None  # noqa: SLF001
+      private_apis.silence_tfds_download_log(builder)
       builder.download_and_prepare()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bigjax: {builder.name} prepared by process {turn}")
