@@ -9,7 +9,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["bigjax", "bigjax.*", "experiments", "experiments.*"]),
+    packages=setuptools.find_packages(
+        include=["bigjax", "bigjax.*", "experiments", "experiments.*"]
+    ),
     package_data={"experiments": ["configs/*.flags"]},
     # Ranges tested together on Python 3.11 (CPU): jax 0.10.2, flax 0.12.8, optax 0.2.8,
     # orbax-checkpoint 0.12.8, tensorflow-datasets 4.9.10, grain 0.2.18, absl-py 2.5.1.
@@ -34,8 +36,20 @@ setuptools.setup(
     extras_require={
         # torch first and pinned: 2.13.0 is the CPU build on these machines (a bare "torch" pulls a
         # several-GB CUDA build); transformers is the reference that tests/test_hf_interop.py compares to.
-        "test": ["torch==2.13.0", "transformers>=5.24,<6", "safetensors>=0.8", "pytest>=8", "pytest-xdist>=3",
-                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.8"],
+        "test": [
+            "torch==2.13.0",
+            "transformers>=5.24,<6",
+            "safetensors>=0.8",
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+            # tests/test_style.py: pinned, since a newer formatter may format otherwise
+            "pyink==26.5.1",
+            "ruff==0.17.6",
+        ],
         "colab": ["matplotlib>=3.8"],
         # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
         # pip install torch --index-url https://download.pytorch.org/whl/cpu

@@ -65,13 +65,17 @@ def loss_gradient(workload: throughput.Workload):
   variables = nn.unbox(workload.task.init(workload.model, jax.random.key(0), workload.batch))
 
   def loss(params):
-    sums, _ = workload.task.loss_sums(workload.model, {**variables, "params": params}, workload.batch)
+    sums, _ = workload.task.loss_sums(
+        workload.model, {**variables, "params": params}, workload.batch
+    )
     return sums["loss"] / sums["count"]
 
   return _jit(jax.grad(loss)), variables["params"]
 
 
-def _attention_without_core(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal=False, dtype=jnp.float32):
+def _attention_without_core(
+    q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal=False, dtype=jnp.float32
+):
   del mask_B1TS, causal
   return (q_BHTK + k_BGSK + v_BGSK).astype(dtype)
 
@@ -94,10 +98,21 @@ def dense_skeleton(cfg: transformer.TransformerConfig, tokens: int):
   matmul FLOPs)."""
   rng = np.random.default_rng(0)
   width, hidden = cfg.embed_dim, cfg.mlp_dim
-  shapes = {"q": (width, width), "k": (width, width), "v": (width, width), "o": (width, width),
-            "w1": (width, hidden), "w2": (hidden, width)}
-  params = [{name: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02) for name, shape in shapes.items()}
-            for _ in range(cfg.num_layers)]
+  shapes = {
+      "q": (width, width),
+      "k": (width, width),
+      "v": (width, width),
+      "o": (width, width),
+      "w1": (width, hidden),
+      "w2": (hidden, width),
+  }
+  params = [
+      {
+          name: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
+          for name, shape in shapes.items()
+      }
+      for _ in range(cfg.num_layers)
+  ]
   x_ND = jnp.asarray(rng.standard_normal((tokens, width), np.float32))
 
   def chain(params):
@@ -118,7 +133,9 @@ def torch_breakdown(workload: throughput.Workload, steps: int = 3) -> dict | Non
     from benchmarks import torch_reference
   except ImportError:
     return None
-  runner = torch_reference.TorchRunner(workload, bigjax_flags.optim_config(), bigjax_flags.SEED.value)
+  runner = torch_reference.TorchRunner(
+      workload, bigjax_flags.optim_config(), bigjax_flags.SEED.value
+  )
   for _ in range(2):
     runner.step()
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -133,7 +150,11 @@ def torch_breakdown(workload: throughput.Workload, steps: int = 3) -> dict | Non
     elif "scaled_dot_product" in event.key:
       groups["attention"] += ms
   groups["other"] = groups["total"] - groups["matmul"] - groups["attention"]
-  return {"framework": "pytorch", "profiled_steps": steps, **{f"{k}_ms": round(v, 1) for k, v in groups.items()}}
+  return {
+      "framework": "pytorch",
+      "profiled_steps": steps,
+      **{f"{k}_ms": round(v, 1) for k, v in groups.items()},
+  }
 
 
 def recurrent_stack_gradient(cfg: recurrent.RNNConfig, batch: int, length: int):
@@ -157,12 +178,20 @@ def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):
   rng = np.random.default_rng(0)
   hidden, rows = cfg.hidden_size, batch * length
   widths = [cfg.embed_dim] + [hidden] * (cfg.num_layers - 1)
+
   def normal(*shape):
     return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
 
-  params = [{"input": normal(width, 4 * hidden), "recurrent": normal(hidden, 4 * hidden),
-             "x": normal(rows, width), "dgates": normal(rows, 4 * hidden), "h": normal(rows, hidden)}
-            for width in widths]
+  params = [
+      {
+          "input": normal(width, 4 * hidden),
+          "recurrent": normal(hidden, 4 * hidden),
+          "x": normal(rows, width),
+          "dgates": normal(rows, 4 * hidden),
+          "h": normal(rows, hidden),
+      }
+      for width in widths
+  ]
 
   def forward_step(kernel_HG, h_BH, _):
     return jnp.tanh(sum(jnp.split(h_BH @ kernel_HG, 4, axis=1))), None
@@ -174,10 +203,18 @@ def lstm_matmul_floor(cfg: recurrent.RNNConfig, batch: int, length: int):
     total = 0.0
     for p in params:
       xproj = p["x"] @ p["input"]
-      forward = jax.lax.scan(functools.partial(forward_step, p["recurrent"]), xproj[:batch, :hidden], None,
-                             length=length)[0]
-      backward = jax.lax.scan(functools.partial(backward_step, p["recurrent"].T), p["dgates"][:batch], None,
-                              length=length)[0]
+      forward = jax.lax.scan(
+          functools.partial(forward_step, p["recurrent"]),
+          xproj[:batch, :hidden],
+          None,
+          length=length,
+      )[0]
+      backward = jax.lax.scan(
+          functools.partial(backward_step, p["recurrent"].T),
+          p["dgates"][:batch],
+          None,
+          length=length,
+      )[0]
       drecurrent = p["h"].T @ p["dgates"]
       dinput, dx = p["x"].T @ p["dgates"], p["dgates"] @ p["input"].T
       total += sum(jnp.sum(a) for a in (xproj, forward, backward, drecurrent, dinput, dx))
@@ -201,6 +238,7 @@ def torch_lstm_step(cfg: recurrent.RNNConfig, batch: int, length: int):
   def step():
     lstm.zero_grad(set_to_none=True)
     (lstm(x)[0] * dy).sum().backward()
+
   return step
 
 
@@ -209,8 +247,12 @@ def _median_ms_alternating(variants: dict, other_steps: dict | None = None) -> d
   callable in `other_steps`, timed in alternating rounds (the --rounds, --bench_steps and
   --bench_warmup flags)."""
   steps = {name: (lambda fn=fn, args=args: fn(args)) for name, (fn, args) in variants.items()}
-  times, _ = throughput.alternate_rounds({**steps, **(other_steps or {})}, throughput.ROUNDS.value,
-                                         throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value)
+  times, _ = throughput.alternate_rounds(
+      {**steps, **(other_steps or {})},
+      throughput.ROUNDS.value,
+      throughput.BENCH_STEPS.value,
+      throughput.BENCH_WARMUP.value,
+  )
   return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -220,24 +262,47 @@ def rnn_main(workload: throughput.Workload):
     raise UserError(f"benchmarks.breakdown covers LSTM language models, not cell={cfg.cell!r}")
   batch, length = workload.batch["tokens"].shape[0], workload.batch["tokens"].shape[1] - 1
   floor_fn, floor_params, floor_flops = lstm_matmul_floor(cfg, batch, length)
-  variants = {"model": loss_gradient(workload), "recurrent_stack": recurrent_stack_gradient(cfg, batch, length),
-              "matmul_floor": (floor_fn, floor_params)}
+  variants = {
+      "model": loss_gradient(workload),
+      "recurrent_stack": recurrent_stack_gradient(cfg, batch, length),
+      "matmul_floor": (floor_fn, floor_params),
+  }
   torch_step = torch_lstm_step(cfg, batch, length)
-  medians = _median_ms_alternating(variants, {} if torch_step is None else {"torch_stack": torch_step})
-  print(json.dumps({"pass": "forward+backward", **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
-                    "matmul_floor_gflops": round(floor_flops / medians["matmul_floor"] / 1e6, 1)}), flush=True)
+  medians = _median_ms_alternating(
+      variants, {} if torch_step is None else {"torch_stack": torch_step}
+  )
+  print(
+      json.dumps(
+          {
+              "pass": "forward+backward",
+              **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
+              "matmul_floor_gflops": round(floor_flops / medians["matmul_floor"] / 1e6, 1),
+          }
+      ),
+      flush=True,
+  )
 
 
 def transformer_main(workload: throughput.Workload):
   torch_record = torch_breakdown(workload)
   variants = {"model": loss_gradient(workload), "no_attention": without_attention_core(workload)}
-  chain, skeleton_params, skeleton_flops = dense_skeleton(workload.model.config, workload.units_per_step)
+  chain, skeleton_params, skeleton_flops = dense_skeleton(
+      workload.model.config, workload.units_per_step
+  )
   variants["dense_skeleton"] = (_jit(jax.grad(chain)), skeleton_params)
   medians = _median_ms_alternating(variants)
-  print(json.dumps({"framework": "bigjax", "pass": "forward+backward",
-                    **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
-                    "attention_core_ms": round(medians["model"] - medians["no_attention"], 1),
-                    "dense_skeleton_gflops": round(skeleton_flops / medians["dense_skeleton"] / 1e6, 1)}), flush=True)
+  print(
+      json.dumps(
+          {
+              "framework": "bigjax",
+              "pass": "forward+backward",
+              **{f"{name}_ms": round(ms, 1) for name, ms in medians.items()},
+              "attention_core_ms": round(medians["model"] - medians["no_attention"], 1),
+              "dense_skeleton_gflops": round(skeleton_flops / medians["dense_skeleton"] / 1e6, 1),
+          }
+      ),
+      flush=True,
+  )
   if torch_record is not None:
     print(json.dumps(torch_record), flush=True)
 
@@ -250,7 +315,9 @@ def main(argv):
   elif isinstance(workload.model, recurrent.RNNLM):
     rnn_main(workload)
   else:
-    raise UserError(f"benchmarks.breakdown takes a Transformer or LSTM LM preset, not {workload.name}")
+    raise UserError(
+        f"benchmarks.breakdown takes a Transformer or LSTM LM preset, not {workload.name}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = os.path.join(REPO, "experiments", "configs", "transformer_tiny.flags")
 
 BENCH_WORKERS = flags.DEFINE_list("bench_workers", ["0", "2"], "Loader worker counts to measure.")
-BENCH_SECONDS = flags.DEFINE_float("bench_seconds", 5.0, "Seconds to iterate the loader for, per worker count.")
-BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Train steps to time (after two warm-up steps).")
+BENCH_SECONDS = flags.DEFINE_float(
+    "bench_seconds", 5.0, "Seconds to iterate the loader for, per worker count."
+)
+BENCH_STEPS = flags.DEFINE_integer(
+    "bench_steps", 10, "Train steps to time (after two warm-up steps)."
+)
 
 
 def loader_rate(windows, batch_size: int, seed: int, workers: int, seconds: float) -> dict:
@@ -48,8 +52,12 @@ def loader_rate(windows, batch_size: int, seed: int, workers: int, seconds: floa
   elapsed = time.perf_counter() - start
   iterator.close()
   examples = count * batch["tokens"].shape[0] / elapsed
-  return {"workers": workers, "batches": count, "examples_per_sec": examples,
-          "tokens_per_sec": examples * (batch["tokens"].shape[1] - 1)}
+  return {
+      "workers": workers,
+      "batches": count,
+      "examples_per_sec": examples,
+      "tokens_per_sec": examples * (batch["tokens"].shape[1] - 1),
+  }
 
 
 def train_step_rate(batch: dict, num_steps: int) -> float:
@@ -61,8 +69,15 @@ def train_step_rate(batch: dict, num_steps: int) -> float:
   task = tasks.LanguageModelling()
   rng = jax.random.PRNGKey(0)
   with train.mesh_context(mesh):
-    steps = train.compile_steps(model=model, tx=tx, task=task, example_batch=jax.tree.map(lambda x: x[:1], batch),
-                                mesh=mesh, rng=rng, xla_options=bigjax_flags.xla_options())
+    steps = train.compile_steps(
+        model=model,
+        tx=tx,
+        task=task,
+        example_batch=jax.tree.map(lambda x: x[:1], batch),
+        mesh=mesh,
+        rng=rng,
+        xla_options=bigjax_flags.xla_options(),
+    )
     state = steps.init(rng)
     device_batch = sharding.host_to_global(batch, mesh)
     times = []
@@ -79,24 +94,46 @@ def main(argv):
   del argv
   bigjax_flags.require(bigjax_flags.MODEL, bigjax_flags.DATASET)
   batch_size, seq_len = bigjax_flags.BATCH_SIZE.value, transformer.SEQ_LEN.value
-  windows = lm.open_windows(bigjax_flags.DATASET.value, bigjax_flags.TRAIN_SPLIT.value, seq_len,
-                            bigjax_flags.DATA_DIR.value, text_key=bigjax_flags.TEXT_KEY.value)
-  print(f"{bigjax_flags.DATASET.value}: {len(windows):,} windows of {seq_len} tokens, batch {batch_size}, "
-        f"{os.cpu_count()} CPU cores", flush=True)
+  windows = lm.open_windows(
+      bigjax_flags.DATASET.value,
+      bigjax_flags.TRAIN_SPLIT.value,
+      seq_len,
+      bigjax_flags.DATA_DIR.value,
+      text_key=bigjax_flags.TEXT_KEY.value,
+  )
+  print(
+      f"{bigjax_flags.DATASET.value}: {len(windows):,} windows of {seq_len} tokens, batch {batch_size}, "
+      f"{os.cpu_count()} CPU cores",
+      flush=True,
+  )
   loaders = []
   for workers in (int(w) for w in BENCH_WORKERS.value):
     rate = loader_rate(windows, batch_size, bigjax_flags.SEED.value, workers, BENCH_SECONDS.value)
     loaders.append(rate)
-    print(f"loader, {workers} worker(s): {rate['examples_per_sec']:,.0f} examples/s, "
-          f"{rate['tokens_per_sec']:,.0f} tokens/s", flush=True)
+    print(
+        f"loader, {workers} worker(s): {rate['examples_per_sec']:,.0f} examples/s, "
+        f"{rate['tokens_per_sec']:,.0f} tokens/s",
+        flush=True,
+    )
   batch = lm.train_batches(windows, batch_size, bigjax_flags.SEED.value)[0]
   step_tokens = train_step_rate(batch, BENCH_STEPS.value)
   slowest = min(r["tokens_per_sec"] for r in loaders)
-  print(f"train step ({bigjax_flags.MODEL.value}): {step_tokens:,.0f} tokens/s; the slowest loader delivers "
-        f"{slowest / step_tokens:,.0f} x that")
-  print(json.dumps({"dataset": bigjax_flags.DATASET.value, "batch_size": batch_size, "seq_len": seq_len,
-                    "loaders": loaders, "train_step_tokens_per_sec": step_tokens,
-                    "loader_over_step": slowest / step_tokens}))
+  print(
+      f"train step ({bigjax_flags.MODEL.value}): {step_tokens:,.0f} tokens/s; the slowest loader delivers "
+      f"{slowest / step_tokens:,.0f} x that"
+  )
+  print(
+      json.dumps(
+          {
+              "dataset": bigjax_flags.DATASET.value,
+              "batch_size": batch_size,
+              "seq_len": seq_len,
+              "loaders": loaders,
+              "train_step_tokens_per_sec": step_tokens,
+              "loader_over_step": slowest / step_tokens,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ def matmul_params(params) -> int:
   """Parameters that multiply activations in a matmul: every kernel (dense, attention, recurrent,
   convolution, heads), not embedding tables that are only looked up, nor biases or norms."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  return sum(int(np.prod(x.shape)) for path, x in leaves if sharding.path_name(path).endswith("kernel"))
+  return sum(
+      int(np.prod(x.shape)) for path, x in leaves if sharding.path_name(path).endswith("kernel")
+  )
 
 
 def transformer_flops_per_token(cfg: transformer.TransformerConfig, params, seq_len: int) -> float:
@@ -54,7 +56,9 @@ def _jaxpr_flops(jaxpr) -> float:
     if name == "dot_general":
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       lhs_shape = eqn.invars[0].aval.shape
-      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs_shape[d] for d in lhs_contract])
+      total += (
+          2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs_shape[d] for d in lhs_contract])
+      )
     elif name == "conv_general_dilated":
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
       rhs_shape = eqn.invars[1].aval.shape

@@ -23,12 +23,21 @@ from absl import app
 from absl import flags
 from absl import logging
 
-MODEL = flags.DEFINE_string("model", "llama3.2-1b", "A Transformer preset with a Hugging Face counterpart.")
-DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "The checkpoint's and the loaded dtype.")
+MODEL = flags.DEFINE_string(
+    "model", "llama3.2-1b", "A Transformer preset with a Hugging Face counterpart."
+)
+DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", ["bfloat16", "float32"], "The checkpoint's and the loaded dtype."
+)
 MESH = flags.DEFINE_string("mesh", "fsdp:8", "The mesh the parameters are placed on.")
-DEVICES = flags.DEFINE_integer("devices", 8, "Forced host devices in the loading process.", lower_bound=1)
-CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Where the random checkpoint is written and kept "
-                                     "(default /tmp/bigjax_load/MODEL-DTYPE).")
+DEVICES = flags.DEFINE_integer(
+    "devices", 8, "Forced host devices in the loading process.", lower_bound=1
+)
+CHECKPOINT_DIR = flags.DEFINE_string(
+    "checkpoint_dir",
+    None,
+    "Where the random checkpoint is written and kept " "(default /tmp/bigjax_load/MODEL-DTYPE).",
+)
 LOAD_ONLY = flags.DEFINE_bool("load_only", False, "Internal: this is the loading process.")
 
 
@@ -42,10 +51,14 @@ def write_random_checkpoint(name: str, dtype: str, directory: str) -> None:
   from bigjax import models
 
   module = models.create(name, dtype=dtype, param_dtype=dtype)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+      "params"
+  ]
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda leaf: (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype),
-                        nn.unbox(abstract))
+  params = jax.tree.map(
+      lambda leaf: (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype),
+      nn.unbox(abstract),
+  )
   models.save_hf(directory, module, {"params": params})
 
 
@@ -102,20 +115,33 @@ def load_and_measure(directory: str, dtype: str, mesh_spec: str) -> dict:
   for leaf in leaves:
     for shard in leaf.addressable_shards:
       per_device[shard.device] += shard.data.nbytes
-  checkpoint_bytes = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-                         if f.endswith(".safetensors"))
+  checkpoint_bytes = sum(
+      os.path.getsize(os.path.join(directory, f))
+      for f in os.listdir(directory)
+      if f.endswith(".safetensors")
+  )
   model_bytes = sum(leaf.nbytes for leaf in leaves)
   return {
-      "benchmark": "load", "model": MODEL.value, "dtype": dtype, "mesh": sharding.describe(mesh),
-      "parameters": sum(leaf.size for leaf in leaves), "checkpoint_bytes": checkpoint_bytes, "load_s": seconds,
-      "rss_before_bytes": before["VmRSS"], "peak_rss_bytes": peak,
+      "benchmark": "load",
+      "model": MODEL.value,
+      "dtype": dtype,
+      "mesh": sharding.describe(mesh),
+      "parameters": sum(leaf.size for leaf in leaves),
+      "checkpoint_bytes": checkpoint_bytes,
+      "load_s": seconds,
+      "rss_before_bytes": before["VmRSS"],
+      "peak_rss_bytes": peak,
       # What the loader allocated at its peak and what it keeps (the model, in the devices' buffers),
       # both above the process before loading, over the checkpoint's size; mapped file pages apart.
-      "peak_anon_above_before_over_checkpoint": (memory.peak["RssAnon"] - before["RssAnon"]) / checkpoint_bytes,
-      "kept_anon_above_before_over_checkpoint": (after["RssAnon"] - before["RssAnon"]) / checkpoint_bytes,
+      "peak_anon_above_before_over_checkpoint": (memory.peak["RssAnon"] - before["RssAnon"])
+      / checkpoint_bytes,
+      "kept_anon_above_before_over_checkpoint": (after["RssAnon"] - before["RssAnon"])
+      / checkpoint_bytes,
       "peak_file_mapped_over_checkpoint": memory.peak["RssFile"] / checkpoint_bytes,
-      "bytes_per_device_min": min(per_device.values()), "bytes_per_device_max": max(per_device.values()),
-      "model_bytes_over_devices": model_bytes / len(per_device), "num_layers": module.config.num_layers,
+      "bytes_per_device_min": min(per_device.values()),
+      "bytes_per_device_max": max(per_device.values()),
+      "model_bytes_over_devices": model_bytes / len(per_device),
+      "num_layers": module.config.num_layers,
   }
 
 
@@ -129,12 +155,26 @@ def main(argv):
   if not os.path.exists(os.path.join(directory, "config.json")):
     start = time.perf_counter()
     write_random_checkpoint(MODEL.value, DTYPE.value, directory)
-    print(f"wrote a random {MODEL.value} checkpoint to {directory} in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr, flush=True)
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
-             JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  command = [sys.executable, "-m", "benchmarks.load", "--load_only", f"--model={MODEL.value}",
-             f"--dtype={DTYPE.value}", f"--mesh={MESH.value}", f"--checkpoint_dir={directory}"]
+    print(
+        f"wrote a random {MODEL.value} checkpoint to {directory} in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES.value}",
+      JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+  )
+  command = [
+      sys.executable,
+      "-m",
+      "benchmarks.load",
+      "--load_only",
+      f"--model={MODEL.value}",
+      f"--dtype={DTYPE.value}",
+      f"--mesh={MESH.value}",
+      f"--checkpoint_dir={directory}",
+  ]
   sys.exit(subprocess.run(command, env=env, check=False).returncode)
 
 

@@ -28,7 +28,9 @@ from bigjax import flags as bigjax_flags
 from bigjax import optim
 from bigjax import sharding
 
-PROFILE_DIR = flags.DEFINE_string("profile_dir", "/tmp/bigjax_profile", "Where the trace is written.")
+PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "/tmp/bigjax_profile", "Where the trace is written."
+)
 TOP = flags.DEFINE_integer("top", 25, "How many of the slowest operations to list.", lower_bound=0)
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?(?: ([a-z\-]+)\()(.*)$")
@@ -47,8 +49,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
     name, opcode, rest = match.groups()
     op_name = (_OP_NAME.search(rest) or [None, ""])[1]
     kind = _KIND.search(rest)
-    table[name] = {"opcode": opcode + (f":{kind.group(1)}" if kind else ""), "pass": pass_of(op_name),
-                   "what": op_name.rsplit("/", 1)[-1] if op_name else opcode}
+    table[name] = {
+        "opcode": opcode + (f":{kind.group(1)}" if kind else ""),
+        "pass": pass_of(op_name),
+        "what": op_name.rsplit("/", 1)[-1] if op_name else opcode,
+    }
   return table
 
 
@@ -62,8 +67,10 @@ def pass_of(op_name: str) -> str:
 
 def trace_durations(profile_dir: str) -> collections.Counter:
   """Total microseconds per event name over the newest Perfetto trace in profile_dir."""
-  paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                 key=os.path.getmtime)
+  paths = sorted(
+      glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+      key=os.path.getmtime,
+  )
   with gzip.open(paths[-1]) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -91,8 +98,13 @@ def main(argv):
   del argv
   workload = throughput.workload_from_flags()
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
-  runner = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(bigjax_flags.optim_config(), 1000),
-                                   bigjax_flags.SEED.value, bigjax_flags.xla_options())
+  runner = throughput.BigjaxRunner(
+      workload,
+      mesh,
+      optim.make_optimizer(bigjax_flags.optim_config(), 1000),
+      bigjax_flags.SEED.value,
+      bigjax_flags.xla_options(),
+  )
   hlo_text = runner.compiled_text()
   os.makedirs(PROFILE_DIR.value, exist_ok=True)
   with open(os.path.join(PROFILE_DIR.value, "train_step.hlo.txt"), "w") as f:
@@ -104,12 +116,30 @@ def main(argv):
     step_times = throughput.time_calls(runner.step, steps)
   by_group, ops = attribute(trace_durations(PROFILE_DIR.value), table, steps)
   total = sum(by_group.values())
-  print(json.dumps({"step_s": sum(step_times) / steps, "attributed_ms_per_step": total,
-                    "by_pass": {p: sum(v for (q, _), v in by_group.items() if q == p)
-                                for p in sorted({p for p, _ in by_group})}}))
+  print(
+      json.dumps(
+          {
+              "step_s": sum(step_times) / steps,
+              "attributed_ms_per_step": total,
+              "by_pass": {
+                  p: sum(v for (q, _), v in by_group.items() if q == p)
+                  for p in sorted({p for p, _ in by_group})
+              },
+          }
+      )
+  )
   for (pass_, kind), ms in by_group.most_common():
-    print(json.dumps({"pass": pass_, "kind": kind, "ms_per_step": round(ms, 2), "share": round(ms / total, 3)}))
-  for ms, name, info in ops[:TOP.value]:
+    print(
+        json.dumps(
+            {
+                "pass": pass_,
+                "kind": kind,
+                "ms_per_step": round(ms, 2),
+                "share": round(ms / total, 3),
+            }
+        )
+    )
+  for ms, name, info in ops[: TOP.value]:
     print(json.dumps({"op": name, "ms_per_step": round(ms, 2), **info}))
 
 

@@ -42,20 +42,45 @@ from bigjax.errors import UserError
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
-SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Language models: tokens per sequence.", lower_bound=1)
-IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image models: height and width (default: the preset's).",
-                                  lower_bound=1)
-BENCH_WARMUP = flags.DEFINE_integer("bench_warmup", 3, "Untimed steps after compilation.", lower_bound=0)
-BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps (the median is reported).", lower_bound=1)
-ROUNDS = flags.DEFINE_integer("rounds", 4, "Comparisons (--ab_override, torch_reference --side_by_side): "
-                              "alternating rounds of --bench_steps steps per variant.", lower_bound=1)
-AB_OVERRIDE = flags.DEFINE_multi_string("ab_override", [], "Compare the preset as configured (A) with the same "
-                                        "plus these name=value overrides (B) in alternating rounds; prints both "
-                                        "records and the speed ratio B / A.")
-AB_XLA_OPTION = flags.DEFINE_multi_string("ab_xla_option", [], "Like --ab_override, for XLA compiler options: "
-                                          "B compiles with these NAME=VALUE options on top of --xla_option.")
-PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", None, "n of the n x n x n matmul that measures the "
-                                 "device's peak (default 2048 on CPU, 8192 elsewhere).", lower_bound=64)
+SEQ_LEN = flags.DEFINE_integer(
+    "seq_len", 256, "Language models: tokens per sequence.", lower_bound=1
+)
+IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Image models: height and width (default: the preset's).", lower_bound=1
+)
+BENCH_WARMUP = flags.DEFINE_integer(
+    "bench_warmup", 3, "Untimed steps after compilation.", lower_bound=0
+)
+BENCH_STEPS = flags.DEFINE_integer(
+    "bench_steps", 10, "Timed steps (the median is reported).", lower_bound=1
+)
+ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    4,
+    "Comparisons (--ab_override, torch_reference --side_by_side): "
+    "alternating rounds of --bench_steps steps per variant.",
+    lower_bound=1,
+)
+AB_OVERRIDE = flags.DEFINE_multi_string(
+    "ab_override",
+    [],
+    "Compare the preset as configured (A) with the same "
+    "plus these name=value overrides (B) in alternating rounds; prints both "
+    "records and the speed ratio B / A.",
+)
+AB_XLA_OPTION = flags.DEFINE_multi_string(
+    "ab_xla_option",
+    [],
+    "Like --ab_override, for XLA compiler options: "
+    "B compiles with these NAME=VALUE options on top of --xla_option.",
+)
+PEAK_SIZE = flags.DEFINE_integer(
+    "peak_matmul_size",
+    None,
+    "n of the n x n x n matmul that measures the "
+    "device's peak (default 2048 on CPU, 8192 elsewhere).",
+    lower_bound=64,
+)
 # compile_s is a compilation, not a load from the persistent cache the experiments use; pass
 # --compilation_cache_dir=DIR to time a cached start instead.
 flags.FLAGS.set_default("compilation_cache_dir", "")
@@ -80,6 +105,7 @@ DATASHEET_PEAKS = {
 @dataclasses.dataclass(frozen=True)
 class Workload:
   """One model, task and batch: what the bigjax and the PyTorch benchmarks both run."""
+
   name: str
   model: nn.Module
   task: object
@@ -121,8 +147,10 @@ def workload_from_flags() -> Workload:
   batch = random_batch(model, batch_size, SEQ_LEN.value, bigjax_flags.SEED.value)
   if is_language_model(model):
     if SEQ_LEN.value > getattr(model.config, "max_len", SEQ_LEN.value):
-      raise UserError(f"--seq_len={SEQ_LEN.value} exceeds the model's max_len={model.config.max_len}; "
-                      f"add --model_override=max_len={SEQ_LEN.value}")
+      raise UserError(
+          f"--seq_len={SEQ_LEN.value} exceeds the model's max_len={model.config.max_len}; "
+          f"add --model_override=max_len={SEQ_LEN.value}"
+      )
     task, unit, units = tasks.LanguageModelling(), "tokens", batch_size * SEQ_LEN.value
   else:
     task, unit, units = tasks.Classification(), "images", batch_size
@@ -139,9 +167,16 @@ def flops_per_unit(workload: Workload, params, model_state) -> tuple[float, str,
   task = workload.task
   if hasattr(getattr(model, "config", None), "conv_impl"):
     model = model.clone(config=dataclasses.replace(model.config, conv_impl="xla"))
-  counted = 3.0 * flops.counted_forward_flops(
-      lambda p, s, b: task.loss_sums(model, {"params": p, **s}, b)[0]["loss"],
-      params, model_state, batch) / batch[next(iter(batch))].shape[0]
+  counted = (
+      3.0
+      * flops.counted_forward_flops(
+          lambda p, s, b: task.loss_sums(model, {"params": p, **s}, b)[0]["loss"],
+          params,
+          model_state,
+          batch,
+      )
+      / batch[next(iter(batch))].shape[0]
+  )
   if isinstance(model, transformer.TransformerLM):
     seq_len = batch["tokens"].shape[1] - 1
     per_token = flops.transformer_flops_per_token(model.config, params, seq_len)
@@ -154,13 +189,17 @@ def flops_per_unit(workload: Workload, params, model_state) -> tuple[float, str,
 
 def abstract_variables(workload: Workload):
   """(params, other collections) of the workload's model as shapes, without initialising it."""
-  variables = nn.unbox(jax.eval_shape(lambda rng: workload.task.init(workload.model, rng, workload.batch),
-                                      jax.random.key(0)))
+  variables = nn.unbox(
+      jax.eval_shape(
+          lambda rng: workload.task.init(workload.model, rng, workload.batch), jax.random.key(0)
+      )
+  )
   params = variables.pop("params")
   return params, variables
 
 
 # ---- timing --------------------------------------------------------------------------------------
+
 
 def time_calls(fn: Callable[[], object], count: int) -> list[float]:
   """Wall seconds of `count` calls of fn, each waited for with block_until_ready."""
@@ -189,10 +228,12 @@ def measured_matmul_peak(dtype: str, size: int | None = None, repeats: int = 5) 
     matmul = jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=options or None)
     jax.block_until_ready(matmul(a, b))
     fastest = min(fastest, *time_calls(functools.partial(matmul, a, b), repeats))
-  return 2.0 * n ** 3 / fastest
+  return 2.0 * n**3 / fastest
 
 
-def between_peak_measurements(work: Callable[[], object], dtype: str) -> tuple[object, tuple[float, float]]:
+def between_peak_measurements(
+    work: Callable[[], object], dtype: str
+) -> tuple[object, tuple[float, float]]:
   """work()'s result and the matmul peak measured right before and right after it: a busy moment
   can slow one measurement down, and the records show both (MFU uses the higher)."""
   before = measured_matmul_peak(dtype, PEAK_SIZE.value)
@@ -218,8 +259,15 @@ class BigjaxRunner:
     rng = jax.random.PRNGKey(seed)
     example = jax.tree.map(lambda x: x[:1], workload.batch)
     with train.mesh_context(mesh):
-      steps = train.compile_steps(model=workload.model, tx=tx, task=workload.task, example_batch=example,
-                                  mesh=mesh, rng=rng, xla_options=xla_options)
+      steps = train.compile_steps(
+          model=workload.model,
+          tx=tx,
+          task=workload.task,
+          example_batch=example,
+          mesh=mesh,
+          rng=rng,
+          xla_options=xla_options,
+      )
       self.state = jax.block_until_ready(steps.init(rng))
       self.batch = sharding.host_to_global(workload.batch, mesh)
       start = time.perf_counter()
@@ -235,7 +283,9 @@ class BigjaxRunner:
     return self._step.as_text()
 
 
-def alternate_rounds(steps: dict[str, Callable], rounds: int, steps_per_round: int, warmup: int = 1):
+def alternate_rounds(
+    steps: dict[str, Callable], rounds: int, steps_per_round: int, warmup: int = 1
+):
   """Step times per variant over `rounds` rounds of `steps_per_round` steps each, after `warmup`
   steps of each; the order turns around every round (ABBA), so that drift in the machine's speed
   falls on every variant alike. Returns (times per variant, per-round medians per variant)."""
@@ -254,19 +304,31 @@ def alternate_rounds(steps: dict[str, Callable], rounds: int, steps_per_round: i
   return times, medians
 
 
-def comparison(times: dict[str, list[float]], medians: list[dict], unit: str, new: str, base: str) -> dict:
+def comparison(
+    times: dict[str, list[float]], medians: list[dict], unit: str, new: str, base: str
+) -> dict:
   """Speed of `new` over `base` (>1: new is faster): of the median steps, per round, and of the
   fastest steps (the least disturbed by other load on a shared machine)."""
   round_ratios = [m[base] / m[new] for m in medians]
-  return {"compare": f"{new} / {base} ({unit}/s)",
-          "ratio": statistics.median(times[base]) / statistics.median(times[new]),
-          "round_ratios": [round(r, 3) for r in round_ratios], "median_round_ratio": statistics.median(round_ratios),
-          "ratio_of_fastest_steps": min(times[base]) / min(times[new]),
-          "rounds": len(medians), "steps_per_round": len(times[new]) // max(len(medians), 1)}
+  return {
+      "compare": f"{new} / {base} ({unit}/s)",
+      "ratio": statistics.median(times[base]) / statistics.median(times[new]),
+      "round_ratios": [round(r, 3) for r in round_ratios],
+      "median_round_ratio": statistics.median(round_ratios),
+      "ratio_of_fastest_steps": min(times[base]) / min(times[new]),
+      "rounds": len(medians),
+      "steps_per_round": len(times[new]) // max(len(medians), 1),
+  }
 
 
-def summarize(workload: Workload, step_times: list[float], compile_s: float, model_flops: tuple,
-              peaks: tuple[float, ...], framework: str = "bigjax") -> dict:
+def summarize(
+    workload: Workload,
+    step_times: list[float],
+    compile_s: float,
+    model_flops: tuple,
+    peaks: tuple[float, ...],
+    framework: str = "bigjax",
+) -> dict:
   """The JSON record: speed, model FLOPs and MFU of one framework's timed steps."""
   per_unit, how, counted = model_flops
   peak = max(peaks)
@@ -275,15 +337,28 @@ def summarize(workload: Workload, step_times: list[float], compile_s: float, mod
   device = jax.devices()[0]
   sheet = datasheet_peak(device.device_kind, workload.dtype)
   return {
-      "framework": framework, "model": workload.name, "dtype": workload.dtype,
+      "framework": framework,
+      "model": workload.name,
+      "dtype": workload.dtype,
       "batch_size": workload.batch[next(iter(workload.batch))].shape[0],
-      "device": device.device_kind, "platform": device.platform, "num_devices": jax.device_count(),
+      "device": device.device_kind,
+      "platform": device.platform,
+      "num_devices": jax.device_count(),
       f"{workload.unit}_per_s": workload.units_per_step / step_s,
-      "step_s": step_s, "step_s_min": min(step_times), "step_s_max": max(step_times), "timed_steps": len(step_times),
-      "compile_s": compile_s, "flops_per_token" if workload.unit == "tokens" else "flops_per_image": per_unit,
-      "flops_formula": how, "flops_counted_per_unit": counted, "achieved_flops": achieved,
-      "measured_peak_flops": peak, "peak_measurements": list(peaks), "mfu_measured_peak": achieved / peak,
-      "datasheet_peak_flops": sheet, "mfu_datasheet": achieved / sheet if sheet else None,
+      "step_s": step_s,
+      "step_s_min": min(step_times),
+      "step_s_max": max(step_times),
+      "timed_steps": len(step_times),
+      "compile_s": compile_s,
+      "flops_per_token" if workload.unit == "tokens" else "flops_per_image": per_unit,
+      "flops_formula": how,
+      "flops_counted_per_unit": counted,
+      "achieved_flops": achieved,
+      "measured_peak_flops": peak,
+      "peak_measurements": list(peaks),
+      "mfu_measured_peak": achieved / peak,
+      "datasheet_peak_flops": sheet,
+      "mfu_datasheet": achieved / sheet if sheet else None,
   }
 
 
@@ -321,29 +396,55 @@ def run_ab(workload: Workload) -> list[dict]:
   """The preset as configured (A) against the same with --ab_override and --ab_xla_option (B),
   alternating rounds."""
   items = dict(item.partition("=")[::2] for item in AB_OVERRIDE.value)
-  b_overrides = {**bigjax_flags.model_overrides(), **{k.strip(): _literal(v.strip()) for k, v in items.items()}}
-  variant = dataclasses.replace(workload, model=build_model(workload.name, b_overrides, IMAGE_SIZE.value))
+  b_overrides = {
+      **bigjax_flags.model_overrides(),
+      **{k.strip(): _literal(v.strip()) for k, v in items.items()},
+  }
+  variant = dataclasses.replace(
+      workload, model=build_model(workload.name, b_overrides, IMAGE_SIZE.value)
+  )
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
   tx = optim.make_optimizer(bigjax_flags.optim_config(), 1000)
   a_options = bigjax_flags.xla_options()
   b_options = {**a_options, **bigjax_flags.xla_options(AB_XLA_OPTION)}
   platform = jax.default_backend()
-  if not AB_OVERRIDE.value and train.platform_xla_options(a_options, platform) == train.platform_xla_options(
-      b_options, platform):
-    raise UserError(f"--ab_xla_option={AB_XLA_OPTION.value} changes nothing on {platform}: B would compile as A")
-  runners = {"A": BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, a_options),
-             "B": BigjaxRunner(variant, mesh, tx, bigjax_flags.SEED.value, b_options)}
+  if not AB_OVERRIDE.value and train.platform_xla_options(
+      a_options, platform
+  ) == train.platform_xla_options(b_options, platform):
+    raise UserError(
+        f"--ab_xla_option={AB_XLA_OPTION.value} changes nothing on {platform}: B would compile as A"
+    )
+  runners = {
+      "A": BigjaxRunner(workload, mesh, tx, bigjax_flags.SEED.value, a_options),
+      "B": BigjaxRunner(variant, mesh, tx, bigjax_flags.SEED.value, b_options),
+  }
   (times, medians), peaks = between_peak_measurements(
-      lambda: alternate_rounds({k: r.step for k, r in runners.items()}, ROUNDS.value, BENCH_STEPS.value,
-                               BENCH_WARMUP.value), workload.dtype)
+      lambda: alternate_rounds(
+          {k: r.step for k, r in runners.items()},
+          ROUNDS.value,
+          BENCH_STEPS.value,
+          BENCH_WARMUP.value,
+      ),
+      workload.dtype,
+  )
   records = []
   for name, w in (("A", workload), ("B", variant)):
     state = runners[name].state
-    record = summarize(w, times[name], runners[name].compile_s, flops_per_unit(w, state.params, state.model_state),
-                       peaks, framework=f"bigjax {name}")
+    record = summarize(
+        w,
+        times[name],
+        runners[name].compile_s,
+        flops_per_unit(w, state.params, state.model_state),
+        peaks,
+        framework=f"bigjax {name}",
+    )
     records.append(record)
-  records.append({**comparison(times, medians, workload.unit, "B", "A"),
-                  "B": AB_OVERRIDE.value + [f"xla:{item}" for item in AB_XLA_OPTION.value]})
+  records.append(
+      {
+          **comparison(times, medians, workload.unit, "B", "A"),
+          "B": AB_OVERRIDE.value + [f"xla:{item}" for item in AB_XLA_OPTION.value],
+      }
+  )
   return records
 
 

@@ -31,39 +31,65 @@ from bigjax.nn import conv
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
-SIDE_BY_SIDE = flags.DEFINE_bool("side_by_side", False, "Run bigjax and PyTorch in this process, alternating "
-                                 "rounds of --bench_steps steps, and print the throughput ratio bigjax / PyTorch.")
+SIDE_BY_SIDE = flags.DEFINE_bool(
+    "side_by_side",
+    False,
+    "Run bigjax and PyTorch in this process, alternating "
+    "rounds of --bench_steps steps, and print the throughput ratio bigjax / PyTorch.",
+)
 
-_TORCH_ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu}
+_TORCH_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_exact": F.gelu,
+    "relu": F.relu,
+}
 
 
 class GPTBlock(nn.Module):
+
   def __init__(self, d_model, num_heads, mlp_dim, activation, bias):
     super().__init__()
     self.num_heads, self.activation = num_heads, _TORCH_ACTIVATIONS[activation]
     self.ln_attn, self.ln_mlp = nn.LayerNorm(d_model, bias=bias), nn.LayerNorm(d_model, bias=bias)
-    self.qkv, self.proj = nn.Linear(d_model, 3 * d_model, bias=bias), nn.Linear(d_model, d_model, bias=bias)
-    self.fc, self.out = nn.Linear(d_model, mlp_dim, bias=bias), nn.Linear(mlp_dim, d_model, bias=bias)
+    self.qkv, self.proj = nn.Linear(d_model, 3 * d_model, bias=bias), nn.Linear(
+        d_model, d_model, bias=bias
+    )
+    self.fc, self.out = nn.Linear(d_model, mlp_dim, bias=bias), nn.Linear(
+        mlp_dim, d_model, bias=bias
+    )
 
   def forward(self, x):
     b, t, d = x.shape
-    q, k, v = self.qkv(self.ln_attn(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        self.qkv(self.ln_attn(x))
+        .view(b, t, 3, self.num_heads, d // self.num_heads)
+        .permute(2, 0, 3, 1, 4)
+    )
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
     x = x + self.proj(y)
     return x + self.out(self.activation(self.fc(self.ln_mlp(x))))
 
 
 class GPT(nn.Module):
+
   def __init__(self, cfg: transformer.TransformerConfig):
     super().__init__()
-    if cfg.position not in ("learned", "none") or cfg.num_kv_heads not in (None, cfg.num_heads) or cfg.head_dim:
-      raise UserError("the PyTorch GPT covers learned or no positions, multi-head attention and "
-                      "head_dim = embed_dim / num_heads")
+    if (
+        cfg.position not in ("learned", "none")
+        or cfg.num_kv_heads not in (None, cfg.num_heads)
+        or cfg.head_dim
+    ):
+      raise UserError(
+          "the PyTorch GPT covers learned or no positions, multi-head attention and "
+          "head_dim = embed_dim / num_heads"
+      )
     self.tied = cfg.tie_embeddings
     self.tok = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
     self.pos = nn.Embedding(cfg.max_len, cfg.embed_dim) if cfg.position == "learned" else None
-    self.blocks = nn.ModuleList(GPTBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.use_bias)
-                                for _ in range(cfg.num_layers))
+    self.blocks = nn.ModuleList(
+        GPTBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.use_bias)
+        for _ in range(cfg.num_layers)
+    )
     self.ln_final = nn.LayerNorm(cfg.embed_dim, bias=cfg.use_bias)
     self.head = None if self.tied else nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
 
@@ -78,6 +104,7 @@ class GPT(nn.Module):
 
 
 class RNNLM(nn.Module):
+
   def __init__(self, cfg: recurrent.RNNLMConfig):
     super().__init__()
     if cfg.cell not in ("lstm", "gru") or cfg.tie_embeddings:
@@ -137,13 +164,19 @@ class ResNet(nn.Module):
     block = Bottleneck if cfg.block == "bottleneck" else BasicBlock
     cin = cfg.input_shape[-1]
     if cfg.stem == "imagenet":
-      self.stem = nn.Sequential(nn.Conv2d(cin, cfg.width, 7, 2, 3, bias=False), nn.BatchNorm2d(cfg.width),
-                                nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+      self.stem = nn.Sequential(
+          nn.Conv2d(cin, cfg.width, 7, 2, 3, bias=False),
+          nn.BatchNorm2d(cfg.width),
+          nn.ReLU(),
+          nn.MaxPool2d(3, 2, 1),
+      )
     else:
-      self.stem = nn.Sequential(nn.Conv2d(cin, cfg.width, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.width), nn.ReLU())
+      self.stem = nn.Sequential(
+          nn.Conv2d(cin, cfg.width, 3, 1, 1, bias=False), nn.BatchNorm2d(cfg.width), nn.ReLU()
+      )
     layers, cin = [], cfg.width
     for stage, num_blocks in enumerate(cfg.stage_sizes):
-      width = cfg.width * 2 ** stage
+      width = cfg.width * 2**stage
       for i in range(num_blocks):
         layers.append(block(cin, width, 2 if stage > 0 and i == 0 else 1))
         cin = width * block.expansion
@@ -163,7 +196,9 @@ def torch_model(model) -> nn.Module:
     return RNNLM(cfg)
   if isinstance(model, conv.ResNet):
     return ResNet(cfg)
-  raise UserError(f"no PyTorch reference for {type(model).__name__}; use a Transformer LM, an RNN LM or a ResNet")
+  raise UserError(
+      f"no PyTorch reference for {type(model).__name__}; use a Transformer LM, an RNN LM or a ResNet"
+  )
 
 
 class TorchRunner:
@@ -175,9 +210,13 @@ class TorchRunner:
     torch.manual_seed(seed)
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     self.model = torch_model(workload.model).to(self.device).train()
-    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim_cfg.learning_rate,
-                                       betas=(optim_cfg.momentum, optim_cfg.b2), eps=optim_cfg.eps,
-                                       weight_decay=optim_cfg.weight_decay)
+    self.optimizer = torch.optim.AdamW(
+        self.model.parameters(),
+        lr=optim_cfg.learning_rate,
+        betas=(optim_cfg.momentum, optim_cfg.b2),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+    )
     self.grad_clip = optim_cfg.grad_clip
     if "tokens" in workload.batch:
       tokens = torch.as_tensor(workload.batch["tokens"], dtype=torch.long, device=self.device)
@@ -208,15 +247,23 @@ def torch_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     torch.mm(a, b)
     times.append(time.perf_counter() - start)
-  return 2.0 * size ** 3 / min(times)
+  return 2.0 * size**3 / min(times)
 
 
-def run_torch(workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops: tuple, peaks: tuple) -> dict:
+def run_torch(
+    workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops: tuple, peaks: tuple
+) -> dict:
   runner = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
   first = throughput.time_calls(runner.step, 1)[0]
   throughput.time_calls(runner.step, throughput.BENCH_WARMUP.value)
-  record = throughput.summarize(workload, throughput.time_calls(runner.step, throughput.BENCH_STEPS.value), first,
-                                flops, peaks, framework="pytorch")
+  record = throughput.summarize(
+      workload,
+      throughput.time_calls(runner.step, throughput.BENCH_STEPS.value),
+      first,
+      flops,
+      peaks,
+      framework="pytorch",
+  )
   record["compile_s"] = None
   record["first_step_s"] = first
   return record
@@ -225,20 +272,37 @@ def run_torch(workload: throughput.Workload, optim_cfg: optim.OptimConfig, flops
 def side_by_side(workload: throughput.Workload, optim_cfg: optim.OptimConfig) -> list[dict]:
   """Both frameworks in this process, in alternating rounds (throughput.alternate_rounds)."""
   mesh = sharding.make_mesh(bigjax_flags.MESH.value)
-  ours = throughput.BigjaxRunner(workload, mesh, optim.make_optimizer(optim_cfg, 1000), bigjax_flags.SEED.value,
-                                 bigjax_flags.xla_options())
+  ours = throughput.BigjaxRunner(
+      workload,
+      mesh,
+      optim.make_optimizer(optim_cfg, 1000),
+      bigjax_flags.SEED.value,
+      bigjax_flags.xla_options(),
+  )
   theirs = TorchRunner(workload, optim_cfg, bigjax_flags.SEED.value)
   (times, medians), peaks = throughput.between_peak_measurements(
-      lambda: throughput.alternate_rounds({"bigjax": ours.step, "pytorch": theirs.step}, throughput.ROUNDS.value,
-                                          throughput.BENCH_STEPS.value, throughput.BENCH_WARMUP.value),
-      workload.dtype)
+      lambda: throughput.alternate_rounds(
+          {"bigjax": ours.step, "pytorch": theirs.step},
+          throughput.ROUNDS.value,
+          throughput.BENCH_STEPS.value,
+          throughput.BENCH_WARMUP.value,
+      ),
+      workload.dtype,
+  )
   flops = throughput.flops_per_unit(workload, ours.state.params, ours.state.model_state)
-  records = [throughput.summarize(workload, times["bigjax"], ours.compile_s, flops, peaks),
-             throughput.summarize(workload, times["pytorch"], 0.0, flops, peaks, framework="pytorch")]
+  records = [
+      throughput.summarize(workload, times["bigjax"], ours.compile_s, flops, peaks),
+      throughput.summarize(workload, times["pytorch"], 0.0, flops, peaks, framework="pytorch"),
+  ]
   records[1]["compile_s"] = None
   records[1]["torch_matmul_peak_flops"] = torch_matmul_peak()
-  records.append({**throughput.comparison(times, medians, workload.unit, "bigjax", "pytorch"),
-                  "torch_threads": torch.get_num_threads(), "jax_devices": jax.device_count()})
+  records.append(
+      {
+          **throughput.comparison(times, medians, workload.unit, "bigjax", "pytorch"),
+          "torch_threads": torch.get_num_threads(),
+          "jax_devices": jax.device_count(),
+      }
+  )
   return records
 
 

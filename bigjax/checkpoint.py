@@ -35,6 +35,7 @@ def _grain_checkpoint():
   that code without an input pipeline (benchmarks, export, `models.load`) runs where grain is not
   installed (the offline GPU machine of benchmarks/gpu.sh, for one)."""
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint
 
 
@@ -49,18 +50,25 @@ def leaf_arrays(tree) -> dict[str, str]:
   """{"opt_state/1/0/mu/head/kernel": "float32[256, 10]"} for every array in `tree`. The path is
   spelt the same for a live state (attributes, tuple indices) and Orbax's saved metadata (dicts,
   lists)."""
-  return {sharding_path(path): f"{getattr(leaf, 'dtype', '')}{list(getattr(leaf, 'shape', ()))}"
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      sharding_path(path): f"{getattr(leaf, 'dtype', '')}{list(getattr(leaf, 'shape', ()))}"
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def state_differences(saved: dict, expected: dict) -> list[str]:
   """How a saved state's arrays (leaf_arrays) differ from the ones this run builds, one phrase
   each; parameters before optimizer state, as they name the model setting that changed."""
   order = functools.partial(sorted, key=lambda path: (path.startswith("opt_state/"), path))
-  return ([f"{path}: saved {saved[path]}, this run {expected[path]}"
-           for path in order(saved.keys() & expected.keys()) if saved[path] != expected[path]]
-          + [f"{path} only in the checkpoint" for path in order(saved.keys() - expected.keys())]
-          + [f"{path} only in this run" for path in order(expected.keys() - saved.keys())])
+  return (
+      [
+          f"{path}: saved {saved[path]}, this run {expected[path]}"
+          for path in order(saved.keys() & expected.keys())
+          if saved[path] != expected[path]
+      ]
+      + [f"{path} only in the checkpoint" for path in order(saved.keys() - expected.keys())]
+      + [f"{path} only in this run" for path in order(expected.keys() - saved.keys())]
+  )
 
 
 # ---- fingerprints of the state's values -------------------------------------------------------------
@@ -75,7 +83,9 @@ def _as_uint32(x):
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32)
   size = jnp.dtype(x.dtype).itemsize
-  words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
+  words = jax.lax.bitcast_convert_type(
+      x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  )
   return words.astype(jnp.uint32)
 
 
@@ -83,13 +93,18 @@ def _as_uint32(x):
 def _fingerprints(tree):
   """Two position-weighted sums of each leaf's bits, modulo 2**32 (odd weights: any change to one
   word changes both; integer sums give the same result on any mesh and in any reduction order)."""
+
   def leaf(x):
     words = _as_uint32(x).reshape(-1)
     index = jnp.arange(words.size, dtype=jnp.uint32)
     first = jnp.sum(words * (index * jnp.uint32(0x9E3779B9) | jnp.uint32(1)), dtype=jnp.uint32)
-    second = jnp.sum((words ^ jnp.uint32(0x5BD1E995)) * ((index + jnp.uint32(0x7F4A7C15)) * jnp.uint32(0x85EBCA6B)
-                                                          | jnp.uint32(1)), dtype=jnp.uint32)
+    second = jnp.sum(
+        (words ^ jnp.uint32(0x5BD1E995))
+        * ((index + jnp.uint32(0x7F4A7C15)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)),
+        dtype=jnp.uint32,
+    )
     return jnp.stack([first, second])
+
   return jax.tree.map(leaf, tree)
 
 
@@ -97,8 +112,10 @@ def fingerprints(tree) -> dict[str, list[int]]:
   """{"params/head/kernel": [a, b]} for every array leaf of `tree` (global arrays on any mesh)."""
   sums = _fingerprints(tree)
   # Replicated results: every process holds the whole value in its first shard.
-  return {sharding_path(path): [int(v) for v in np.asarray(leaf.addressable_data(0))]
-          for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
+  return {
+      sharding_path(path): [int(v) for v in np.asarray(leaf.addressable_data(0))]
+      for path, leaf in jax.tree_util.tree_leaves_with_path(sums)
+  }
 
 
 class CorruptCheckpoint(Exception):
@@ -114,14 +131,24 @@ def _first_mismatch(saved: dict, restored: dict) -> str | None:
 
 # ---- save failures -----------------------------------------------------------------------------------
 
-_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
-             errno.EFBIG: "a file grew past the size limit"}
-_NO_WRITE = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-             errno.EPERM: "permission denied"}
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "a file grew past the size limit",
+}
+_NO_WRITE = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 # How the storage libraries under Orbax (tensorstore, etils) spell those errors in their messages.
-_SPELLINGS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-              "File too large": errno.EFBIG, "Read-only file system": errno.EROFS,
-              "Permission denied": errno.EACCES}
+_SPELLINGS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
 
 
 def storage_errno(error: BaseException) -> int | None:
@@ -150,8 +177,15 @@ def _mib(num_bytes: float) -> str:
 class Checkpointer:
   """Saves every `every` steps into `directory`, keeps the newest `keep`, restores the latest."""
 
-  def __init__(self, directory: str, *, every: int, keep: int = 3, best_metric: str | None = None,
-               read_only: bool = False):
+  def __init__(
+      self,
+      directory: str,
+      *,
+      every: int,
+      keep: int = 3,
+      best_metric: str | None = None,
+      read_only: bool = False,
+  ):
     """Keeps the newest `keep` checkpoints and, with `best_metric` (say "eval_loss"), also the one
     with the best value of that metric (highest for accuracies, lowest otherwise). A read-only
     one (evaluation, export, sampling) neither writes nor cleans up: a run may be saving there."""
@@ -160,15 +194,24 @@ class Checkpointer:
     self.best_metric = best_metric
     policies = [checkpoint_managers.LatestN(keep)]
     if best_metric:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse="accuracy" not in best_metric, n=1,
-          keep_checkpoints_without_metrics=False))  # reverse=True keeps the lowest value
+      policies.append(
+          checkpoint_managers.BestN(
+              get_metric_fn=lambda metrics: metrics[best_metric],
+              reverse="accuracy" not in best_metric,
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          )
+      )  # reverse=True keeps the lowest value
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             # Not Orbax's own read_only, which warns on every use.
-            create=not read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
-            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)))
+            create=not read_only,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=not read_only,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        ),
+    )
     self._pending = None  # (step, bytes) of the save in flight
     self.last_complete = None  # the newest step known to be fully written
 
@@ -193,7 +236,10 @@ class Checkpointer:
       problem = e.errno if e.errno in {**_NO_SPACE, **_NO_WRITE} else errno.EACCES
     if not _everywhere(problem is None):
       raise self._failed_save(problem or errno.EACCES)
-    args = {"state": ocp.args.StandardSave(state), FINGERPRINTS: ocp.args.JsonSave(fingerprints(state))}
+    args = {
+        "state": ocp.args.StandardSave(state),
+        FINGERPRINTS: ocp.args.JsonSave(fingerprints(state)),
+    }
     if data_iterator is not None:
       args["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
     if not (self.best_metric and metrics and self.best_metric in metrics):
@@ -228,15 +274,23 @@ class Checkpointer:
     step, needed = self._pending or (None, 0)
     self._pending = None
     self._remove_partial_saves()
-    last = self.last_complete or max((s for s in self._manager.all_steps() if s != step), default=None)
-    last_text = f"the last good checkpoint is step {last}" if last else "no checkpoint was saved yet"
+    last = self.last_complete or max(
+        (s for s in self._manager.all_steps() if s != step), default=None
+    )
+    last_text = (
+        f"the last good checkpoint is step {last}" if last else "no checkpoint was saved yet"
+    )
     if number in _NO_SPACE:
       free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
-      return UserError(f"could not save checkpoint step {step} in {self.directory}: {_NO_SPACE[number]} (a step "
-                       f"needs about {_mib(needed)}, {_mib(free)} free there); {last_text}; free some space "
-                       "(or lower --keep_checkpoints) and rerun to resume")
-    return UserError(f"could not save checkpoint step {step} in {self.directory}: {_NO_WRITE[number]}; "
-                     f"{last_text}; make the directory writable and rerun to resume")
+      return UserError(
+          f"could not save checkpoint step {step} in {self.directory}: {_NO_SPACE[number]} (a step "
+          f"needs about {_mib(needed)}, {_mib(free)} free there); {last_text}; free some space "
+          "(or lower --keep_checkpoints) and rerun to resume"
+      )
+    return UserError(
+        f"could not save checkpoint step {step} in {self.directory}: {_NO_WRITE[number]}; "
+        f"{last_text}; make the directory writable and rerun to resume"
+    )
 
   def _remove_partial_saves(self) -> None:
     """Deletes the temporary directories of unfinished saves (Orbax names them *.orbax-checkpoint-tmp*)."""
@@ -273,8 +327,10 @@ class Checkpointer:
     if checked:
       mismatch = _first_mismatch(restored[FINGERPRINTS], fingerprints(restored["state"]))
       if mismatch is not None:
-        raise CorruptCheckpoint(f"the values of {mismatch} differ from what was saved: the files were damaged "
-                                "after they were written")
+        raise CorruptCheckpoint(
+            f"the values of {mismatch} differ from what was saved: the files were damaged "
+            "after they were written"
+        )
     return restored["state"]
 
   def restore_newest_readable(self, abstract_state, data_iterator=None, *, set_aside: bool = True):
@@ -299,11 +355,17 @@ class Checkpointer:
       if _everywhere(error is None):
         for bad, reason in unreadable:
           action = f"moved it to {self._set_aside(bad)}" if set_aside else "left it in place"
-          print(f"checkpoint step {bad} in {self.directory} is unreadable ({reason}); {action} and resumed from "
-                f"step {step}", file=sys.stderr, flush=True)
+          print(
+              f"checkpoint step {bad} in {self.directory} is unreadable ({reason}); {action} and resumed from "
+              f"step {step}",
+              file=sys.stderr,
+              flush=True,
+          )
         self.last_complete = step
         return restored, step, unreadable
-      unreadable.append((step, "another process could not read its part" if error is None else _reason(error)))
+      unreadable.append(
+          (step, "another process could not read its part" if error is None else _reason(error))
+      )
     return None, 0, unreadable
 
   def set_aside_steps(self, steps) -> list[str]:
@@ -314,7 +376,9 @@ class Checkpointer:
     """How `step`'s saved state differs from `expected` (leaf_arrays), or None when its metadata
     cannot be read."""
     try:
-      metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+      metadata = ocp.PyTreeCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state"
+      )
       saved = leaf_arrays(metadata.tree)
     except Exception:  # noqa: BLE001 - unreadable metadata: the restore decides
       return None
@@ -326,18 +390,28 @@ class Checkpointer:
     would fail or cast, and setting them all aside would throw a good run away. A step that does
     not fit while another does is damaged; restoring sets it aside. All processes agree."""
     expected = leaf_arrays(abstract_state)
-    differences = {step: self._differences(step, expected) for step in sorted(self._manager.all_steps(), reverse=True)}
+    differences = {
+        step: self._differences(step, expected)
+        for step in sorted(self._manager.all_steps(), reverse=True)
+    }
     refusal = None
     if not any(found == [] for found in differences.values()):
-      step, found = next(((step, found) for step, found in differences.items() if found), (None, None))
+      step, found = next(
+          ((step, found) for step, found in differences.items() if found), (None, None)
+      )
       if found:
         more = f" and {len(found) - 1} more difference(s)" if len(found) > 1 else ""
-        refusal = (f"checkpoint step {step} in {self.directory} does not fit the state these flags build "
-                   f"({found[0]}{more}); resume with the flags it was trained with "
-                   f"(--flagfile={os.path.dirname(self.directory)}/flags.txt) or use a new --workdir")
+        refusal = (
+            f"checkpoint step {step} in {self.directory} does not fit the state these flags build "
+            f"({found[0]}{more}); resume with the flags it was trained with "
+            f"(--flagfile={os.path.dirname(self.directory)}/flags.txt) or use a new --workdir"
+        )
     if not _everywhere(refusal is None):
-      raise UserError(refusal or f"another process found that no checkpoint in {self.directory} fits the state "
-                                 "these flags build; resume with the flags it was trained with or use a new --workdir")
+      raise UserError(
+          refusal
+          or f"another process found that no checkpoint in {self.directory} fits the state "
+          "these flags build; resume with the flags it was trained with or use a new --workdir"
+      )
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of the manager's view (kept for inspection, not overwritten)."""
@@ -357,13 +431,21 @@ class Checkpointer:
 
 def _reason(error: BaseException) -> str:
   """One line saying why a step could not be restored."""
-  first_line = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
-  return first_line if isinstance(error, CorruptCheckpoint) else f"{type(error).__name__}: {first_line}"
+  first_line = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[
+      0
+  ][:200]
+  return (
+      first_line
+      if isinstance(error, CorruptCheckpoint)
+      else f"{type(error).__name__}: {first_line}"
+  )
 
 
 def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying the target shardings: what a restore fills in."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
 
 
 EXPORT_CONFIG = "model.json"
@@ -377,10 +459,16 @@ def _params_location(path: str) -> tuple[str, bool]:
   if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
     return os.path.join(path, EXPORT_PARAMS), False
   steps_dir = os.path.join(path, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit()) if os.path.isdir(steps_dir) else []
+  steps = (
+      sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit())
+      if os.path.isdir(steps_dir)
+      else []
+  )
   if not steps:
-    raise UserError(f"{path} is neither an export directory (no {EXPORT_CONFIG}) nor a workdir with "
-                    "checkpoints; point --init_from at one")
+    raise UserError(
+        f"{path} is neither an export directory (no {EXPORT_CONFIG}) nor a workdir with "
+        "checkpoints; point --init_from at one"
+    )
   return os.path.join(steps_dir, str(steps[-1]), "state"), True
 
 
@@ -397,15 +485,19 @@ def _reading(directory: str, path: str):
   except UserError:
     raise
   except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for one cause
-    raise UserError(f"cannot read the parameters saved in {directory} ({_reason(e)}); {path} is damaged or "
-                    "incomplete: export or copy it again") from None
+    raise UserError(
+        f"cannot read the parameters saved in {directory} ({_reason(e)}); {path} is damaged or "
+        "incomplete: export or copy it again"
+    ) from None
 
 
 def _check_fingerprints(expected: dict, variables: dict, directory: str, path: str) -> None:
   mismatch = _first_mismatch(expected, fingerprints(variables))
   if mismatch is not None:
-    raise UserError(f"the parameters saved in {directory} are damaged: the values of {mismatch} differ from what "
-                    f"was written; export or copy {path} again")
+    raise UserError(
+        f"the parameters saved in {directory} are damaged: the values of {mismatch} differ from what "
+        f"was written; export or copy {path} again"
+    )
 
 
 def _expected_fingerprints(directory: str, whole_state: bool) -> dict | None:
@@ -425,8 +517,12 @@ def _expected_fingerprints(directory: str, whole_state: bool) -> dict | None:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError):
     return {"(fingerprints file)": None}  # damaged itself: nothing can match it
-  return {new + key[len(old):]: value for key, value in saved.items() for old, new in prefixes.items()
-          if key.startswith(old) and (old or not whole_state)}
+  return {
+      new + key[len(old) :]: value
+      for key, value in saved.items()
+      for old, new in prefixes.items()
+      if key.startswith(old) and (old or not whole_state)
+  }
 
 
 def load_variables(path: str, abstract_variables: dict) -> dict:
@@ -447,8 +543,13 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
       model_state = {k: v for k, v in abstract_variables.items() if k != "params"}
       target = {"params": params, "model_state": model_state}
       restored = ocp.PyTreeCheckpointer().restore(
-          directory, args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+          directory,
+          args=ocp.args.PyTreeRestore(
+              item=target,
+              partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          ),
+      )
       variables = {"params": restored["params"], **restored["model_state"]}
   expected = _expected_fingerprints(directory, whole_state)
   if expected is not None:
@@ -458,14 +559,20 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
 
 def _check_same_shapes(saved, abstract, path: str) -> None:
   flat_saved = {sharding_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
-  flat_wanted = {sharding_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+  flat_wanted = {
+      sharding_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+  }
   for name, wanted in flat_wanted.items():
     if name not in flat_saved:
-      raise UserError(f"--init_from={path} has no parameter {name} (shape {tuple(wanted.shape)}); "
-                      "was it saved from the same model?")
+      raise UserError(
+          f"--init_from={path} has no parameter {name} (shape {tuple(wanted.shape)}); "
+          "was it saved from the same model?"
+      )
     if tuple(flat_saved[name].shape) != tuple(wanted.shape):
-      raise UserError(f"--init_from={path}: parameter {name} has shape {tuple(flat_saved[name].shape)} "
-                      f"but the model wants {tuple(wanted.shape)}")
+      raise UserError(
+          f"--init_from={path}: parameter {name} has shape {tuple(flat_saved[name].shape)} "
+          f"but the model wants {tuple(wanted.shape)}"
+      )
   extra = sorted(set(flat_saved) - set(flat_wanted))
   if extra:
     raise UserError(f"--init_from={path} has parameter {extra[0]}, which the model does not")
@@ -484,8 +591,10 @@ def export(directory: str, variables: dict, model_name: str, overrides: dict) ->
   sums = fingerprints(variables)
   if jax.process_index() == 0:
     workdir_lib.replace_file(os.path.join(directory, EXPORT_FINGERPRINTS), json.dumps(sums))
-    workdir_lib.replace_file(os.path.join(directory, EXPORT_CONFIG),
-                             json.dumps({"model": model_name, "overrides": overrides}, indent=2))
+    workdir_lib.replace_file(
+        os.path.join(directory, EXPORT_CONFIG),
+        json.dumps({"model": model_name, "overrides": overrides}, indent=2),
+    )
   return directory
 
 

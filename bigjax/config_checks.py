@@ -98,13 +98,18 @@ def one_of(config, name: str, choices: Iterable[str], what: str = "") -> None:
     fail(config, f"unknown {what or name} {value!r}; use one of {', '.join(choices)}")
 
 
-def positive_ints(config, name: str, *, length: int | None = None, nonempty: bool = False,
-                  meaning: str = "") -> None:
+def positive_ints(
+    config, name: str, *, length: int | None = None, nonempty: bool = False, meaning: str = ""
+) -> None:
   """A shape or a list of widths: a tuple (or list) of integers >= 1; `length` fixes how many,
   `nonempty` asks for at least one; `meaning` names the entries in the message."""
   value = getattr(config, name)
-  ok = (isinstance(value, (tuple, list)) and all(is_int(v) and v >= 1 for v in value)
-        and (length is None or len(value) == length) and (not nonempty or len(value) > 0))
+  ok = (
+      isinstance(value, (tuple, list))
+      and all(is_int(v) and v >= 1 for v in value)
+      and (length is None or len(value) == length)
+      and (not nonempty or len(value) > 0)
+  )
   if not ok:
     how_many = f"{length} " if length is not None else "one or more " if nonempty else ""
     entries = f" ({meaning})" if meaning else ""
@@ -116,7 +121,11 @@ def float_dtype(config, name: str) -> None:
   value = getattr(config, name)
   try:
     # None and bools pass jnp.dtype (as float64 and bool): neither is meant as a compute dtype.
-    ok = value is not None and not isinstance(value, bool) and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    ok = (
+        value is not None
+        and not isinstance(value, bool)
+        and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    )
   except (TypeError, ValueError):
     ok = False
   if not ok:

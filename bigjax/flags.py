@@ -32,138 +32,291 @@ from bigjax.interop import hf
 from bigjax.nn import lora as lora_lib
 
 # What and where.
-MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"],
-                         "train (resuming from --workdir), eval (the newest checkpoint), sample "
-                         "(language models: generate from --prompt), or export (parameters and model "
-                         "config of the newest checkpoint to --export_dir, as --export_format says).")
-INIT_FROM = flags.DEFINE_string("init_from", None, "Start a fresh run from the parameters of an export "
-                                "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
-                                "(config.json + safetensors; its architecture then needs no --model) to fine-tune.")
+MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "sample", "export"],
+    "train (resuming from --workdir), eval (the newest checkpoint), sample "
+    "(language models: generate from --prompt), or export (parameters and model "
+    "config of the newest checkpoint to --export_dir, as --export_format says).",
+)
+INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Start a fresh run from the parameters of an export "
+    "directory, of a workdir's newest checkpoint, or of a Hugging Face model directory "
+    "(config.json + safetensors; its architecture then needs no --model) to fine-tune.",
+)
 EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write the model.")
 EXPORT_FORMAT = flags.DEFINE_enum(
-    "export_format", "bigjax", ["bigjax", "hf"], "--mode=export: bigjax (what bigjax.models.load and "
+    "export_format",
+    "bigjax",
+    ["bigjax", "hf"],
+    "--mode=export: bigjax (what bigjax.models.load and "
     "--init_from read) or hf (a Hugging Face directory, config.json and model.safetensors, for transformers' "
-    "from_pretrained; Transformer language models of the gpt2, llama, qwen2 and qwen3 families).")
+    "from_pretrained; Transformer language models of the gpt2, llama, qwen2 and qwen3 families).",
+)
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
-IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import before anything is built, "
-                                   "e.g. your own that register presets with bigjax.models.register "
-                                   "(my_fork.models: importable from the current directory or PYTHONPATH).")
+IMPORT_MODULES = flags.DEFINE_list(
+    "import_modules",
+    [],
+    "Python modules to import before anything is built, "
+    "e.g. your own that register presets with bigjax.models.register "
+    "(my_fork.models: importable from the current directory or PYTHONPATH).",
+)
 MODEL_OVERRIDES = flags.DEFINE_multi_string(
-    "model_override", [], "Replace one field of the preset's config, as name=value (repeatable).")
-DATASET = flags.DEFINE_string("dataset", None, "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
-                              "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default ~/tensorflow_datasets).")
-TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "Split to train on, in TFDS syntax (train[:90%]).")
-EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "Split to evaluate on (default: validation, else test).")
-TEXT_KEY = flags.DEFINE_string("text_key", None, "Feature holding the text (default: text, bytes or content).")
+    "model_override", [], "Replace one field of the preset's config, as name=value (repeatable)."
+)
+DATASET = flags.DEFINE_string(
+    "dataset",
+    None,
+    "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
+    "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE).",
+)
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "TFDS data directory (default ~/tensorflow_datasets)."
+)
+TRAIN_SPLIT = flags.DEFINE_string(
+    "train_split", "train", "Split to train on, in TFDS syntax (train[:90%])."
+)
+EVAL_SPLIT = flags.DEFINE_string(
+    "eval_split", None, "Split to evaluate on (default: validation, else test)."
+)
+TEXT_KEY = flags.DEFINE_string(
+    "text_key", None, "Feature holding the text (default: text, bytes or content)."
+)
 IMAGE_KEY = flags.DEFINE_string("image_key", "image", "Feature holding the image.")
 LABEL_KEY = flags.DEFINE_string("label_key", "label", "Feature holding the class label.")
-DATA_WORKERS = flags.DEFINE_integer("data_workers", None, "Loader processes reading ahead; 0 reads in this "
-                                    "process (threads). Default: an eighth of the CPU cores, at most 8.",
-                                    lower_bound=0)
-WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and metrics.jsonl. "
-                              "Rerunning with the same workdir resumes.")
+DATA_WORKERS = flags.DEFINE_integer(
+    "data_workers",
+    None,
+    "Loader processes reading ahead; 0 reads in this "
+    "process (threads). Default: an eighth of the CPU cores, at most 8.",
+    lower_bound=0,
+)
+WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory: checkpoints and metrics.jsonl. " "Rerunning with the same workdir resumes.",
+)
 # How long and how much.
 NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Optimizer steps.", lower_bound=1)
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size (over all devices and processes).",
-                                  lower_bound=1)
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 32, "Global batch size (over all devices and processes).", lower_bound=1
+)
 SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and data order.")
-MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1",
-                           "Device mesh as axis:size pairs over data, fsdp, tensor; -1 takes the rest.")
-DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
-                          "Compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Losses and softmax "
-                          "are float32 either way.")
-PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                                "Parameter (and optimizer state) storage dtype.")
+MESH = flags.DEFINE_string(
+    "mesh",
+    "data:-1,fsdp:1,tensor:1",
+    "Device mesh as axis:size pairs over data, fsdp, tensor; -1 takes the rest.",
+)
+DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "float32", "bfloat16", "float16"],
+    "Compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Losses and softmax "
+    "are float32 either way.",
+)
+PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Parameter (and optimizer state) storage dtype.",
+)
 # Scale: memory, many processes, an ahead-of-time check.
-GRAD_ACCUM = flags.DEFINE_integer("grad_accum", 1, "Micro-batches per optimizer step (gradients summed); "
-                                  "--batch_size stays the global batch per step.", lower_bound=1)
-REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
-                          "Transformer blocks: recompute activations in the backward pass; full keeps only "
-                          "block inputs, dots keeps matmul outputs, dots_no_batch also recomputes attention's.")
-SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Transformer blocks: one block under nn.scan with "
-                                "stacked parameters; compiles num_layers times faster.")
-COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step for --mesh and --batch_size, "
-                                 "print the FLOPs and memory per device and the parameter shardings, and exit.")
-SHOW_SHARDING = flags.DEFINE_bool("show_sharding", False, "Print every parameter's shape and sharding "
-                                  "before training.")
+GRAD_ACCUM = flags.DEFINE_integer(
+    "grad_accum",
+    1,
+    "Micro-batches per optimizer step (gradients summed); "
+    "--batch_size stays the global batch per step.",
+    lower_bound=1,
+)
+REMAT = flags.DEFINE_enum(
+    "remat",
+    "none",
+    ["none", "full", "dots", "dots_no_batch"],
+    "Transformer blocks: recompute activations in the backward pass; full keeps only "
+    "block inputs, dots keeps matmul outputs, dots_no_batch also recomputes attention's.",
+)
+SCAN_LAYERS = flags.DEFINE_bool(
+    "scan_layers",
+    False,
+    "Transformer blocks: one block under nn.scan with "
+    "stacked parameters; compiles num_layers times faster.",
+)
+COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Compile the train step for --mesh and --batch_size, "
+    "print the FLOPs and memory per device and the parameter shardings, and exit.",
+)
+SHOW_SHARDING = flags.DEFINE_bool(
+    "show_sharding", False, "Print every parameter's shape and sharding " "before training."
+)
 XLA_OPTIONS = flags.DEFINE_multi_string(
-    "xla_option", [], "NAME=VALUE: an XLA compiler option for the jitted init, train and eval steps "
+    "xla_option",
+    [],
+    "NAME=VALUE: an XLA compiler option for the jitted init, train and eval steps "
     "(repeatable; the last value of a name wins; true/false become booleans, any other value goes to XLA "
     "as text, which XLA parses as its option's type). xla_cpu_* options apply only on CPU, xla_gpu_* only "
     "on GPU, xla_tpu_* only on TPU. On CPU, xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE "
     "runs matmuls on XLA's own kernels instead of YNNPACK: faster for Transformers, slower for ResNets "
-    "(benchmarks/README.md); XLA's default is LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE.")
+    "(benchmarks/README.md); XLA's default is LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE.",
+)
 COMPILATION_CACHE_DIR = flags.DEFINE_string(
-    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/bigjax/xla"),
+    "compilation_cache_dir",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/bigjax/xla"),
     "Persistent XLA compilation cache: a rerun, resume or eval with the same shapes loads its compiled "
     "steps instead of compiling again. Empty turns it off. Defaults to $JAX_COMPILATION_CACHE_DIR where "
     "that is set; programs that compile in under 1 s are not stored unless "
-    "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.")
+    "$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.",
+)
 COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process runs: host:port of process 0. Without it, TPU pods, SLURM, "
-    "Open MPI and Kubernetes are detected by JAX itself.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.", lower_bound=1)
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.", lower_bound=0)
+    "coordinator_address",
+    None,
+    "Multi-process runs: host:port of process 0. Without it, TPU pods, SLURM, "
+    "Open MPI and Kubernetes are detected by JAX itself.",
+)
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: how many processes.", lower_bound=1
+)
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's index.", lower_bound=0
+)
 # Optimizer.
 OPTIMIZER = flags.DEFINE_enum("optimizer", "adamw", list(optim.OPTIMIZERS), "Optimizer.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
-SCHEDULE = flags.DEFINE_enum("schedule", "warmup_cosine", list(optim.SCHEDULES), "Learning-rate schedule.")
+SCHEDULE = flags.DEFINE_enum(
+    "schedule", "warmup_cosine", list(optim.SCHEDULES), "Learning-rate schedule."
+)
 WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.", lower_bound=0)
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (matrices only).")
 GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Clip gradients to this global norm; 0 disables.")
-MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum; first-moment decay b1 of adamw and lion.")
+MOMENTUM = flags.DEFINE_float(
+    "momentum", 0.9, "SGD momentum; first-moment decay b1 of adamw and lion."
+)
 NESTEROV = flags.DEFINE_bool("nesterov", False, "Nesterov momentum for sgd.")
 FREEZE = flags.DEFINE_multi_string(
-    "freeze", [], "Regular expression (repeatable) searched in parameter paths (block_0/attn/query/kernel; "
-    "blocks/... under --scan_layers): matching parameters stay unchanged bit for bit and keep no optimizer state.")
+    "freeze",
+    [],
+    "Regular expression (repeatable) searched in parameter paths (block_0/attn/query/kernel; "
+    "blocks/... under --scan_layers): matching parameters stay unchanged bit for bit and keep no optimizer state.",
+)
 LR_MULTIPLIER = flags.DEFINE_multi_string(
-    "lr_multiplier", [], "REGEX=FACTOR (repeatable): parameters whose path matches train with FACTOR times the "
-    "learning rate; the first matching pattern wins.")
+    "lr_multiplier",
+    [],
+    "REGEX=FACTOR (repeatable): parameters whose path matches train with FACTOR times the "
+    "learning rate; the first matching pattern wins.",
+)
 WD_MULTIPLIER = flags.DEFINE_multi_string(
-    "wd_multiplier", [], "REGEX=FACTOR (repeatable): parameters whose path matches decay with FACTOR times "
-    "--weight_decay (which still leaves vectors alone); the first matching pattern wins.")
-EMA_DECAY = flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the parameters with this "
-                                "decay (0.999: over about the last 1000 steps), sharded and checkpointed with them; "
-                                "0 keeps none.")
-EVAL_WITH_EMA = flags.DEFINE_bool("eval_with_ema", False, "Evaluate the --ema_decay average, not the parameters.")
-EXPORT_EMA = flags.DEFINE_bool("export_ema", False, "--mode=export: export the --ema_decay average.")
-LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "Train low-rank adapters of this rank on the --lora_targets "
-                                 "projections, with every other parameter frozen; 0 trains the model itself. "
-                                 "--mode=export merges them into the weights.", lower_bound=0)
-LORA_ALPHA = flags.DEFINE_float("lora_alpha", None, "The adapters' update is scaled by lora_alpha / lora_rank; "
-                                "default: the rank (scale 1).")
-LORA_TARGETS = flags.DEFINE_string("lora_targets", lora_lib.DEFAULT_TARGETS, "Regular expression searched in "
-                                   "kernel paths (block_0/mlp/wi/kernel): the projections to adapt; default: "
-                                   "the attention and MLP projections of Transformer blocks.")
-LORA_DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "Dropout on the adapters' inputs while training.")
-LABEL_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.0, "Train on targets that put this much probability "
-                                     "spread evenly over all classes (the plain loss is still reported).")
-Z_LOSS = flags.DEFINE_float("z_loss", 0.0, "Weight of the log(Z)^2 term added to the trained loss (PaLM: 1e-4), "
-                            "Z the softmax normaliser; its mean is reported as log_z_squared.")
-ADAM_B2 = flags.DEFINE_float("adam_b2", 0.999, "Second-moment decay of adamw; 0.95-0.99 adapts faster in short runs.")
+    "wd_multiplier",
+    [],
+    "REGEX=FACTOR (repeatable): parameters whose path matches decay with FACTOR times "
+    "--weight_decay (which still leaves vectors alone); the first matching pattern wins.",
+)
+EMA_DECAY = flags.DEFINE_float(
+    "ema_decay",
+    0.0,
+    "Keep an exponential moving average of the parameters with this "
+    "decay (0.999: over about the last 1000 steps), sharded and checkpointed with them; "
+    "0 keeps none.",
+)
+EVAL_WITH_EMA = flags.DEFINE_bool(
+    "eval_with_ema", False, "Evaluate the --ema_decay average, not the parameters."
+)
+EXPORT_EMA = flags.DEFINE_bool(
+    "export_ema", False, "--mode=export: export the --ema_decay average."
+)
+LORA_RANK = flags.DEFINE_integer(
+    "lora_rank",
+    0,
+    "Train low-rank adapters of this rank on the --lora_targets "
+    "projections, with every other parameter frozen; 0 trains the model itself. "
+    "--mode=export merges them into the weights.",
+    lower_bound=0,
+)
+LORA_ALPHA = flags.DEFINE_float(
+    "lora_alpha",
+    None,
+    "The adapters' update is scaled by lora_alpha / lora_rank; " "default: the rank (scale 1).",
+)
+LORA_TARGETS = flags.DEFINE_string(
+    "lora_targets",
+    lora_lib.DEFAULT_TARGETS,
+    "Regular expression searched in "
+    "kernel paths (block_0/mlp/wi/kernel): the projections to adapt; default: "
+    "the attention and MLP projections of Transformer blocks.",
+)
+LORA_DROPOUT = flags.DEFINE_float(
+    "lora_dropout", 0.0, "Dropout on the adapters' inputs while training."
+)
+LABEL_SMOOTHING = flags.DEFINE_float(
+    "label_smoothing",
+    0.0,
+    "Train on targets that put this much probability "
+    "spread evenly over all classes (the plain loss is still reported).",
+)
+Z_LOSS = flags.DEFINE_float(
+    "z_loss",
+    0.0,
+    "Weight of the log(Z)^2 term added to the trained loss (PaLM: 1e-4), "
+    "Z the softmax normaliser; its mean is reported as log_z_squared.",
+)
+ADAM_B2 = flags.DEFINE_float(
+    "adam_b2", 0.999, "Second-moment decay of adamw; 0.95-0.99 adapts faster in short runs."
+)
 # Logging, evaluation, checkpoints.
 LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Log train metrics every N steps.", lower_bound=1)
-EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Evaluate every N steps (and at the end).", lower_bound=1)
-EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "Batches per evaluation (a fixed random sample); "
-                                    "0 evaluates the whole split.", lower_bound=0)
-CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every N steps (and at the end); "
-                                        "0 saves only at the end.", lower_bound=0)
-KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.", lower_bound=1)
-ALLOW_RESTART = flags.DEFINE_bool("allow_restart", False, "When every checkpoint in --workdir is unreadable, set "
-                                   "them aside (renamed, with the earlier metrics) and train again from step 0; "
-                                   "without it that is an error and nothing is touched.")
-KEEP_BEST_METRIC = flags.DEFINE_string("keep_best_metric", None, "Also keep the checkpoint with the best value "
-                                       "of this eval metric (eval_loss: lowest; eval_accuracy: highest).")
+EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", 500, "Evaluate every N steps (and at the end).", lower_bound=1
+)
+EVAL_BATCHES = flags.DEFINE_integer(
+    "eval_batches",
+    0,
+    "Batches per evaluation (a fixed random sample); " "0 evaluates the whole split.",
+    lower_bound=0,
+)
+CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every",
+    500,
+    "Checkpoint every N steps (and at the end); " "0 saves only at the end.",
+    lower_bound=0,
+)
+KEEP_CHECKPOINTS = flags.DEFINE_integer(
+    "keep_checkpoints", 3, "Newest checkpoints to keep.", lower_bound=1
+)
+ALLOW_RESTART = flags.DEFINE_bool(
+    "allow_restart",
+    False,
+    "When every checkpoint in --workdir is unreadable, set "
+    "them aside (renamed, with the earlier metrics) and train again from step 0; "
+    "without it that is an error and nothing is touched.",
+)
+KEEP_BEST_METRIC = flags.DEFINE_string(
+    "keep_best_metric",
+    None,
+    "Also keep the checkpoint with the best value "
+    "of this eval metric (eval_loss: lowest; eval_accuracy: highest).",
+)
 
 
 def train_config() -> train.TrainConfig:
   return train.TrainConfig(
-      workdir=WORKDIR.value, num_steps=NUM_STEPS.value, batch_size=BATCH_SIZE.value, seed=SEED.value,
-      log_every=LOG_EVERY.value, eval_every=EVAL_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
-      keep_checkpoints=KEEP_CHECKPOINTS.value, init_from=INIT_FROM.value, keep_best_metric=KEEP_BEST_METRIC.value,
-      grad_accum=GRAD_ACCUM.value, xla_options=xla_options(), allow_restart=ALLOW_RESTART.value,
-      eval_with_ema=EVAL_WITH_EMA.value)
+      workdir=WORKDIR.value,
+      num_steps=NUM_STEPS.value,
+      batch_size=BATCH_SIZE.value,
+      seed=SEED.value,
+      log_every=LOG_EVERY.value,
+      eval_every=EVAL_EVERY.value,
+      checkpoint_every=CHECKPOINT_EVERY.value,
+      keep_checkpoints=KEEP_CHECKPOINTS.value,
+      init_from=INIT_FROM.value,
+      keep_best_metric=KEEP_BEST_METRIC.value,
+      grad_accum=GRAD_ACCUM.value,
+      xla_options=xla_options(),
+      allow_restart=ALLOW_RESTART.value,
+      eval_with_ema=EVAL_WITH_EMA.value,
+  )
 
 
 def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
@@ -184,22 +337,39 @@ def _option_value(text: str):
 
 def optim_config() -> optim.OptimConfig:
   return optim.OptimConfig(
-      optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value, schedule=SCHEDULE.value,
-      warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value,
-      momentum=MOMENTUM.value, nesterov=NESTEROV.value, b2=ADAM_B2.value, freeze=tuple(FREEZE.value),
-      lr_multipliers=_pattern_factors(LR_MULTIPLIER), wd_multipliers=_pattern_factors(WD_MULTIPLIER),
-      ema_decay=EMA_DECAY.value, trainable=(lora_lib.ADAPTER_PATTERN,) if LORA_RANK.value else ())
+      optimizer=OPTIMIZER.value,
+      learning_rate=LEARNING_RATE.value,
+      schedule=SCHEDULE.value,
+      warmup_steps=WARMUP_STEPS.value,
+      weight_decay=WEIGHT_DECAY.value,
+      grad_clip=GRAD_CLIP.value,
+      momentum=MOMENTUM.value,
+      nesterov=NESTEROV.value,
+      b2=ADAM_B2.value,
+      freeze=tuple(FREEZE.value),
+      lr_multipliers=_pattern_factors(LR_MULTIPLIER),
+      wd_multipliers=_pattern_factors(WD_MULTIPLIER),
+      ema_decay=EMA_DECAY.value,
+      trainable=(lora_lib.ADAPTER_PATTERN,) if LORA_RANK.value else (),
+  )
 
 
 def lora_config() -> lora_lib.LoraConfig | None:
   """The --lora_* flags' adapters; None without --lora_rank."""
   if not LORA_RANK.value:
-    for holder in (LORA_ALPHA, LORA_DROPOUT):  # a saved flags.txt repeats the defaults: only values count
+    for holder in (
+        LORA_ALPHA,
+        LORA_DROPOUT,
+    ):  # a saved flags.txt repeats the defaults: only values count
       if holder.value != holder.default:
         raise UserError(f"--{holder.name} needs --lora_rank > 0 (the adapters' rank)")
     return None
-  return lora_lib.LoraConfig(rank=LORA_RANK.value, alpha=LORA_ALPHA.value, targets=LORA_TARGETS.value,
-                             dropout=LORA_DROPOUT.value)
+  return lora_lib.LoraConfig(
+      rank=LORA_RANK.value,
+      alpha=LORA_ALPHA.value,
+      targets=LORA_TARGETS.value,
+      dropout=LORA_DROPOUT.value,
+  )
 
 
 def _pattern_factors(holder: flags.FlagHolder) -> tuple[tuple[str, float], ...]:
@@ -212,7 +382,9 @@ def _pattern_factors(holder: flags.FlagHolder) -> tuple[tuple[str, float], ...]:
     except ValueError:
       sep = ""
     if not sep or not pattern:
-      raise UserError(f"--{holder.name}={value!r} must be REGEX=FACTOR, e.g. --{holder.name}='embed=0.1'")
+      raise UserError(
+          f"--{holder.name}={value!r} must be REGEX=FACTOR, e.g. --{holder.name}='embed=0.1'"
+      )
   return tuple(pairs)
 
 
@@ -249,7 +421,9 @@ def compute_dtype() -> str:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What every experiment builds the same way from the shared flags. `model` is the module that
-  trains, evaluates and samples: with --lora_rank, a lora.Lora around the architecture, base_model."""
+  trains, evaluates and samples: with --lora_rank, a lora.Lora around the architecture, base_model.
+  """
+
   model: Any
   mesh: jax.sharding.Mesh
   config: train.TrainConfig
@@ -271,46 +445,85 @@ class Experiment:
     newest checkpoint. Returns the last record."""
     task = _with_losses(task, self.losses)
     if MODE.value == "eval":
-      record = train.evaluate_checkpoint(model=self.model, task=task, tx=self.tx, eval_data=eval_data,
-                                         config=self.config, mesh=self.mesh)
+      record = train.evaluate_checkpoint(
+          model=self.model,
+          task=task,
+          tx=self.tx,
+          eval_data=eval_data,
+          config=self.config,
+          mesh=self.mesh,
+      )
       metrics.console(metrics.format_record(record, record["step"], task.unit))
       return record
     if MODE.value == "export":
       require(EXPORT_DIR)
       if EXPORT_EMA.value and not self.optim.ema_decay:
-        raise UserError(f"--export_ema needs --ema_decay: export with the run's own flags "
-                        f"(--flagfile={os.path.join(self.config.workdir, 'flags.txt')}), or drop --export_ema")
+        raise UserError(
+            f"--export_ema needs --ema_decay: export with the run's own flags "
+            f"(--flagfile={os.path.join(self.config.workdir, 'flags.txt')}), or drop --export_ema"
+        )
       hf_format = EXPORT_FORMAT.value == "hf"
       if hf_format:
-        hf.check_exportable(self.base_model)  # a model transformers has no counterpart for fails before loading
+        hf.check_exportable(
+            self.base_model
+        )  # a model transformers has no counterpart for fails before loading
       example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
       with train.mesh_context(self.mesh):
-        state, step, _ = train.load_checkpoint(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
-                                               config=self.config, mesh=self.mesh)
+        state, step, _ = train.load_checkpoint(
+            model=self.model,
+            task=task,
+            tx=self.tx,
+            example_batch=example_batch,
+            config=self.config,
+            mesh=self.mesh,
+        )
         if EXPORT_EMA.value:
           state = train.ema_state(state, "--export_ema")
         variables = {"params": _merged_adapters(self.model, state.params), **state.model_state}
         if hf_format:
           directory = models.save_hf(EXPORT_DIR.value, self.base_model, variables)
         else:
-          directory = checkpoint.export(EXPORT_DIR.value, variables, *model_identity(self.base_model))
+          directory = checkpoint.export(
+              EXPORT_DIR.value, variables, *model_identity(self.base_model)
+          )
       metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
       return {"step": step}
     if MODE.value != "train":
       raise UserError(f"--mode={MODE.value} is not available for this experiment")
     if COMPILE_ONLY.value or SHOW_SHARDING.value:
       example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
-      metrics.console(train.describe_shardings(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
-                                               mesh=self.mesh, seed=self.config.seed))
+      metrics.console(
+          train.describe_shardings(
+              model=self.model,
+              task=task,
+              tx=self.tx,
+              example_batch=example_batch,
+              mesh=self.mesh,
+              seed=self.config.seed,
+          )
+      )
     if COMPILE_ONLY.value:
-      report = train.compile_report(model=self.model, task=task, tx=self.tx, example_batch=example_batch,
-                                    config=self.config, mesh=self.mesh)
+      report = train.compile_report(
+          model=self.model,
+          task=task,
+          tx=self.tx,
+          example_batch=example_batch,
+          config=self.config,
+          mesh=self.mesh,
+      )
       metrics.console(train.format_compile_report(report, self.mesh))
       return report
-    return train.fit(model=self.model, task=task, tx=self.tx,
-                     learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
-                     train_data=train_data, eval_data=eval_data, config=self.config, mesh=self.mesh,
-                     on_start=lambda: save_flags(self.config.workdir))
+    return train.fit(
+        model=self.model,
+        task=task,
+        tx=self.tx,
+        learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
+        train_data=train_data,
+        eval_data=eval_data,
+        config=self.config,
+        mesh=self.mesh,
+        on_start=lambda: save_flags(self.config.workdir),
+    )
 
 
 def _merged_adapters(model, params):
@@ -326,7 +539,9 @@ def _with_losses(task, losses: tasks.Losses):
   if any(field.name == "losses" for field in dataclasses.fields(task)):
     return dataclasses.replace(task, losses=losses)
   if losses != tasks.Losses():
-    raise UserError(f"{type(task).__name__} takes no --label_smoothing or --z_loss (it has no `losses` field)")
+    raise UserError(
+        f"{type(task).__name__} takes no --label_smoothing or --z_loss (it has no `losses` field)"
+    )
   return task
 
 
@@ -348,16 +563,30 @@ def experiment() -> Experiment:
   if MODE.value == "train" and not COMPILE_ONLY.value:
     _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()
-  return Experiment(model=model, mesh=sharding.make_mesh(MESH.value),
-                    config=train_config(), optim=optim_config(), dataset=DATASET.value, data_dir=DATA_DIR.value,
-                    losses=loss_config())
+  return Experiment(
+      model=model,
+      mesh=sharding.make_mesh(MESH.value),
+      config=train_config(),
+      optim=optim_config(),
+      dataset=DATASET.value,
+      data_dir=DATA_DIR.value,
+      losses=loss_config(),
+  )
 
 
 # Config fields a run sets for itself when its architecture comes from a Hugging Face config.json:
 # how it computes, stores and initialises, not what it computes (a shorter context, a ResNet's image
 # size are choices too).
-_RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "dropout_rate", "max_len", "conv_impl",
-               "zero_init_residual")
+_RUN_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "scan_layers",
+    "dropout_rate",
+    "max_len",
+    "conv_impl",
+    "zero_init_residual",
+)
 
 
 def hf_init_dir() -> str | None:
@@ -400,13 +629,17 @@ def _check_same_architecture(preset, cfg, hf_dir: str) -> None:
   leave_out = "leave --model out to take the architecture from config.json"
   preset_cfg = getattr(preset, "config", None)
   if type(preset_cfg) is not type(cfg):
-    raise UserError(f"--model={MODEL.value} is a {type(preset).__name__} but --init_from={hf_dir} holds a "
-                    f"{type(hf.module_for(cfg)).__name__}; {leave_out}")
+    raise UserError(
+        f"--model={MODEL.value} is a {type(preset).__name__} but --init_from={hf_dir} holds a "
+        f"{type(hf.module_for(cfg)).__name__}; {leave_out}"
+    )
   for field in dataclasses.fields(cfg):
     ours, theirs = getattr(preset_cfg, field.name), getattr(cfg, field.name)
     if field.name not in _RUN_FIELDS and ours != theirs:
-      raise UserError(f"--model={MODEL.value} has {field.name}={ours!r} but {hf_dir}/{hf.CONFIG} gives "
-                      f"{theirs!r}; {leave_out}")
+      raise UserError(
+          f"--model={MODEL.value} has {field.name}={ours!r} but {hf_dir}/{hf.CONFIG} gives "
+          f"{theirs!r}; {leave_out}"
+      )
 
 
 def model_identity(model) -> tuple[str, dict]:
@@ -432,8 +665,11 @@ def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
   lines = []
   for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
     ours = module.split(".")[0] in ("bigjax", "experiments") or module == sys.argv[0]
-    lines += [flag.serialize() for flag in sorted(module_flags, key=lambda flag: flag.name)
-              if (ours or flag.present) and flag.value is not None]
+    lines += [
+        flag.serialize()
+        for flag in sorted(module_flags, key=lambda flag: flag.name)
+        if (ours or flag.present) and flag.value is not None
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -444,9 +680,11 @@ def require(*required: flags.FlagHolder) -> None:
 
 
 def log_devices() -> None:
-  metrics.console(f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
-                  f"{jax.local_device_count()} local / {jax.device_count()} global devices "
-                  f"({jax.devices()[0].device_kind})")
+  metrics.console(
+      f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
+      f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+      f"({jax.devices()[0].device_kind})"
+  )
 
 
 def _parse_flags_or_exit(argv):
@@ -467,25 +705,31 @@ def import_modules(names: list[str]) -> None:
     try:
       importlib.import_module(name)
     except ModuleNotFoundError as e:
-      raise UserError(f"--import_modules: cannot import {name!r} ({e}); run from the directory that holds it "
-                      f"or add that directory to PYTHONPATH") from None
+      raise UserError(
+          f"--import_modules: cannot import {name!r} ({e}); run from the directory that holds it "
+          f"or add that directory to PYTHONPATH"
+      ) from None
 
 
 def _without_orbax_errors(record) -> bool:
   """Orbax logs each failed save or restore with its traceback from every thread it touched, and
   raises it too: bigjax turns what it raises into one line (or re-raises what it cannot explain)."""
-  return not (record.levelno >= python_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+  return not (
+      record.levelno >= python_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+  )
 
 
 def _drop_orbax_coroutine_errors(default_hook):
   """An unraisable-exception hook that drops Orbax's read coroutines left failing after a restore
   failed: Orbax raised the first of their errors, which bigjax reports in one line, and Python
   would otherwise print each one's traceback as the process exits."""
+
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
       return
     default_hook(unraisable)
+
   return hook
 
 
@@ -511,4 +755,5 @@ def run(main) -> None:
     except UserError as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(1)
+
   app.run(guarded, flags_parser=_parse_flags_or_exit)

@@ -25,8 +25,10 @@ def check_seq_len(model, seq_len: int) -> None:
   grow = f"--model_override=max_len={seq_len}"
   if _learned_positions(model):
     grow += " (a new run only: the learned position table has max_len rows)"
-  raise UserError(f"--seq_len={seq_len} is longer than the model's max_len={max_len}; "
-                  f"use --seq_len={max_len} or less, or {grow}")
+  raise UserError(
+      f"--seq_len={seq_len} is longer than the model's max_len={max_len}; "
+      f"use --seq_len={max_len} or less, or {grow}"
+  )
 
 
 def check_sample_length(model, prompt_len: int, num_tokens: int) -> None:
@@ -37,12 +39,17 @@ def check_sample_length(model, prompt_len: int, num_tokens: int) -> None:
   if limit is None or total <= limit:
     return
   room = limit - prompt_len
-  fix = f"use --num_tokens={room} or less, or a shorter --prompt" if room >= 1 else \
-      f"shorten --prompt to at most {limit - 1} tokens"
+  fix = (
+      f"use --num_tokens={room} or less, or a shorter --prompt"
+      if room >= 1
+      else f"shorten --prompt to at most {limit - 1} tokens"
+  )
   if not _learned_positions(model):  # otherwise the checkpoint's position table fixes max_len
     fix += f", or --model_override=max_len={total}"
-  raise UserError(f"--num_tokens={num_tokens} after the {prompt_len}-token --prompt makes {total} tokens, "
-                  f"more than the model's max_len={limit}; {fix}")
+  raise UserError(
+      f"--num_tokens={num_tokens} after the {prompt_len}-token --prompt makes {total} tokens, "
+      f"more than the model's max_len={limit}; {fix}"
+  )
 
 
 def check_vocab(model, tokenizer) -> None:
@@ -50,5 +57,7 @@ def check_vocab(model, tokenizer) -> None:
   first step with a non-finite loss instead of naming the mismatch."""
   vocab = _model_field(model, "vocab_size")
   if vocab is not None and vocab < tokenizer.vocab_size:
-    raise UserError(f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} token ids but the model's "
-                    f"vocab_size={vocab}; use --model_override=vocab_size={tokenizer.vocab_size}")
+    raise UserError(
+        f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} token ids but the model's "
+        f"vocab_size={vocab}; use --model_override=vocab_size={tokenizer.vocab_size}"
+    )

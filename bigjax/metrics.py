@@ -43,8 +43,10 @@ def read_jsonl(path: str) -> list[dict]:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       if number < len(lines):
-        raise UserError(f"{path}: line {number} is not JSON ({line.strip()[:60]!r}); only a last line cut short "
-                        "by a crash is repaired: fix or remove that line") from None
+        raise UserError(
+            f"{path}: line {number} is not JSON ({line.strip()[:60]!r}); only a last line cut short "
+            "by a crash is repaired: fix or remove that line"
+        ) from None
   return records
 
 
@@ -69,10 +71,18 @@ class TensorBoard:
     self._writer = EventFileWriter(directory)
 
   def write(self, record: dict) -> None:
-    values = [summary_pb2.Summary.Value(tag=key, simple_value=float(value)) for key, value in record.items()
-              if key != "step" and isinstance(value, (int, float))]
-    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(record["step"]),
-                                           summary=summary_pb2.Summary(value=values)))
+    values = [
+        summary_pb2.Summary.Value(tag=key, simple_value=float(value))
+        for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float))
+    ]
+    self._writer.add_event(
+        event_pb2.Event(
+            wall_time=time.time(),
+            step=int(record["step"]),
+            summary=summary_pb2.Summary(value=values),
+        )
+    )
     self._writer.flush()
 
   def close(self) -> None:
@@ -87,7 +97,9 @@ class MetricsLog:
   before its next checkpoint) are dropped, so each step appears exactly once.
   """
 
-  def __init__(self, workdir: str, *, unit: str, num_steps: int, resumed_step: int = 0, stream=None):
+  def __init__(
+      self, workdir: str, *, unit: str, num_steps: int, resumed_step: int = 0, stream=None
+  ):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.unit, self.num_steps = unit, num_steps
     self.stream = stream or sys.stdout
@@ -116,8 +128,10 @@ class MetricsLog:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
     except OSError as e:
-      raise UserError(f"cannot append to {self.path} ({e.strerror or e}); free space or fix the directory, then "
-                      "rerun to resume from the last checkpoint") from None
+      raise UserError(
+          f"cannot append to {self.path} ({e.strerror or e}); free space or fix the directory, then "
+          "rerun to resume from the last checkpoint"
+      ) from None
     self.tensorboard.write(record)
     self.progress.clear()
     self.stream.write(format_record(record, self.num_steps, self.unit) + "\n")
@@ -144,7 +158,12 @@ def format_record(record: dict, num_steps: int, unit: str) -> str:
       parts.append(f"{value:,.0f} {unit}/s")
     elif key == "steps_per_sec":
       parts.append(f"{value:.2f} steps/s")
-    elif isinstance(value, float) and (abs(value) < 1e-3 or abs(value) >= 1e4) and value != 0 and math.isfinite(value):
+    elif (
+        isinstance(value, float)
+        and (abs(value) < 1e-3 or abs(value) >= 1e4)
+        and value != 0
+        and math.isfinite(value)
+    ):
       parts.append(f"{key} {value:.3e}")
     elif isinstance(value, float):
       parts.append(f"{key} {value:.4f}")
@@ -172,14 +191,18 @@ class Progress:
       dt = (now - self._last[0]) / (step - self._last[1])
       rate, unit_rate = 1.0 / max(dt, 1e-9), units / max(dt, 1e-9)
       smooth = lambda old, new: new if old is None else 0.9 * old + 0.1 * new
-      self._steps_per_sec, self._units_per_sec = smooth(self._steps_per_sec, rate), smooth(self._units_per_sec, unit_rate)
+      self._steps_per_sec, self._units_per_sec = smooth(self._steps_per_sec, rate), smooth(
+          self._units_per_sec, unit_rate
+      )
     self._last = (now, step)
     if not self.live or self._steps_per_sec is None:
       return
     eta = (self.num_steps - step) / self._steps_per_sec
     done = int(20 * step / self.num_steps)
-    line = (f"[{'=' * done}{'.' * (20 - done)}] {step}/{self.num_steps} | loss {loss:.4f} | "
-            f"{self._steps_per_sec:.2f} steps/s | {self._units_per_sec:,.0f} {self.unit}/s | ETA {format_seconds(eta)}")
+    line = (
+        f"[{'=' * done}{'.' * (20 - done)}] {step}/{self.num_steps} | loss {loss:.4f} | "
+        f"{self._steps_per_sec:.2f} steps/s | {self._units_per_sec:,.0f} {self.unit}/s | ETA {format_seconds(eta)}"
+    )
     self.stream.write("\r" + line + "\x1b[K")
     self.stream.flush()
     self._shown = True

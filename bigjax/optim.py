@@ -61,9 +61,17 @@ class OptimConfig:
     for name in ("freeze", "trainable", "lr_multipliers", "wd_multipliers"):
       entries = getattr(self, name)
       shape_ok = isinstance(entries, (tuple, list)) and all(
-          isinstance(e, str) if name in ("freeze", "trainable") else isinstance(e, (tuple, list)) and len(e) == 2 for e in entries)
+          isinstance(e, str)
+          if name in ("freeze", "trainable")
+          else isinstance(e, (tuple, list)) and len(e) == 2
+          for e in entries
+      )
       if not shape_ok:
-        what = "regular expressions" if name in ("freeze", "trainable") else "(regular expression, factor) pairs"
+        what = (
+            "regular expressions"
+            if name in ("freeze", "trainable")
+            else "(regular expression, factor) pairs"
+        )
         checks.fail(self, f"{name}={entries!r} must be a tuple of {what}")
       for entry in entries:
         pattern, factor = (entry, None) if name in ("freeze", "trainable") else entry
@@ -72,10 +80,15 @@ class OptimConfig:
         except (re.error, TypeError) as e:
           checks.fail(self, f"{name}: {pattern!r} is not a regular expression ({e})")
         # A learning rate of zero would still keep optimizer state: --freeze is the way not to train.
-        low, bound = (0, "> 0 (to stop training parameters, --freeze them)") if name == "lr_multipliers" else \
-            (-1, ">= 0")
+        low, bound = (
+            (0, "> 0 (to stop training parameters, --freeze them)")
+            if name == "lr_multipliers"
+            else (-1, ">= 0")
+        )
         if factor is not None and not (checks.is_number(factor) and factor > low and factor >= 0):
-          checks.fail(self, f"{name}: the factor of {pattern!r} must be a number {bound}, got {factor!r}")
+          checks.fail(
+              self, f"{name}: the factor of {pattern!r} must be a number {bound}, got {factor!r}"
+          )
 
   @property
   def groups_parameters(self) -> bool:
@@ -91,16 +104,23 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
   if cfg.schedule == "constant":
     return optax.constant_schedule(peak)
   if cfg.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(start, peak, warmup, max(num_steps, warmup + 1), end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(
+        start, peak, warmup, max(num_steps, warmup + 1), end_value=0.0
+    )
   if cfg.schedule == "warmup_linear":
     return optax.join_schedules(
-        [optax.linear_schedule(start, peak, warmup),
-         optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1))], [warmup])
+        [
+            optax.linear_schedule(start, peak, warmup),
+            optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1)),
+        ],
+        [warmup],
+    )
   if cfg.schedule == "inverse_sqrt":
     # Linear warmup, then peak * sqrt(warmup / step) (Vaswani et al. 2017, normalised at the peak).
     warm = max(warmup, 1)
     return lambda step: peak * jax.numpy.minimum(
-        (step + 1) / warm, jax.numpy.sqrt(warm / jax.numpy.maximum(step + 1, 1)))
+        (step + 1) / warm, jax.numpy.sqrt(warm / jax.numpy.maximum(step + 1, 1))
+    )
   raise UserError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
@@ -123,19 +143,28 @@ def parameter_groups(cfg: OptimConfig, params) -> dict:
   paths = [sharding.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   lr_patterns = [pattern for pattern, _ in cfg.lr_multipliers]
   wd_patterns = [pattern for pattern, _ in cfg.wd_multipliers]
-  for flag, patterns in (("--freeze", cfg.freeze), ("--lr_multiplier", lr_patterns),
-                         ("--wd_multiplier", wd_patterns), ("trainable", cfg.trainable)):
+  for flag, patterns in (
+      ("--freeze", cfg.freeze),
+      ("--lr_multiplier", lr_patterns),
+      ("--wd_multiplier", wd_patterns),
+      ("trainable", cfg.trainable),
+  ):
     for pattern in patterns:
       if not any(re.search(pattern, path) for path in paths):
-        raise UserError(f"{flag} pattern {pattern!r} matches no parameter; paths look like "
-                        f"{', '.join(paths[:2] + paths[-2:])}")
+        raise UserError(
+            f"{flag} pattern {pattern!r} matches no parameter; paths look like "
+            f"{', '.join(paths[:2] + paths[-2:])}"
+        )
 
   def group(path, _):
     name = sharding.path_name(path)
-    if _first_match(cfg.freeze, name) is not None or (cfg.trainable and _first_match(cfg.trainable, name) is None):
+    if _first_match(cfg.freeze, name) is not None or (
+        cfg.trainable and _first_match(cfg.trainable, name) is None
+    ):
       return FROZEN
     lr, wd = _first_match(lr_patterns, name), _first_match(wd_patterns, name)
     return f"lr{'-' if lr is None else lr}_wd{'-' if wd is None else wd}"
+
   return jax.tree_util.tree_map_with_path(group, params)
 
 
@@ -150,9 +179,12 @@ class Optimizer(NamedTuple):
   """An optax GradientTransformation (init, update) that also says which parameters it trains, so
   that the train step differentiates those only: the gradients of frozen parameters (with LoRA,
   nearly all of them) are never computed, nor held in memory."""
+
   init: Callable
   update: Callable
-  trained: Callable | None = None  # params -> a tree like them of bools; None: every parameter trains
+  trained: Callable | None = (
+      None  # params -> a tree like them of bools; None: every parameter trains
+  )
 
 
 def trained_mask(tx, params):
@@ -182,6 +214,7 @@ def make_optimizer(cfg: OptimConfig, num_steps: int) -> Optimizer:
 class ParamsEma(NamedTuple):
   """The optimizer state of params_ema: steps taken, and the average (shaped, sharded and
   checkpointed like the parameters, as every optimizer state that mirrors them)."""
+
   count: jax.Array
   ema: Any
 
@@ -191,6 +224,7 @@ def params_ema(decay: float) -> optax.GradientTransformation:
   The average starts from the parameters of the first update (not those of init), so a run whose
   parameters are replaced after init (--init_from) averages the loaded ones: after N steps from
   p_0 it is decay^N p_0 + (1 - decay) sum_k decay^(N-k) p_k."""
+
   def init(params):
     return ParamsEma(jnp.zeros([], jnp.int32), jax.tree.map(jnp.array, params))
 
@@ -198,8 +232,12 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("params_ema needs the parameters in update()")
     first = state.count == 0
-    ema = jax.tree.map(lambda e, p, u: decay * jnp.where(first, p, e) + (1 - decay) * (p + u).astype(e.dtype),
-                       state.ema, params, updates)
+    ema = jax.tree.map(
+        lambda e, p, u: decay * jnp.where(first, p, e) + (1 - decay) * (p + u).astype(e.dtype),
+        state.ema,
+        params,
+        updates,
+    )
     return updates, ParamsEma(state.count + 1, ema)
 
   return optax.GradientTransformation(init, update)
@@ -208,22 +246,35 @@ def params_ema(decay: float) -> optax.GradientTransformation:
 def ema_params(opt_state, params):
   """The parameter average in an optimizer state from make_optimizer with ema_decay > 0 (frozen
   parameters, which it does not hold, as `params` has them), else None."""
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEma))
-           if isinstance(x, ParamsEma)]
+  found = [
+      x
+      for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEma))
+      if isinstance(x, ParamsEma)
+  ]
   if not found:
     return None
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  return jax.tree.map(lambda e, p: p if is_masked(e) else e, found[0].ema, params, is_leaf=is_masked)
+  return jax.tree.map(
+      lambda e, p: p if is_masked(e) else e, found[0].ema, params, is_leaf=is_masked
+  )
 
 
 def _grouped(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-  inner = {name: _optimizer(dataclasses.replace(cfg, learning_rate=cfg.learning_rate * lr,
-                                                weight_decay=cfg.weight_decay * wd), num_steps)
-           for name, (lr, wd) in _group_names(cfg).items()}
+  inner = {
+      name: _optimizer(
+          dataclasses.replace(
+              cfg, learning_rate=cfg.learning_rate * lr, weight_decay=cfg.weight_decay * wd
+          ),
+          num_steps,
+      )
+      for name, (lr, wd) in _group_names(cfg).items()
+  }
   groups = lambda params: parameter_groups(cfg, params)
   frozen = lambda params: _frozen_mask(cfg, params)
-  return optax.chain(optax.masked(optax.set_to_zero(), frozen),
-                     _clipped(cfg, optax.multi_transform({**inner, FROZEN: optax.set_to_zero()}, groups)))
+  return optax.chain(
+      optax.masked(optax.set_to_zero(), frozen),
+      _clipped(cfg, optax.multi_transform({**inner, FROZEN: optax.set_to_zero()}, groups)),
+  )
 
 
 def _frozen_mask(cfg: OptimConfig, params):
@@ -240,14 +291,20 @@ def _optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation
   """The chosen optimizer with its weight decay, driven by the schedule."""
   lr = make_schedule(cfg, num_steps)
   if cfg.optimizer == "adamw":
-    opt = optax.adamw(lr, b1=cfg.momentum, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                      mask=_decay_mask)
+    opt = optax.adamw(
+        lr, b1=cfg.momentum, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
+    )
   elif cfg.optimizer == "sgd":
-    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask) if cfg.weight_decay else
-                      optax.identity(),
-                      optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    opt = optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, _decay_mask)
+        if cfg.weight_decay
+        else optax.identity(),
+        optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+    )
   elif cfg.optimizer == "adafactor":
-    opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask)
+    opt = optax.adafactor(
+        lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask
+    )
   elif cfg.optimizer == "lion":
     opt = optax.lion(lr, b1=cfg.momentum, weight_decay=cfg.weight_decay, mask=_decay_mask)
   else:

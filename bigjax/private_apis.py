@@ -12,6 +12,7 @@ def jax_backends_started() -> bool:
   """Whether JAX has started a backend (then the threads of XLA's CPU client have their malloc
   arenas already, and bigjax.host_memory's settings would not reach them)."""
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   return xla_bridge.backends_are_initialized()
 
 
@@ -21,6 +22,7 @@ def jax_cluster_detected() -> bool:
   private to JAX; should it move, this says no and a launch needs explicit flags."""
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
+
     environments = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
   except (ImportError, AttributeError):
     return False
@@ -29,7 +31,8 @@ def jax_cluster_detected() -> bool:
 
 def silence_tfds_download_log(builder) -> None:
   """Drops the two lines a TFDS builder logs around download_and_prepare ("Downloading and
-  preparing ..."), wrong for bigjax's local builders, which download nothing: on this builder only."""
+  preparing ..."), wrong for bigjax's local builders, which download nothing: on this builder only.
+  """
   builder._log_download_bytes = builder._log_download_done = lambda: None  # noqa: SLF001
 
 

@@ -40,7 +40,9 @@ def filter_logits(logits_BV, cfg: SamplingConfig):
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # A token stays if the tokens more likely than it hold less than top_p (the first always stays).
     before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    threshold_B1 = jnp.min(jnp.where(before_BV < cfg.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    threshold_B1 = jnp.min(
+        jnp.where(before_BV < cfg.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True
+    )
     logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
   return logits_BV
 
@@ -48,13 +50,16 @@ def filter_logits(logits_BV, cfg: SamplingConfig):
 def choose_tokens(logits_BV, rng, cfg: SamplingConfig):
   if cfg.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(logits_BV, cfg) / cfg.temperature).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BV, cfg) / cfg.temperature).astype(
+      jnp.int32
+  )
 
 
 def _decoder(model: nn.Module):
   """(start(params, prompt) -> (logits, carry), step(params, carry, tokens, position) -> (logits, carry))."""
   architecture = lora.base_of(model)  # a Lora samples as its base does, through its own apply
   if isinstance(architecture, transformer.TransformerLM):
+
     def start(params, prompt_BP):
       # Only the cache's shapes are needed: an empty cache is all zeros.
       init = functools.partial(model.init, decode=True)  # decode stays a Python bool, not a tracer
@@ -64,19 +69,29 @@ def _decoder(model: nn.Module):
 
     def step(params, cache, tokens_BT, start_position):
       positions_BT = start_position + jnp.arange(tokens_BT.shape[1])[None, :]
-      logits, variables = model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT=positions_BT,
-                                      decode=True, mutable=["cache"])
+      logits, variables = model.apply(
+          {"params": params, "cache": cache},
+          tokens_BT,
+          positions_BT=positions_BT,
+          decode=True,
+          mutable=["cache"],
+      )
       return logits[:, -1], variables["cache"]
+
     return start, step
   if isinstance(architecture, recurrent.RNNLM):
+
     def start(params, prompt_BP):
       logits, state = model.apply({"params": params}, prompt_BP, return_state=True)
       return logits[:, -1], state
 
     def step(params, state, tokens_BT, start_position):
       del start_position  # the state carries it
-      logits, state = model.apply({"params": params}, tokens_BT, initial_state=state, return_state=True)
+      logits, state = model.apply(
+          {"params": params}, tokens_BT, initial_state=state, return_state=True
+      )
       return logits[:, -1], state
+
     return start, step
   raise UserError(f"cannot sample from {type(architecture).__name__}: use a TransformerLM or RNNLM")
 
@@ -88,12 +103,22 @@ def length_limit(model: nn.Module) -> int | None:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "cfg"))
-def generate(model: nn.Module, params, prompt_BP, rng, *, num_tokens: int, cfg: SamplingConfig = SamplingConfig()):
+def generate(
+    model: nn.Module,
+    params,
+    prompt_BP,
+    rng,
+    *,
+    num_tokens: int,
+    cfg: SamplingConfig = SamplingConfig(),
+):
   """The prompt [B, P] followed by `num_tokens` sampled tokens: [B, P + num_tokens]."""
   prompt_len = prompt_BP.shape[1]
   max_len = length_limit(model)
   if max_len is not None and prompt_len + num_tokens > max_len:
-    raise UserError(f"prompt ({prompt_len}) + new tokens ({num_tokens}) exceed the model's max_len={max_len}")
+    raise UserError(
+        f"prompt ({prompt_len}) + new tokens ({num_tokens}) exceed the model's max_len={max_len}"
+    )
   start, step = _decoder(model)
   logits_BV, carry = start(params, prompt_BP)
 
@@ -108,12 +133,22 @@ def generate(model: nn.Module, params, prompt_BP, rng, *, num_tokens: int, cfg: 
   return jnp.concatenate([prompt_BP, new_NB.T], axis=1)
 
 
-def generate_text(model: nn.Module, params, prompt: str, *, num_tokens: int, cfg: SamplingConfig = SamplingConfig(),
-                  num_samples: int = 1, seed: int = 0) -> list[str]:
+def generate_text(
+    model: nn.Module,
+    params,
+    prompt: str,
+    *,
+    num_tokens: int,
+    cfg: SamplingConfig = SamplingConfig(),
+    num_samples: int = 1,
+    seed: int = 0,
+) -> list[str]:
   """Byte-level convenience: continues `prompt` `num_samples` times and decodes the bytes as UTF-8."""
   prompt_tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)
   if not len(prompt_tokens):
     raise UserError("the prompt is empty; give at least one character to continue")
   prompts = jnp.tile(jnp.asarray(prompt_tokens)[None], (num_samples, 1))
-  tokens = generate(model, params, prompts, jax.random.PRNGKey(seed), num_tokens=num_tokens, cfg=cfg)
+  tokens = generate(
+      model, params, prompts, jax.random.PRNGKey(seed), num_tokens=num_tokens, cfg=cfg
+  )
   return [bytes(np.asarray(row, np.uint8)).decode("utf-8", errors="replace") for row in tokens]

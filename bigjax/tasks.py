@@ -27,6 +27,7 @@ class Losses:
     z_loss: weight of log(Z)^2, Z the softmax normaliser, added per target (PaLM; MaxText's
       z_loss_multiplier): it keeps the logits from drifting, 1e-4 in PaLM.
   """
+
   label_smoothing: float = 0.0
   z_loss: float = 0.0
 
@@ -36,7 +37,7 @@ class Losses:
 
 
 def _cross_entropy_sums(logits_NV, labels_N, weights_N, losses: Losses) -> dict:
-  """"loss" and "objective" summed over N predictions with their weights, and the log(Z)^2 sum when
+  """ "loss" and "objective" summed over N predictions with their weights, and the log(Z)^2 sum when
   the z-loss is on (reported as its mean)."""
   logits_NV = logits_NV.astype(jnp.float32)
   plain_N = optax.softmax_cross_entropy_with_integer_labels(logits_NV, labels_N)
@@ -71,6 +72,7 @@ class LanguageModelling:
     token_bytes: bytes of text each token id stands for (a tokenizer's `token_bytes`); when set,
       bits per byte divide by the bytes the evaluated targets actually hold, exact for any tokenizer.
   """
+
   bytes_per_token: float | None = 1.0
   token_bytes: tuple[int, ...] | None = None
   unit: str = "tokens"
@@ -88,11 +90,17 @@ class LanguageModelling:
     weights_BT = weights_B[:, None] * loss_mask_BT
     packed = {}
     if "segment_ids" in batch:  # packed documents: attention stays inside each one
-      packed = {"segment_ids_BT": batch["segment_ids"][:, :-1], "positions_BT": batch["positions"][:, :-1]}
+      packed = {
+          "segment_ids_BT": batch["segment_ids"][:, :-1],
+          "positions_BT": batch["positions"][:, :-1],
+      }
     logits_BTV = model.apply(variables, inputs_BT, train=train, rngs=rngs, **packed)
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    sums = {**_cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.losses),
-            "correct": jnp.sum(correct_BT * weights_BT), "count": jnp.sum(weights_BT)}
+    sums = {
+        **_cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.losses),
+        "correct": jnp.sum(correct_BT * weights_BT),
+        "count": jnp.sum(weights_BT),
+    }
     if self.token_bytes is not None:
       sums["bytes"] = jnp.sum(jnp.asarray(self.token_bytes, jnp.float32)[targets_BT] * weights_BT)
     if "loss_mask" in batch:
@@ -103,7 +111,8 @@ class LanguageModelling:
 
   def metrics(self, sums) -> dict[str, float]:
     """Means from summed values: loss and accuracy per target token, bits per byte for byte-level
-    data, and the fraction of examples whose targets are all right when the batch has a loss mask."""
+    data, and the fraction of examples whose targets are all right when the batch has a loss mask.
+    """
     count = max(float(sums["count"]), 1.0)
     out = {**_loss_metrics(sums, count), "accuracy": float(sums["correct"]) / count}
     loss = out["loss"]
@@ -123,6 +132,7 @@ class Classification:
   Models with batch normalisation update their `batch_stats` in training and use the running
   averages in evaluation.
   """
+
   unit: str = "images"
   losses: Losses = Losses()
 
@@ -136,8 +146,11 @@ class Classification:
     labels_B = batch["label"]
     weights_B = batch.get("weights", jnp.ones(labels_B.shape, jnp.float32)).astype(jnp.float32)
     correct_B = (jnp.argmax(logits_BC, axis=-1) == labels_B).astype(jnp.float32)
-    sums = {**_cross_entropy_sums(logits_BC, labels_B, weights_B, self.losses),
-            "correct": jnp.sum(correct_B * weights_B), "count": jnp.sum(weights_B)}
+    sums = {
+        **_cross_entropy_sums(logits_BC, labels_B, weights_B, self.losses),
+        "correct": jnp.sum(correct_B * weights_B),
+        "count": jnp.sum(weights_B),
+    }
     return sums, dict(new_model_state)
 
   def metrics(self, sums) -> dict[str, float]:

@@ -49,7 +49,9 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
-  init_from: str | None = None  # export dir, workdir or Hugging Face directory whose parameters start a fresh run
+  init_from: str | None = (
+      None  # export dir, workdir or Hugging Face directory whose parameters start a fresh run
+  )
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
   grad_accum: int = 1  # micro-batches per optimizer step
   # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
@@ -74,8 +76,10 @@ def enable_compilation_cache(directory: str, min_compile_secs: float | None = No
   except OSError as e:
     # stderr, not metrics.console: asking JAX for the process index would start its backend
     # before jax.distributed.initialize.
-    sys.stderr.write(f"warning: compilation cache off: cannot create {directory} ({e.strerror}); "
-                     "pass --compilation_cache_dir=DIR to choose another\n")
+    sys.stderr.write(
+        f"warning: compilation cache off: cannot create {directory} ({e.strerror}); "
+        "pass --compilation_cache_dir=DIR to choose another\n"
+    )
     return False
   if min_compile_secs is None:
     min_compile_secs = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0))
@@ -100,8 +104,13 @@ def create_state(rng, *, model, tx, task, example_batch) -> TrainState:
   """A fresh state: initialised parameters, optimizer state at zero, step 0."""
   init_rng, state_rng = jax.random.split(rng)
   params, model_state = _split_variables(nn.unbox(task.init(model, init_rng, example_batch)))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    model_state=model_state, rng=state_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      model_state=model_state,
+      rng=state_rng,
+  )
 
 
 def state_shardings(*, model, tx, task, example_batch, mesh, rng):
@@ -114,12 +123,20 @@ def state_shardings(*, model, tx, task, example_batch, mesh, rng):
   model_state_shardings = sharding.logical_shardings(boxed_model_state, mesh)
   sharding.check_divisible(boxed_params, param_shardings)
   abstract_state = jax.eval_shape(
-      functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch), rng)
+      functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
+      rng,
+  )
   replicated = sharding.replicated(mesh)
-  opt_shardings = _optimizer_state_shardings(abstract_state.opt_state, abstract_state.params, param_shardings,
-                                            replicated)
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                    model_state=model_state_shardings, rng=replicated)
+  opt_shardings = _optimizer_state_shardings(
+      abstract_state.opt_state, abstract_state.params, param_shardings, replicated
+  )
+  return TrainState(
+      step=replicated,
+      params=param_shardings,
+      opt_state=opt_shardings,
+      model_state=model_state_shardings,
+      rng=replicated,
+  )
 
 
 def _optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
@@ -127,9 +144,14 @@ def _optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardi
   it has the parameter's shape: Adam's moments, a parameter average, also inside the masked trees
   of parameter groups) takes that parameter's sharding; everything else (step counts, Adafactor's
   factored statistics) is replicated. optax.tree_map_params cannot see through masked groups."""
-  params = {tuple(path): (leaf.shape, placement) for (path, leaf), placement in zip(
-      jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree_util.tree_leaves(param_shardings),
-      strict=True)}
+  params = {
+      tuple(path): (leaf.shape, placement)
+      for (path, leaf), placement in zip(
+          jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+          jax.tree_util.tree_leaves(param_shardings),
+          strict=True,
+      )
+  }
   depth = {len(path) for path in params}
 
   def placement(path, leaf):
@@ -138,6 +160,7 @@ def _optimizer_state_shardings(abstract_opt_state, abstract_params, param_shardi
       if shape_and_placement is not None and shape_and_placement[0] == leaf.shape:
         return shape_and_placement[1]
     return replicated
+
   return jax.tree_util.tree_map_with_path(placement, abstract_opt_state)
 
 
@@ -145,9 +168,14 @@ def _grads_and_sums(params, model_state, batch, rngs, *, model, task, trained):
   """Gradients of the summed loss (not the mean: micro-batches add up) with respect to the trained
   parameters (None in place of each frozen one: never computed), the summed metrics and the updated
   model state of one (micro-)batch."""
+
   def summed_loss(trainable):
-    merged = jax.tree.map(lambda p, t, m: t if m else jax.lax.stop_gradient(p), params, trainable, trained)
-    sums, new_model_state = task.loss_sums(model, {"params": merged, **model_state}, batch, rngs=rngs, train=True)
+    merged = jax.tree.map(
+        lambda p, t, m: t if m else jax.lax.stop_gradient(p), params, trainable, trained
+    )
+    sums, new_model_state = task.loss_sums(
+        model, {"params": merged, **model_state}, batch, rngs=rngs, train=True
+    )
     return sums["objective"], (sums, new_model_state)
 
   trainable = jax.tree.map(lambda p, m: p if m else None, params, trained)
@@ -158,9 +186,13 @@ def _grads_and_sums(params, model_state, batch, rngs, *, model, task, trained):
 def _micro_batches(batch, num_micro: int):
   """[B, ...] -> [num_micro, B / num_micro, ...] where micro-batch k takes rows k, k + num_micro, ...:
   every device keeps contributing its own rows to every micro-batch, so nothing moves."""
+
   def split(x):
     x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
+    )
+
   return jax.tree.map(split, batch)
 
 
@@ -172,29 +204,46 @@ def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1
   trained = optim.trained_mask(tx, state.params)
   grads_fn = functools.partial(_grads_and_sums, model=model, task=task, trained=trained)
   if grad_accum == 1:
-    grads, sums, model_state = grads_fn(state.params, state.model_state, batch, {"dropout": step_rng})
+    grads, sums, model_state = grads_fn(
+        state.params, state.model_state, batch, {"dropout": step_rng}
+    )
   else:
+
     def accumulate(carry, micro):
       grads, sums, model_state = carry
       index, micro_batch = micro
-      g, s, model_state = grads_fn(state.params, model_state, micro_batch,
-                                   {"dropout": jax.random.fold_in(step_rng, index)})
+      g, s, model_state = grads_fn(
+          state.params, model_state, micro_batch, {"dropout": jax.random.fold_in(step_rng, index)}
+      )
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state), None
 
     micro_batches = _micro_batches(batch, grad_accum)
     zeros = jax.tree.map(lambda p, m: jnp.zeros_like(p) if m else None, state.params, trained)
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: grads_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro_batches),
-                         {"dropout": step_rng})[1]))
+    zero_sums = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(
+            lambda: grads_fn(
+                state.params,
+                state.model_state,
+                jax.tree.map(lambda x: x[0], micro_batches),
+                {"dropout": step_rng},
+            )[1]
+        ),
+    )
     (grads, sums, model_state), _ = jax.lax.scan(
-        accumulate, (zeros, zero_sums, state.model_state), (jnp.arange(grad_accum), micro_batches))
+        accumulate, (zeros, zero_sums, state.model_state), (jnp.arange(grad_accum), micro_batches)
+    )
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0).astype(g.dtype), grads)
   grad_norm = optax.tree.norm(grads)  # of the trained parameters
   # The optimizer takes a gradient for every parameter; a frozen one's zeros fold away in XLA.
   grads = jax.tree.map(lambda p, g, m: g if m else jnp.zeros_like(p), state.params, grads, trained)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, model_state=model_state)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
+      model_state=model_state,
+  )
   return new_state, {"sums": sums, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates)}
 
 
@@ -214,7 +263,10 @@ def evaluate(eval_fn, state, batches: Iterable, mesh, task) -> dict[str, float]:
     # launch once 32 programs are queued on a device, and with collectives in those programs the
     # processes ended up waiting on each other (reproduced with the README's two-process example).
     total = sums if total is None else jax.tree.map(jnp.add, jax.block_until_ready(total), sums)
-  return {f"eval_{k}": v for k, v in task.metrics(metrics_lib.add_sums(None, jax.device_get(total))).items()}
+  return {
+      f"eval_{k}": v
+      for k, v in task.metrics(metrics_lib.add_sums(None, jax.device_get(total))).items()
+  }
 
 
 def count_params(params) -> int:
@@ -224,11 +276,14 @@ def count_params(params) -> int:
 @dataclasses.dataclass(frozen=True)
 class Compiled:
   """The jitted functions of one (model, optimizer, task, mesh): each runs under `mesh_context`."""
+
   shardings: TrainState
   init: Callable  # rng -> TrainState, created already sharded
   train_step: Callable  # (state, global batch) -> (state, metrics); donates the state
   eval_step: Callable  # (state, global batch) -> sums
-  xla_options: dict[str, Any]  # the compiler options they were jitted with (those for this platform)
+  xla_options: dict[
+      str, Any
+  ]  # the compiler options they were jitted with (those for this platform)
 
 
 # XLA names its backend-specific options by platform; the others apply everywhere.
@@ -238,8 +293,12 @@ _PLATFORM_OPTION_PREFIXES = {"xla_cpu_": "cpu", "xla_gpu_": "gpu", "xla_tpu_": "
 def platform_xla_options(xla_options: dict[str, Any], platform: str) -> dict[str, Any]:
   """The options that apply on `platform` ("cpu", "gpu", "tpu"): xla_cpu_* only on CPU, and so on,
   so that one flagfile can carry tuning for the CPU and still run on an accelerator."""
+
   def owner(name):
-    return next((p for prefix, p in _PLATFORM_OPTION_PREFIXES.items() if name.startswith(prefix)), None)
+    return next(
+        (p for prefix, p in _PLATFORM_OPTION_PREFIXES.items() if name.startswith(prefix)), None
+    )
+
   return {name: value for name, value in xla_options.items() if owner(name) in (None, platform)}
 
 
@@ -255,29 +314,61 @@ def check_xla_options(xla_options: dict[str, Any]) -> None:
     raise UserError(f"bad XLA compiler option (--xla_option): {message}") from None
 
 
-def compile_steps(*, model, tx, task, example_batch, mesh, rng, grad_accum: int = 1,
-                  xla_options: dict[str, Any] | None = None) -> Compiled:
+def compile_steps(
+    *,
+    model,
+    tx,
+    task,
+    example_batch,
+    mesh,
+    rng,
+    grad_accum: int = 1,
+    xla_options: dict[str, Any] | None = None,
+) -> Compiled:
   """Shardings and jitted init / train / eval for this model on this mesh (call in mesh_context),
-  each compiled with those of `xla_options` (XLA compiler options) that apply on the mesh's platform."""
+  each compiled with those of `xla_options` (XLA compiler options) that apply on the mesh's platform.
+  """
   options = platform_xla_options(xla_options or {}, mesh.devices.flat[0].platform)
   check_xla_options(options)
   jit = functools.partial(jax.jit, compiler_options=options or None)
-  shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+  shardings = state_shardings(
+      model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng
+  )
   batch_sharding = sharding.batch_sharding(mesh)
   return Compiled(
       shardings=shardings,
-      init=jit(functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
-               out_shardings=shardings),
-      train_step=jit(functools.partial(train_step, model=model, tx=tx, task=task, grad_accum=grad_accum),
-                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                     donate_argnums=0),
-      eval_step=jit(functools.partial(eval_step, model=model, task=task),
-                    in_shardings=(shardings, batch_sharding)),
-      xla_options=options)
+      init=jit(
+          functools.partial(
+              create_state, model=model, tx=tx, task=task, example_batch=example_batch
+          ),
+          out_shardings=shardings,
+      ),
+      train_step=jit(
+          functools.partial(train_step, model=model, tx=tx, task=task, grad_accum=grad_accum),
+          in_shardings=(shardings, batch_sharding),
+          out_shardings=(shardings, None),
+          donate_argnums=0,
+      ),
+      eval_step=jit(
+          functools.partial(eval_step, model=model, task=task),
+          in_shardings=(shardings, batch_sharding),
+      ),
+      xla_options=options,
+  )
 
 
-def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: TrainConfig, mesh,
-        learning_rate: Callable[[int], float] | None = None, on_start: Callable[[], None] | None = None) -> dict:
+def fit(
+    *,
+    model,
+    task,
+    tx,
+    train_data,
+    eval_data: Sequence | None,
+    config: TrainConfig,
+    mesh,
+    learning_rate: Callable[[int], float] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> dict:
   """Trains `model` on `train_data` (a grain dataset of host batches) until `config.num_steps`.
 
   Claims the workdir (a second run on it is refused) and checks it is writable. Resumes from the
@@ -292,12 +383,28 @@ def fit(*, model, task, tx, train_data, eval_data: Sequence | None, config: Trai
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   with workdir_lib.claim(config.workdir):
     checkpoints = os.path.join(config.workdir, "checkpoints")
-    workdir_lib.check_writable(checkpoints)  # before Orbax, which waits minutes on a read-only directory
-    ckpt = checkpoint.Checkpointer(checkpoints, every=config.checkpoint_every, keep=config.keep_checkpoints,
-                                   best_metric=config.keep_best_metric)
+    workdir_lib.check_writable(
+        checkpoints
+    )  # before Orbax, which waits minutes on a read-only directory
+    ckpt = checkpoint.Checkpointer(
+        checkpoints,
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        best_metric=config.keep_best_metric,
+    )
     try:
-      return _fit(model=model, task=task, tx=tx, train_data=train_data, eval_data=eval_data, config=config,
-                  mesh=mesh, learning_rate=learning_rate, on_start=on_start, ckpt=ckpt)
+      return _fit(
+          model=model,
+          task=task,
+          tx=tx,
+          train_data=train_data,
+          eval_data=eval_data,
+          config=config,
+          mesh=mesh,
+          learning_rate=learning_rate,
+          on_start=on_start,
+          ckpt=ckpt,
+      )
     finally:
       ckpt.close()
 
@@ -325,13 +432,20 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
   if unreadable:
     reasons = "; ".join(f"step {step}: {reason}" for step, reason in unreadable[:3])
     if not config.allow_restart:
-      raise UserError(f"every checkpoint in {ckpt.directory} is unreadable ({reasons}); nothing was changed: "
-                      "restore them, or pass --allow_restart to set them aside and train again from step 0")
+      raise UserError(
+          f"every checkpoint in {ckpt.directory} is unreadable ({reasons}); nothing was changed: "
+          "restore them, or pass --allow_restart to set them aside and train again from step 0"
+      )
     moved = ckpt.set_aside_steps(step for step, _ in unreadable)
     kept = metrics_lib.set_aside_previous_run(config.workdir)
-    metrics_lib.console(f"starting again from step 0: every checkpoint was unreadable ({reasons}); set aside as "
-                        f"{', '.join(moved)}" + (f"; the earlier run's metrics kept as {', '.join(kept)}" if kept else ""))
-    train_iter = iter(train_data)  # the failed restores moved the old one: a restart draws a fresh run's batches
+    metrics_lib.console(
+        f"starting again from step 0: every checkpoint was unreadable ({reasons}); set aside as "
+        f"{', '.join(moved)}"
+        + (f"; the earlier run's metrics kept as {', '.join(kept)}" if kept else "")
+    )
+    train_iter = iter(
+        train_data
+    )  # the failed restores moved the old one: a restart draws a fresh run's batches
   return _fresh_state(steps, rng, config, model, mesh), 0, train_iter
 
 
@@ -342,7 +456,9 @@ def _fresh_state(steps, rng, config: TrainConfig, model, mesh):
     abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     variables = _initial_variables(config.init_from, model, abstract, mesh)
     _, adapters = lora.split_adapters(state.params)
-    state = state.replace(params=lora.join(variables.pop("params"), adapters), model_state=variables)
+    state = state.replace(
+        params=lora.join(variables.pop("params"), adapters), model_state=variables
+    )
     metrics_lib.console(f"parameters from {config.init_from}")
   return state
 
@@ -353,50 +469,105 @@ def _check_best_metric(steps, state, example_batch, task, config: TrainConfig, e
   if not name:
     return
   if eval_data is None:
-    raise UserError(f"--keep_best_metric={name} needs an evaluation, and this run has no evaluation data")
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype), example_batch)
+    raise UserError(
+        f"--keep_best_metric={name} needs an evaluation, and this run has no evaluation data"
+    )
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype), example_batch
+  )
   sums = jax.eval_shape(steps.eval_step, state, batch)
   reported = [f"eval_{k}" for k in task.metrics({k: 1.0 for k in sums})]
   if name not in reported:
-    raise UserError(f"--keep_best_metric={name} is not a metric this run's evaluation reports; choose one of "
-                    f"{', '.join(reported)}")
+    raise UserError(
+        f"--keep_best_metric={name} is not a metric this run's evaluation reports; choose one of "
+        f"{', '.join(reported)}"
+    )
 
 
-def _fit(*, model, task, tx, train_data, eval_data, config: TrainConfig, mesh, learning_rate, on_start, ckpt) -> dict:
+def _fit(
+    *,
+    model,
+    task,
+    tx,
+    train_data,
+    eval_data,
+    config: TrainConfig,
+    mesh,
+    learning_rate,
+    on_start,
+    ckpt,
+) -> dict:
   example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
   rng = jax.random.PRNGKey(config.seed)
   with mesh_context(mesh):
-    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                          grad_accum=config.grad_accum, xla_options=config.xla_options)
+    steps = compile_steps(
+        model=model,
+        tx=tx,
+        task=task,
+        example_batch=example_batch,
+        mesh=mesh,
+        rng=rng,
+        grad_accum=config.grad_accum,
+        xla_options=config.xla_options,
+    )
     state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config, model, mesh)
     evaluated_state(state, config)  # --eval_with_ema without an average fails before the first step
     _check_best_metric(steps, state, example_batch, task, config, eval_data)
     if start and start >= config.num_steps:
-      metrics_lib.console(f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
-                          f"--num_steps={config.num_steps}; raise --num_steps to train further")
+      metrics_lib.console(
+          f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
+          f"--num_steps={config.num_steps}; raise --num_steps to train further"
+      )
       return {"step": start}
     if on_start is not None:
       on_start()
     _, adapters = lora.split_adapters(state.params)
-    trained = f" ({count_params(adapters):,} of them in LoRA adapters, the rest frozen)" if adapters else ""
-    metrics_lib.console(f"model: {count_params(state.params):,} parameters{trained}; mesh: {sharding.describe(mesh)}"
-                        + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items()))
-    log = metrics_lib.MetricsLog(config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start)
+    trained = (
+        f" ({count_params(adapters):,} of them in LoRA adapters, the rest frozen)"
+        if adapters
+        else ""
+    )
+    metrics_lib.console(
+        f"model: {count_params(state.params):,} parameters{trained}; mesh: {sharding.describe(mesh)}"
+        + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items())
+    )
+    log = metrics_lib.MetricsLog(
+        config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start
+    )
     # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
     with _StopSignals() as stop:
-      return _train_loop(state, start, train_iter, steps.train_step, steps.eval_step, eval_data, config,
-                         mesh, task, ckpt, log, learning_rate, stop)
+      return _train_loop(
+          state,
+          start,
+          train_iter,
+          steps.train_step,
+          steps.eval_step,
+          eval_data,
+          config,
+          mesh,
+          task,
+          ckpt,
+          log,
+          learning_rate,
+          stop,
+      )
 
 
 def describe_shardings(*, model, task, tx, example_batch, mesh, seed: int = 0) -> str:
   """The parameter sharding table for `mesh`, from shapes alone (the optimizer state follows it)."""
   rng = jax.random.PRNGKey(seed)
   with mesh_context(mesh):
-    shardings = state_shardings(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng)
+    shardings = state_shardings(
+        model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng
+    )
     abstract = jax.eval_shape(
-        functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch), rng)
+        functools.partial(create_state, model=model, tx=tx, task=task, example_batch=example_batch),
+        rng,
+    )
   params = checkpoint.abstract_like(abstract.params, shardings.params)
-  return f"parameter shardings on mesh {sharding.describe(mesh)}:\n{sharding.describe_params(params)}"
+  return (
+      f"parameter shardings on mesh {sharding.describe(mesh)}:\n{sharding.describe_params(params)}"
+  )
 
 
 def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh) -> dict:
@@ -406,25 +577,47 @@ def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   rng = jax.random.PRNGKey(config.seed)
   with mesh_context(mesh):
-    steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                          grad_accum=config.grad_accum, xla_options=config.xla_options)
+    steps = compile_steps(
+        model=model,
+        tx=tx,
+        task=task,
+        example_batch=example_batch,
+        mesh=mesh,
+        rng=rng,
+        grad_accum=config.grad_accum,
+        xla_options=config.xla_options,
+    )
     abstract_state = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding),
-        example_batch)
+        lambda x: jax.ShapeDtypeStruct(
+            (config.batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding
+        ),
+        example_batch,
+    )
     start = time.perf_counter()
     compiled = steps.train_step.lower(abstract_state, abstract_batch).compile()
-  report = {"compile_s": time.perf_counter() - start, "params": count_params(abstract_state.params),
-            "flops_per_step": (compiled.cost_analysis() or {}).get("flops", 0.0)}
+  report = {
+      "compile_s": time.perf_counter() - start,
+      "params": count_params(abstract_state.params),
+      "flops_per_step": (compiled.cost_analysis() or {}).get("flops", 0.0),
+  }
   memory = compiled.memory_analysis()
   if memory is not None:  # bytes on each device: the program is the same on all of them
-    report.update(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-                  alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-                  code_bytes=memory.generated_code_size_in_bytes)
+    report.update(
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        code_bytes=memory.generated_code_size_in_bytes,
+    )
     # Donated state buffers are reused for the outputs, so aliased bytes count once.
-    report["peak_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    report["peak_bytes"] = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
   limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
   if limit:
     report["device_bytes"] = limit
@@ -433,14 +626,20 @@ def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh)
 
 def format_compile_report(report: dict, mesh) -> str:
   gib = lambda b: f"{b / 2**30:,.3f} GiB"
-  lines = [(f"compiled the train step for mesh {sharding.describe(mesh)} in {report['compile_s']:.1f}s: "
-            f"{report['params']:,} parameters, {report['flops_per_step'] / 1e9:,.2f} GFLOP per step per device "
-            "(XLA's count; loops counted once)")]
+  lines = [
+      (
+          f"compiled the train step for mesh {sharding.describe(mesh)} in {report['compile_s']:.1f}s: "
+          f"{report['params']:,} parameters, {report['flops_per_step'] / 1e9:,.2f} GFLOP per step per device "
+          "(XLA's count; loops counted once)"
+      )
+  ]
   if "peak_bytes" in report:
-    lines.append(f"memory per device: state and batch in {gib(report['argument_bytes'])}, outputs "
-                 f"{gib(report['output_bytes'])} ({gib(report['alias_bytes'])} of them reusing donated "
-                 f"inputs), temporaries {gib(report['temp_bytes'])}, code {gib(report['code_bytes'])}; "
-                 f"peak about {gib(report['peak_bytes'])}")
+    lines.append(
+        f"memory per device: state and batch in {gib(report['argument_bytes'])}, outputs "
+        f"{gib(report['output_bytes'])} ({gib(report['alias_bytes'])} of them reusing donated "
+        f"inputs), temporaries {gib(report['temp_bytes'])}, code {gib(report['code_bytes'])}; "
+        f"peak about {gib(report['peak_bytes'])}"
+    )
   if "device_bytes" in report:
     fits = "fits" if report["peak_bytes"] <= report["device_bytes"] else "DOES NOT FIT"
     lines.append(f"device memory {gib(report['device_bytes'])}: {fits}")
@@ -456,10 +655,18 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
     raise missing
   ckpt = checkpoint.Checkpointer(directory, every=0, read_only=True)
   rng = jax.random.PRNGKey(config.seed)
-  steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                        xla_options=config.xla_options)
+  steps = compile_steps(
+      model=model,
+      tx=tx,
+      task=task,
+      example_batch=example_batch,
+      mesh=mesh,
+      rng=rng,
+      xla_options=config.xla_options,
+  )
   state, step, unreadable = ckpt.restore_newest_readable(
-      checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings), set_aside=False)
+      checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings), set_aside=False
+  )
   ckpt.close()
   if unreadable and state is None:
     reasons = "; ".join(f"step {step}: {reason}" for step, reason in unreadable[:3])
@@ -474,7 +681,9 @@ def ema_state(state: TrainState, flag: str) -> TrainState:
   asked for it in the error when the run keeps none."""
   ema = optim.ema_params(state.opt_state, state.params)
   if ema is None:
-    raise UserError(f"{flag} needs a run that keeps a parameter average: train with --ema_decay > 0")
+    raise UserError(
+        f"{flag} needs a run that keeps a parameter average: train with --ema_decay > 0"
+    )
   return state.replace(params=ema)
 
 
@@ -490,13 +699,24 @@ def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainCo
   with mesh_context(mesh):
     if config.init_from and not _has_checkpoint(config.workdir):
       rng = jax.random.PRNGKey(config.seed)
-      steps = compile_steps(model=model, tx=tx, task=task, example_batch=example_batch, mesh=mesh, rng=rng,
-                            xla_options=config.xla_options)
+      steps = compile_steps(
+          model=model,
+          tx=tx,
+          task=task,
+          example_batch=example_batch,
+          mesh=mesh,
+          rng=rng,
+          xla_options=config.xla_options,
+      )
       state, step = _fresh_state(steps, rng, config, model, mesh), 0
     else:
-      state, step, steps = load_checkpoint(model=model, task=task, tx=tx, example_batch=example_batch,
-                                           config=config, mesh=mesh)
-    return {"step": step, **evaluate(steps.eval_step, evaluated_state(state, config), eval_data, mesh, task)}
+      state, step, steps = load_checkpoint(
+          model=model, task=task, tx=tx, example_batch=example_batch, config=config, mesh=mesh
+      )
+    return {
+        "step": step,
+        **evaluate(steps.eval_step, evaluated_state(state, config), eval_data, mesh, task),
+    }
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -536,38 +756,64 @@ DIVERGED_FACTOR = 20.0
 DIVERGED_FLOOR = 20.0
 
 
-def instability(step: int, start: int, mean_loss: float, update_norm: float,
-                first: tuple[int, float]) -> str | None:
+def instability(
+    step: int, start: int, mean_loss: float, update_norm: float, first: tuple[int, float]
+) -> str | None:
   """Why training cannot go on at `step` (a non-finite loss or update, or a loss that diverged from
   `first` = (step, mean loss)), with advice that fits the cause; None when it can."""
   if math.isfinite(mean_loss) and math.isfinite(update_norm):
     if mean_loss > max(DIVERGED_FACTOR * first[1], DIVERGED_FLOOR):
-      return (f"training diverged: the loss rose from {first[1]:.4g} at step {first[0]} to {mean_loss:.4g} at step "
-              f"{step}; the updates are too large for this model: lower --learning_rate, lengthen "
-              "--warmup_steps or tighten --grad_clip")
+      return (
+          f"training diverged: the loss rose from {first[1]:.4g} at step {first[0]} to {mean_loss:.4g} at step "
+          f"{step}; the updates are too large for this model: lower --learning_rate, lengthen "
+          "--warmup_steps or tighten --grad_clip"
+      )
     return None
   # The update counts too: a finite loss with a NaN update would still poison the saved state.
   what = f"loss {mean_loss}, update norm {update_norm}"
   if step == start + 1 and not math.isfinite(mean_loss):
     if start == 0:
-      return (f"the loss is not finite at the first step ({what}), before any update: the learning rate is not "
-              "the cause; check the data (NaN or out-of-range inputs) and the model's configuration")
-    return (f"the loss is not finite at the first step after resuming from step {start} ({what}), before any "
-            "update: the restored state gives it; evaluate that checkpoint (--mode=eval) or restart from an "
-            "earlier one")
-  return (f"training became non-finite at step {step} ({what}); lower --learning_rate or tighten --grad_clip, "
-          "or with --dtype=float16 use bfloat16 or float32")
+      return (
+          f"the loss is not finite at the first step ({what}), before any update: the learning rate is not "
+          "the cause; check the data (NaN or out-of-range inputs) and the model's configuration"
+      )
+    return (
+        f"the loss is not finite at the first step after resuming from step {start} ({what}), before any "
+        "update: the restored state gives it; evaluate that checkpoint (--mode=eval) or restart from an "
+        "earlier one"
+    )
+  return (
+      f"training became non-finite at step {step} ({what}); lower --learning_rate or tighten --grad_clip, "
+      "or with --dtype=float16 use bfloat16 or float32"
+  )
 
 
-def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, mesh, task, ckpt, log,
-                learning_rate, stop: "_StopSignals"):
+def _train_loop(
+    state,
+    start,
+    train_iter,
+    step_fn,
+    eval_fn,
+    eval_data,
+    config,
+    mesh,
+    task,
+    ckpt,
+    log,
+    learning_rate,
+    stop: "_StopSignals",
+):
   """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
   waits for the device except at evaluation and checkpoint steps. A non-finite or diverged loss
   stops the run before anything is saved from that step on."""
   is_log_step = lambda s: s % config.log_every == 0 or s == config.num_steps
-  is_eval_step = lambda s: eval_data is not None and (s % config.eval_every == 0 or s == config.num_steps)
+  is_eval_step = lambda s: eval_data is not None and (
+      s % config.eval_every == 0 or s == config.num_steps
+  )
   interval_sums, record = None, {}
-  first_loss = None  # (step, mean loss) of this process's first step: what divergence is measured from
+  first_loss = (
+      None  # (step, mean loss) of this process's first step: what divergence is measured from
+  )
   speed = metrics_lib.Throughput()
   compile_start = time.perf_counter()
 
@@ -582,8 +828,11 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     problem = instability(step, start, mean_loss, update, first_loss)
     if problem is not None:
       ckpt.wait()
-      where = (f"the last good checkpoint is step {ckpt.last_complete} in {ckpt.directory}" if ckpt.last_complete
-               else "no checkpoint was saved yet")
+      where = (
+          f"the last good checkpoint is step {ckpt.last_complete} in {ckpt.directory}"
+          if ckpt.last_complete
+          else "no checkpoint was saved yet"
+      )
       raise UserError(f"{problem}; stopped at step {step} before saving it; {where}")
     if step == start + 1:  # the first step includes compilation: keep it out of the speed figures
       speed = metrics_lib.Throughput()
@@ -614,8 +863,10 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
     if step == start + 1:  # compile ahead of time, to report the cost before the first step runs
       step_fn = step_fn.lower(state, batch).compile()
       flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
-      metrics_lib.console(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s: "
-                          f"{flops / 1e9:,.2f} GFLOP per step (XLA's count; loops counted once)")
+      metrics_lib.console(
+          f"compiled the train step in {time.perf_counter() - compile_start:.1f}s: "
+          f"{flops / 1e9:,.2f} GFLOP per step (XLA's count; loops counted once)"
+      )
     state, step_metrics = step_fn(state, batch)
     if pending is not None:  # the previous step's metrics: ready by now, so this rarely waits
       previous, previous_metrics = pending
@@ -630,7 +881,11 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       continue
     fetched = fetch(step, step_metrics)  # before saving: a NaN state is never checkpointed
     speed.pause()
-    evals = evaluate(eval_fn, evaluated_state(state, config), eval_data, mesh, task) if is_eval_step(step) else {}
+    evals = (
+        evaluate(eval_fn, evaluated_state(state, config), eval_data, mesh, task)
+        if is_eval_step(step)
+        else {}
+    )
     if save:
       ckpt.save(step, state, train_iter, metrics=evals)
     speed.resume()
@@ -648,7 +903,8 @@ def _train_loop(state, start, train_iter, step_fn, eval_fn, eval_data, config, m
       break
   ckpt.wait()  # the last save is on disk (or its failure reported) before the run says it is done
   log.close()
-  summary = f"done: steps {start + 1}-{record.get('step', start)} in {metrics_lib.format_seconds(time.perf_counter() - run_start)}"
+  took = metrics_lib.format_seconds(time.perf_counter() - run_start)
+  summary = f"done: steps {start + 1}-{record.get('step', start)} in {took}"
   if best is not None:
     summary += f"; best {best[2]} {best[0]:.4f} at step {best[1]}"
   metrics_lib.console(summary + f"; checkpoints in {ckpt.directory}")

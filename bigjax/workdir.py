@@ -74,14 +74,22 @@ def _pid_alive(pid: int, start: str | None) -> bool:
   fields = _proc_stat(pid)
   if fields is None:  # no /proc: the signal is all we know
     return True
-  return fields[0] != "Z" and (start is None or fields[19] == start)  # a zombie has stopped for good
+  return fields[0] != "Z" and (
+      start is None or fields[19] == start
+  )  # a zombie has stopped for good
 
 
 def _this_process() -> dict:
-  return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
-          "pid_start": _process_start(os.getpid()), "processes": jax.process_count(),
-          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-          "command": " ".join(sys.argv)[:300], "token": uuid.uuid4().hex}
+  return {
+      "host": socket.gethostname(),
+      "boot_id": _boot_id(),
+      "pid": os.getpid(),
+      "pid_start": _process_start(os.getpid()),
+      "processes": jax.process_count(),
+      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv)[:300],
+      "token": uuid.uuid4().hex,
+  }
 
 
 def describe(holder: dict) -> str:
@@ -92,13 +100,20 @@ def describe(holder: dict) -> str:
 
 def _write_failure(path: str, e: OSError) -> UserError:
   full = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted"}
-  denied = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied"}
+  denied = {
+      errno.EROFS: "the file system is read-only",
+      errno.EACCES: "permission denied",
+      errno.EPERM: "permission denied",
+  }
   if e.errno in full:
-    return UserError(f"cannot write to {path} ({full[e.errno]}); free some space there or choose another --workdir")
+    return UserError(
+        f"cannot write to {path} ({full[e.errno]}); free some space there or choose another --workdir"
+    )
   reason = denied.get(e.errno, e.strerror or str(e))
-  return UserError(f"cannot write to {path} ({reason}); a run needs its --workdir writable: fix the "
-                   "directory's permissions or mount, or choose another --workdir")
+  return UserError(
+      f"cannot write to {path} ({reason}); a run needs its --workdir writable: fix the "
+      "directory's permissions or mount, or choose another --workdir"
+  )
 
 
 def write_probe(directory: str) -> float:
@@ -139,7 +154,9 @@ def replace_file(path: str, text: str) -> None:
   except OSError as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
-    raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix the directory, then rerun") from None
+    raise UserError(
+        f"cannot write {path} ({e.strerror or e}); free space or fix the directory, then rerun"
+    ) from None
 
 
 class WorkdirLock:
@@ -167,7 +184,10 @@ class WorkdirLock:
     return (holder if isinstance(holder, dict) else None), mtime
 
   def _is_dead(self, holder: dict | None, mtime: float, now: float) -> bool:
-    if holder is not None and (holder.get("host"), holder.get("boot_id")) == (self.me["host"], self.me["boot_id"]):
+    if holder is not None and (holder.get("host"), holder.get("boot_id")) == (
+        self.me["host"],
+        self.me["boot_id"],
+    ):
       return not _pid_alive(int(holder.get("pid", -1)), holder.get("pid_start"))
     return now - mtime > STALE_S
 
@@ -203,8 +223,11 @@ class WorkdirLock:
         os.fsync(f.fileno())
       os.replace(tmp, self.path)
       holder = dead[0] or {}
-      print(f"took over the lock of {self.workdir} from a run that is no longer running ({describe(holder)})",
-            file=sys.stderr, flush=True)
+      print(
+          f"took over the lock of {self.workdir} from a run that is no longer running ({describe(holder)})",
+          file=sys.stderr,
+          flush=True,
+      )
       return True
     finally:
       os.remove(mutex)
@@ -226,13 +249,21 @@ class WorkdirLock:
           time.sleep(0.1)
           continue
         if holder is None:
-          return (f"{self.workdir} is being claimed by another run right now (its lock {self.path} is being "
-                  "written); wait for it to finish or use another --workdir")
-        heartbeat = f", lock refreshed {max(now - mtime, 0):.0f}s ago" if holder.get("host") != self.me["host"] else ""
-        return (f"{self.workdir} is in use by another run ({describe(holder)}{heartbeat}): two runs on one "
-                f"workdir would mix their checkpoints and metrics; stop that run or choose another --workdir "
-                f"(the lock of a run that died is taken over: at once on the same host, after {STALE_S:.0f}s "
-                "from another host)")
+          return (
+              f"{self.workdir} is being claimed by another run right now (its lock {self.path} is being "
+              "written); wait for it to finish or use another --workdir"
+          )
+        heartbeat = (
+            f", lock refreshed {max(now - mtime, 0):.0f}s ago"
+            if holder.get("host") != self.me["host"]
+            else ""
+        )
+        return (
+            f"{self.workdir} is in use by another run ({describe(holder)}{heartbeat}): two runs on one "
+            f"workdir would mix their checkpoints and metrics; stop that run or choose another --workdir "
+            f"(the lock of a run that died is taken over: at once on the same host, after {STALE_S:.0f}s "
+            "from another host)"
+        )
       return f"could not take the lock {self.path}: it keeps changing hands; try again"
     except OSError as e:
       return str(_write_failure(self.workdir, e))
@@ -268,9 +299,9 @@ def _from_process_zero(message: str | None) -> str | None:
     return message
   data = np.zeros(_MESSAGE_BYTES, np.uint8)
   if message is not None:
-    encoded = message.encode()[:_MESSAGE_BYTES - 1]
+    encoded = message.encode()[: _MESSAGE_BYTES - 1]
     data[0] = 1
-    data[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    data[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
   data = np.asarray(multihost_utils.broadcast_one_to_all(data))
   return bytes(data[1:]).rstrip(b"\0").decode(errors="replace") if data[0] else None
 

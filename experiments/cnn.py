@@ -1,6 +1,6 @@
 """Trains an image classifier: any image preset (cnn-small, resnet*, vit-*, mlp).
 
-  python -m experiments.cnn --flagfile=experiments/configs/cnn_tiny.flags
+python -m experiments.cnn --flagfile=experiments/configs/cnn_tiny.flags
 """
 
 from absl import flags
@@ -14,24 +14,37 @@ from bigjax.data import sources
 from bigjax.errors import UserError
 
 FLIP = flags.DEFINE_bool("augment_flip", False, "Random horizontal flips in training.")
-CROP_PADDING = flags.DEFINE_integer("augment_crop_padding", 0, "Random crops from images zero-padded by this "
-                                    "many pixels in training; 0 disables.", lower_bound=0)
+CROP_PADDING = flags.DEFINE_integer(
+    "augment_crop_padding",
+    0,
+    "Random crops from images zero-padded by this " "many pixels in training; 0 disables.",
+    lower_bound=0,
+)
 
 
 def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
   """Image classification on the experiment's data set."""
   keys = {"image_key": bigjax_flags.IMAGE_KEY.value, "label_key": bigjax_flags.LABEL_KEY.value}
-  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(exp.dataset, exp.data_dir)
-  train_source = images.open_split(exp.dataset, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys)
+  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
+      exp.dataset, exp.data_dir
+  )
+  train_source = images.open_split(
+      exp.dataset, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys
+  )
   eval_source = images.open_split(exp.dataset, eval_split, exp.data_dir, **keys)
   metrics.console(f"{exp.dataset}: {len(train_source):,} train / {len(eval_source):,} eval images")
   check_num_classes(exp, keys["label_key"])
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
   workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
-  return exp.run(task=tasks.Classification(),
-          train_data=images.train_batches(train_source, exp.config.batch_size, exp.config.seed, augment,
-                                          workers=workers, **keys),
-          eval_data=images.eval_batches(eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value, **keys))
+  return exp.run(
+      task=tasks.Classification(),
+      train_data=images.train_batches(
+          train_source, exp.config.batch_size, exp.config.seed, augment, workers=workers, **keys
+      ),
+      eval_data=images.eval_batches(
+          eval_source, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value, **keys
+      ),
+  )
 
 
 def check_num_classes(exp: bigjax_flags.Experiment, label_key: str) -> None:
@@ -39,8 +52,10 @@ def check_num_classes(exp: bigjax_flags.Experiment, label_key: str) -> None:
   classes = sources.num_classes(exp.dataset, label_key, exp.data_dir)
   outputs = getattr(getattr(exp.base_model, "config", None), "num_classes", None)
   if classes and outputs and classes > outputs:
-    raise UserError(f"{exp.dataset} has {classes} classes but --model={bigjax_flags.MODEL.value} outputs {outputs}; "
-                    f"add --model_override=num_classes={classes}")
+    raise UserError(
+        f"{exp.dataset} has {classes} classes but --model={bigjax_flags.MODEL.value} outputs {outputs}; "
+        f"add --model_override=num_classes={classes}"
+    )
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 """Trains the MLP classifier: the image-classification experiment with --model=mlp by default.
 
-  python -m experiments.mlp --flagfile=experiments/configs/mlp_tiny.flags
+python -m experiments.mlp --flagfile=experiments/configs/mlp_tiny.flags
 """
 
 from absl import flags

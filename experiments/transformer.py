@@ -26,21 +26,40 @@ from bigjax.errors import UserError
 from bigjax.nn import recurrent
 
 DOCUMENT_MASKS = flags.DEFINE_bool(
-    "document_masks", True, "Windows pack documents end to end; in models that take segment ids "
+    "document_masks",
+    True,
+    "Windows pack documents end to end; in models that take segment ids "
     "(TransformerLM) keep each token's attention inside its own document (segment ids and positions "
     "restart at each end-of-document token). --nodocument_masks lets attention run across document "
-    "ends, as plain concatenation does.")
+    "ends, as plain concatenation does.",
+)
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per training window.", lower_bound=1)
-TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "bytes; spm:VOCAB: a SentencePiece model of VOCAB ids "
-                                "trained on the training split and kept in the workdir; or hf:DIR: DIR's Hugging "
-                                "Face tokenizer.json.")
+TOKENIZER = flags.DEFINE_string(
+    "tokenizer",
+    "bytes",
+    "bytes; spm:VOCAB: a SentencePiece model of VOCAB ids "
+    "trained on the training split and kept in the workdir; or hf:DIR: DIR's Hugging "
+    "Face tokenizer.json.",
+)
 PROMPT = flags.DEFINE_string("prompt", "\n", "--mode=sample: text to continue.")
-NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "--mode=sample: tokens to generate.", lower_bound=1)
-NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "--mode=sample: continuations of the prompt.", lower_bound=1)
-TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--mode=sample: softmax temperature; 0 is greedy.")
-TOP_K = flags.DEFINE_integer("top_k", 0, "--mode=sample: sample from the k most likely tokens; 0 for all.")
-TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode=sample: sample from the smallest set of tokens whose "
-                           "probability reaches p (nucleus); 1 for all.")
+NUM_TOKENS = flags.DEFINE_integer(
+    "num_tokens", 200, "--mode=sample: tokens to generate.", lower_bound=1
+)
+NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", 1, "--mode=sample: continuations of the prompt.", lower_bound=1
+)
+TEMPERATURE = flags.DEFINE_float(
+    "temperature", 1.0, "--mode=sample: softmax temperature; 0 is greedy."
+)
+TOP_K = flags.DEFINE_integer(
+    "top_k", 0, "--mode=sample: sample from the k most likely tokens; 0 for all."
+)
+TOP_P = flags.DEFINE_float(
+    "top_p",
+    1.0,
+    "--mode=sample: sample from the smallest set of tokens whose "
+    "probability reaches p (nucleus); 1 for all.",
+)
 
 
 def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
@@ -51,15 +70,29 @@ def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   if not len(prompt):
     raise UserError("the prompt is empty; give at least one character to continue")
   lm_inputs.check_vocab(exp.base_model, tokenizer)
-  lm_inputs.check_sample_length(exp.base_model, len(prompt), NUM_TOKENS.value)  # before the checkpoint: none is needed
+  lm_inputs.check_sample_length(
+      exp.base_model, len(prompt), NUM_TOKENS.value
+  )  # before the checkpoint: none is needed
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
-    state, step, _ = train.load_checkpoint(model=exp.model, task=tasks.LanguageModelling(), tx=exp.tx,
-                                           example_batch=example_batch, config=exp.config, mesh=single_device)
+    state, step, _ = train.load_checkpoint(
+        model=exp.model,
+        task=tasks.LanguageModelling(),
+        tx=exp.tx,
+        example_batch=example_batch,
+        config=exp.config,
+        mesh=single_device,
+    )
   prompts = np.tile(prompt.astype(np.int32)[None], (NUM_SAMPLES.value, 1))
-  rows = sample.generate(exp.model, state.params, prompts, jax.random.PRNGKey(exp.config.seed),
-                         num_tokens=NUM_TOKENS.value, cfg=cfg)
+  rows = sample.generate(
+      exp.model,
+      state.params,
+      prompts,
+      jax.random.PRNGKey(exp.config.seed),
+      num_tokens=NUM_TOKENS.value,
+      cfg=cfg,
+  )
   texts = [tokenizer.decode(row).decode("utf-8", errors="replace") for row in np.asarray(rows)]
   metrics.console(f"step {step} checkpoint, {cfg}")
   for text in texts:
@@ -75,46 +108,83 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   if bigjax_flags.MODE.value == "sample":
     return {"samples": sample_language_model(exp)}
   train_split = bigjax_flags.TRAIN_SPLIT.value
-  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(exp.dataset, exp.data_dir)
+  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
+      exp.dataset, exp.data_dir
+  )
   workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
   if lm.is_prompt_target(exp.dataset, exp.data_dir):
     if TOKENIZER.value != "bytes":
-      raise UserError(f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer")
+      raise UserError(
+          f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer"
+      )
     lm_inputs.check_vocab(exp.base_model, tokenizers.ByteTokenizer())
     train_pairs = lm.open_prompt_targets(exp.dataset, train_split, SEQ_LEN.value, exp.data_dir)
     eval_pairs = lm.open_prompt_targets(exp.dataset, eval_split, SEQ_LEN.value, exp.data_dir)
-    metrics.console(f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs")
-    return exp.run(task=tasks.LanguageModelling(bytes_per_token=None),
-                   train_data=pipeline.train_batches(train_pairs, exp.config.batch_size, exp.config.seed,
-                                                     workers=workers),
-                   eval_data=pipeline.eval_batches(eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+    metrics.console(
+        f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs"
+    )
+    return exp.run(
+        task=tasks.LanguageModelling(bytes_per_token=None),
+        train_data=pipeline.train_batches(
+            train_pairs, exp.config.batch_size, exp.config.seed, workers=workers
+        ),
+        eval_data=pipeline.eval_batches(
+            eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value
+        ),
+    )
   tokenizer = open_tokenizer(exp, train_split)
   lm_inputs.check_vocab(exp.base_model, tokenizer)
   # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
   # packed stream as it comes).
   takes_segments = "segment_ids_BT" in inspect.signature(exp.base_model.__call__).parameters
   segments = DOCUMENT_MASKS.value and takes_segments
-  if DOCUMENT_MASKS.value and not takes_segments and not isinstance(exp.base_model, recurrent.RNNLM):
-    metrics.console(f"note: {type(exp.base_model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
-                    f"into one window attend across their ends; give it that argument (as TransformerLM has) "
-                    f"or pass --nodocument_masks to say that is intended")
-  windows = {split: lm.open_windows(exp.dataset, split, SEQ_LEN.value, exp.data_dir, tokenizer,
-                                    bigjax_flags.TEXT_KEY.value, segments=segments)
-             for split in (train_split, eval_split)}
-  metrics.console(f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
-                  f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})")
-  return exp.run(task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
-          train_data=lm.train_batches(windows[train_split], exp.config.batch_size, exp.config.seed, workers),
-          eval_data=lm.eval_batches(windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value))
+  if (
+      DOCUMENT_MASKS.value
+      and not takes_segments
+      and not isinstance(exp.base_model, recurrent.RNNLM)
+  ):
+    metrics.console(
+        f"note: {type(exp.base_model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
+        f"into one window attend across their ends; give it that argument (as TransformerLM has) "
+        f"or pass --nodocument_masks to say that is intended"
+    )
+  windows = {
+      split: lm.open_windows(
+          exp.dataset,
+          split,
+          SEQ_LEN.value,
+          exp.data_dir,
+          tokenizer,
+          bigjax_flags.TEXT_KEY.value,
+          segments=segments,
+      )
+      for split in (train_split, eval_split)
+  }
+  metrics.console(
+      f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
+      f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})"
+  )
+  return exp.run(
+      task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
+      train_data=lm.train_batches(
+          windows[train_split], exp.config.batch_size, exp.config.seed, workers
+      ),
+      eval_data=lm.eval_batches(
+          windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value
+      ),
+  )
 
 
 def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):
   """--tokenizer, trained on the training split's text the first time a workdir needs it."""
+
   def training_text():
     source = sources.load_source(exp.dataset, train_split, exp.data_dir)
-    field = lm.pick_text_key(sources.feature_names(exp.dataset, exp.data_dir), bigjax_flags.TEXT_KEY.value,
-                             exp.dataset)
+    field = lm.pick_text_key(
+        sources.feature_names(exp.dataset, exp.data_dir), bigjax_flags.TEXT_KEY.value, exp.dataset
+    )
     return lm.documents(source, field)
+
   return tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir, training_text)
 
 

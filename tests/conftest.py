@@ -5,7 +5,9 @@ import shutil
 import tempfile
 
 # Must be set before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole session, every program stored: the suite compiles the same
 # tiny steps again and again (in-process, and in each CLI subprocess, which inherit these through
@@ -33,5 +35,7 @@ def data_dir(tmp_path_factory):
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it, not an xdist worker
+  if _OWN_CACHE and not hasattr(
+      config, "workerinput"
+  ):  # the process that made it, not an xdist worker
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

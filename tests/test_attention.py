@@ -13,8 +13,10 @@ from bigjax.nn import transformer
 
 def _naive_attention(x, params, num_heads, num_kv_heads, mask):
   """Loops over batch and heads with numpy; query head h reads key/value head h // (H / G)."""
+
   def proj(name):
     return np.einsum("btd,dhk->bthk", x, params[name]["kernel"]) + params[name]["bias"]
+
   q, k, v = proj("query"), proj("key"), proj("value")
   batch, length, _, head_dim = q.shape
   out = np.zeros_like(q)
@@ -37,11 +39,18 @@ def test_attention_matches_naive_reference(num_heads, num_kv_heads):
   module = attention.MultiHeadAttention(num_heads=num_heads, head_dim=8, num_kv_heads=num_kv_heads)
   variables = module.init(jax.random.key(1), x, mask)
   # Random biases too, so that a bias mistake would show.
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
-                        nn.unbox(variables["params"]))
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
+      nn.unbox(variables["params"]),
+  )
   got = module.apply({"params": params}, x, mask)
-  want = _naive_attention(np.asarray(x, np.float64), jax.tree.map(np.asarray, params), num_heads,
-                          num_kv_heads, np.broadcast_to(np.asarray(mask), (2, 1, 6, 6)))
+  want = _naive_attention(
+      np.asarray(x, np.float64),
+      jax.tree.map(np.asarray, params),
+      num_heads,
+      num_kv_heads,
+      np.broadcast_to(np.asarray(mask), (2, 1, 6, 6)),
+  )
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -70,25 +79,36 @@ def test_scores_and_softmax_are_float32_under_bfloat16_compute():
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "rotary", "none"])
 def test_decoder_blocks_are_causal_by_gradient(position):
   """d output[t] / d input[s] is exactly zero for every s > t, and not zero for s <= t."""
-  cfg = transformer.TransformerConfig(vocab_size=16, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32,
-                                      max_len=8, position=position)
+  cfg = transformer.TransformerConfig(
+      vocab_size=16,
+      num_layers=2,
+      embed_dim=16,
+      num_heads=2,
+      mlp_dim=32,
+      max_len=8,
+      position=position,
+  )
   length = 6
   block_stack = transformer.TransformerBlock(cfg)
   x = jax.random.normal(jax.random.key(0), (1, length, 16))
   mask = attention.causal_mask(length)
   positions = jnp.arange(length)[None]
   variables = block_stack.init(jax.random.key(1), x, mask, positions)
+
   def out_at(t, x):
     return jnp.sum(block_stack.apply(variables, x, mask, positions)[0, t])
+
   for t in range(length):
     grad = jax.grad(out_at, argnums=1)(t, x)[0]  # [T, D]
     per_position = jnp.abs(grad).sum(-1)
-    assert jnp.all(per_position[t + 1:] == 0), f"output {t} depends on later inputs"
-    assert jnp.all(per_position[:t + 1] > 0), f"output {t} ignores earlier inputs"
+    assert jnp.all(per_position[t + 1 :] == 0), f"output {t} depends on later inputs"
+    assert jnp.all(per_position[: t + 1] > 0), f"output {t} ignores earlier inputs"
 
 
 def test_language_model_logits_ignore_future_tokens():
-  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=16)
+  model = models.create(
+      "transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=16
+  )
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   variables = model.init(jax.random.key(1), tokens)
   changed = tokens.at[:, 7:].set((tokens[:, 7:] + 1) % 256)
@@ -98,7 +118,9 @@ def test_language_model_logits_ignore_future_tokens():
 
 
 def test_padding_keys_never_change_real_positions():
-  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=16)
+  model = models.create(
+      "transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64, max_len=16
+  )
   tokens = jax.random.randint(jax.random.key(0), (1, 8), 0, 256)
   # Left padding: under the causal mask only the padding mask keeps real queries off these keys.
   valid = jnp.array([[False] * 3 + [True] * 5])
@@ -115,16 +137,21 @@ def test_padding_keys_never_change_real_positions():
 def test_cached_decoding_without_positions_matches_the_full_causal_pass(num_kv_heads):
   """Token by token (after a 3-token prefill) through the KV cache, rotary positions left to the
   module, against one causal pass over the whole sequence."""
-  module = attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=num_kv_heads, rotary_base=10_000.0,
-                                        cache_len=8)
+  module = attention.MultiHeadAttention(
+      num_heads=4, head_dim=8, num_kv_heads=num_kv_heads, rotary_base=10_000.0, cache_len=8
+  )
   x = jax.random.normal(jax.random.key(0), (2, 7, 16))
   variables = module.init(jax.random.key(1), x[:, :1], decode=True)
   want = module.apply({"params": variables["params"]}, x, causal=True)
   cache = variables["cache"]
   pieces = []
   for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, 7)]:
-    out, updates = module.apply({"params": variables["params"], "cache": cache}, x[:, start:stop], decode=True,
-                                mutable=["cache"])
+    out, updates = module.apply(
+        {"params": variables["params"], "cache": cache},
+        x[:, start:stop],
+        decode=True,
+        mutable=["cache"],
+    )
     cache = updates["cache"]
     pieces.append(out)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), want, atol=1e-5)

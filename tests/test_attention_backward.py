@@ -19,7 +19,9 @@ def _plain_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS):
   return jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(scores, axis=-1), v_BHSK)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,masked", [(4, 4, True), (4, 2, True), (2, 1, False)])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,masked", [(4, 4, True), (4, 2, True), (2, 1, False)]
+)
 def test_attention_backward_matches_autodiff(num_heads, num_kv_heads, masked):
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, num_heads, 5, 8))
@@ -50,8 +52,9 @@ def test_flash_attention_call_matches_dot_product_attention():
   q_BTHK = jax.random.normal(keys[0], (2, 6, 4, 8))
   k_BTGK, v_BTGK = (jax.random.normal(key, (2, 6, 2, 8)) for key in keys[1:])
   got = attention.flash_attention(q_BTHK, k_BTGK, v_BTGK, causal=True, implementation="xla")
-  want = attention.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK)),
-                                         causal=True).transpose(0, 2, 1, 3)
+  want = attention.dot_product_attention(
+      *(x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK)), causal=True
+  ).transpose(0, 2, 1, 3)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert not attention._flash_attention_applies(None, jnp.float32, 64)  # float32: never cuDNN
 
@@ -69,11 +72,17 @@ def test_causal_flag_equals_explicit_causal_mask(num_heads, num_kv_heads):
     return jnp.sum(jnp.sin(fn(q, k, v)))
 
   for extra in (None, padding):
-    flagged = jax.value_and_grad(lambda *a: loss(lambda q, k, v: attention.dot_product_attention(
-        q, k, v, extra, causal=True), *a), argnums=(0, 1, 2))(q, k, v)
+    flagged = jax.value_and_grad(
+        lambda *a: loss(
+            lambda q, k, v: attention.dot_product_attention(q, k, v, extra, causal=True), *a
+        ),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     explicit_mask = attention.combine_masks(attention.causal_mask(7), extra)
-    explicit = jax.value_and_grad(lambda *a: loss(lambda q, k, v: _plain_attention(q, k, v, explicit_mask), *a),
-                                  argnums=(0, 1, 2))(q, k, v)
+    explicit = jax.value_and_grad(
+        lambda *a: loss(lambda q, k, v: _plain_attention(q, k, v, explicit_mask), *a),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     np.testing.assert_allclose(flagged[0], explicit[0], rtol=1e-5)
     for g, w in zip(flagged[1], explicit[1], strict=True):
       np.testing.assert_allclose(g, w, atol=1e-5)

@@ -15,11 +15,15 @@ from bigjax import tasks
 
 def _forward_flops(model, inputs):
   params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs))["params"]
-  return params, flops.counted_forward_flops(lambda p, x: model.apply({"params": p}, x), params, inputs)
+  return params, flops.counted_forward_flops(
+      lambda p, x: model.apply({"params": p}, x), params, inputs
+  )
 
 
 def test_transformer_formula_is_three_times_the_counted_forward():
-  model = models.create("transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16)
+  model = models.create(
+      "transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16
+  )
   tokens = jnp.zeros((2, 16), jnp.int32)
   params, forward = _forward_flops(model, tokens)
   assert flops.transformer_flops_per_token(model.config, params, 16) == 3 * forward / (2 * 16)
@@ -35,10 +39,13 @@ def test_lstm_formula_is_three_times_the_counted_forward_over_the_scan():
 def test_counted_flops_of_a_strided_convolution_and_a_matmul():
   x = jnp.zeros((2, 9, 9, 3))
   kernel = jnp.zeros((3, 3, 3, 4))
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), [(1, 1)] * 2,
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (2, 2), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   assert flops.counted_forward_flops(conv, x, kernel) == 2 * (2 * 5 * 5 * 4) * (3 * 3 * 3)
-  assert flops.counted_forward_flops(jnp.matmul, np.zeros((7, 5)), np.zeros((5, 3))) == 2 * 7 * 5 * 3
+  assert (
+      flops.counted_forward_flops(jnp.matmul, np.zeros((7, 5)), np.zeros((5, 3))) == 2 * 7 * 5 * 3
+  )
 
 
 def test_breakdown_skeleton_flops_and_attention_ablation():
@@ -51,7 +58,9 @@ def test_breakdown_skeleton_flops_and_attention_ablation():
   chain, params, stated = breakdown.dense_skeleton(model.config, tokens=8)
   assert stated == 3 * flops.counted_forward_flops(chain, params)
   batch = throughput.random_batch(model, 2, 8)
-  workload = throughput.Workload("transformer-tiny", model, tasks.LanguageModelling(), batch, "tokens", 16, "float32")
+  workload = throughput.Workload(
+      "transformer-tiny", model, tasks.LanguageModelling(), batch, "tokens", 16, "float32"
+  )
   real_fn, real_params = breakdown.loss_gradient(workload)
   ablated_fn, ablated_params = breakdown.without_attention_core(workload)
   assert attention.dot_product_attention is not breakdown._attention_without_core
@@ -65,11 +74,14 @@ def _resnet18_flops_per_image(image_size: int, conv_impl: str) -> tuple[float, f
   """(the benchmark's training FLOPs per image, 3 x the forward counted with `conv_impl`)."""
   model = models.create("resnet18", input_shape=(image_size, image_size, 3), conv_impl=conv_impl)
   batch = throughput.random_batch(model, 1, 0)
-  workload = throughput.Workload("resnet18", model, tasks.Classification(), batch, "images", 1, "float32")
+  workload = throughput.Workload(
+      "resnet18", model, tasks.Classification(), batch, "images", 1, "float32"
+  )
   per_image, _, _ = throughput.flops_per_unit(workload, *throughput.abstract_variables(workload))
   variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch["image"]))
   return per_image, 3 * flops.counted_forward_flops(
-      lambda v, x: model.apply(v, x, train=False), variables, batch["image"])
+      lambda v, x: model.apply(v, x, train=False), variables, batch["image"]
+  )
 
 
 def test_resnet_flops_are_the_published_figure_whichever_convolution_runs():
@@ -112,11 +124,29 @@ def test_throughput_ab_of_an_xla_option_runs_end_to_end():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.throughput", "--model=transformer-tiny", "--model_override=num_layers=1",
-       "--model_override=embed_dim=32", "--model_override=mlp_dim=64", "--batch_size=2", "--seq_len=16",
-       "--bench_steps=1", "--bench_warmup=0", "--rounds=1", "--peak_matmul_size=64",
-       "--ab_xla_option=xla_cpu_experimental_ynn_fusion_type="],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=True)
+      [
+          sys.executable,
+          "-m",
+          "benchmarks.throughput",
+          "--model=transformer-tiny",
+          "--model_override=num_layers=1",
+          "--model_override=embed_dim=32",
+          "--model_override=mlp_dim=64",
+          "--batch_size=2",
+          "--seq_len=16",
+          "--bench_steps=1",
+          "--bench_warmup=0",
+          "--rounds=1",
+          "--peak_matmul_size=64",
+          "--ab_xla_option=xla_cpu_experimental_ynn_fusion_type=",
+      ],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
   a, b, compare = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   assert (a["framework"], b["framework"]) == ("bigjax A", "bigjax B")
   assert compare["B"] == ["xla:xla_cpu_experimental_ynn_fusion_type="]
@@ -125,24 +155,36 @@ def test_throughput_ab_of_an_xla_option_runs_end_to_end():
     assert record["measured_peak_flops"] == max(record["peak_measurements"])
     assert record["mfu_measured_peak"] == record["achieved_flops"] / record["measured_peak_flops"]
   # An option for another platform would leave B the same as A: a one-line error, not a silent 1.0x.
-  gpu_only = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--model=transformer-tiny",
-                             "--ab_xla_option=xla_gpu_autotune_level=0"], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=300)
+  gpu_only = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "benchmarks.throughput",
+          "--model=transformer-tiny",
+          "--ab_xla_option=xla_gpu_autotune_level=0",
+      ],
+      cwd=repo,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert gpu_only.returncode == 1
   assert gpu_only.stderr.strip().splitlines()[-1] == (
-      "error: --ab_xla_option=['xla_gpu_autotune_level=0'] changes nothing on cpu: B would compile as A")
+      "error: --ab_xla_option=['xla_gpu_autotune_level=0'] changes nothing on cpu: B would compile as A"
+  )
 
 
 # Loaded by every Python the GPU script starts (through PYTHONPATH): the machine it is written for
 # has no grain and no TFDS, so the dry run must not need them either.
-_WITHOUT_DATA_STACK = '''
+_WITHOUT_DATA_STACK = """
 import importlib.abc, sys
 class _NoDataStack(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path, target=None):
     if name.partition(".")[0] in ("grain", "tensorflow_datasets", "array_record"):
       raise ImportError(f"{name} is not installed on the GPU machine")
 sys.meta_path.insert(0, _NoDataStack())
-'''
+"""
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
@@ -157,16 +199,33 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
   site.mkdir()
   (site / "sitecustomize.py").write_text(_WITHOUT_DATA_STACK)
   out = tmp_path / "out"
-  env = dict(os.environ, BIGJAX_GPU_DRY_RUN="1", OUT=str(out), PYTHONPATH=str(site),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  result = subprocess.run(["bash", os.path.join(repo, "benchmarks", "gpu.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = dict(
+      os.environ,
+      BIGJAX_GPU_DRY_RUN="1",
+      OUT=str(out),
+      PYTHONPATH=str(site),
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
+  result = subprocess.run(
+      ["bash", os.path.join(repo, "benchmarks", "gpu.sh")],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-3000:]
-  records = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-             for name in ("attention_check", "gpt2_medium_bf16", "resnet50_bf16")}
+  records = {
+      name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+      for name in ("attention_check", "gpt2_medium_bf16", "resnet50_bf16")
+  }
   assert [(r["kv_heads"], r["ok"]) for r in records["attention_check"]] == [(16, True), (4, True)]
   (gpt,), (resnet,) = records["gpt2_medium_bf16"], records["resnet50_bf16"]
-  assert (gpt["model"], gpt["dtype"], gpt["cudnn_attention_calls"]) == ("gpt2-medium", "bfloat16", 0)
+  assert (gpt["model"], gpt["dtype"], gpt["cudnn_attention_calls"]) == (
+      "gpt2-medium",
+      "bfloat16",
+      0,
+  )
   assert gpt["tokens_per_s"] > 0 and resnet["images_per_s"] > 0
   assert "jax 0." in (out / "versions.txt").read_text()
 
@@ -178,12 +237,28 @@ def test_load_benchmark_writes_a_checkpoint_and_measures_its_sharded_load(tmp_pa
   import sys
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-m", "benchmarks.load", "--model=llama-tiny", "--dtype=float32",
-                           f"--checkpoint_dir={tmp_path / 'ckpt'}"], cwd=repo, capture_output=True, text=True,
-                          timeout=300, check=True)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "benchmarks.load",
+          "--model=llama-tiny",
+          "--dtype=float32",
+          f"--checkpoint_dir={tmp_path / 'ckpt'}",
+      ],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
   record = json.loads(result.stdout.strip().splitlines()[-1])
   assert record["mesh"] == "data=1, fsdp=8, tensor=1" and record["parameters"] == 1_639_680
   assert record["checkpoint_bytes"] >= 4 * record["parameters"]
   # Every parameter of llama-tiny splits over fsdp:8, so each device holds an eighth of the model.
-  assert record["bytes_per_device_max"] == record["bytes_per_device_min"] == record["model_bytes_over_devices"]
+  assert (
+      record["bytes_per_device_max"]
+      == record["bytes_per_device_min"]
+      == record["model_bytes_over_devices"]
+  )
   assert record["load_s"] > 0 and record["peak_rss_bytes"] >= record["rss_before_bytes"]

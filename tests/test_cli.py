@@ -13,9 +13,17 @@ TINY_FLAGS = os.path.join(REPO, "experiments", "configs", "transformer_tiny.flag
 
 
 def _run(*flags, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.transformer", *flags], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.transformer", *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def _assert_one_line_error(result, code, message):
@@ -28,16 +36,27 @@ def _assert_one_line_error(result, code, message):
 @pytest.fixture
 def tiny(tmp_path, data_dir):
   """The tiny flagfile shrunk to seconds, with its own workdir and the shared data dir."""
-  return [f"--flagfile={TINY_FLAGS}", f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--seq_len=32",
-          "--batch_size=8", "--model_override=num_layers=1", "--model_override=embed_dim=32",
-          "--model_override=mlp_dim=64", "--eval_batches=2", "--log_every=1"]
+  return [
+      f"--flagfile={TINY_FLAGS}",
+      f"--workdir={tmp_path}",
+      f"--data_dir={data_dir}",
+      "--seq_len=32",
+      "--batch_size=8",
+      "--model_override=num_layers=1",
+      "--model_override=embed_dim=32",
+      "--model_override=mlp_dim=64",
+      "--eval_batches=2",
+      "--log_every=1",
+  ]
 
 
 def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tiny):
   first = _run(*tiny, "--num_steps=4", "--checkpoint_every=2", "--eval_every=2")
   assert first.returncode == 0, first.stderr
   assert "step 4/4" in first.stdout and "tokens/s" in first.stdout
-  assert "; XLA option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE" in first.stdout  # flagfile
+  assert (
+      "; XLA option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE" in first.stdout
+  )  # flagfile
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   second = _run(*tiny, "--num_steps=6", "--checkpoint_every=2", "--eval_every=2")
   assert second.returncode == 0, second.stderr
@@ -46,7 +65,14 @@ def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tin
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert all("eval_bits_per_byte" in r for r in rows if r["step"] % 2 == 0)
-  sampled = _run(*tiny, "--mode=sample", "--prompt=import ", "--num_tokens=12", "--temperature=0", "--num_samples=2")
+  sampled = _run(
+      *tiny,
+      "--mode=sample",
+      "--prompt=import ",
+      "--num_tokens=12",
+      "--temperature=0",
+      "--num_samples=2",
+  )
   assert sampled.returncode == 0, sampled.stderr
   assert "step 6 checkpoint" in sampled.stdout and sampled.stdout.count("import ") == 2
 
@@ -58,13 +84,19 @@ def test_unknown_model_lists_the_known_ones(tiny):
 
 
 def test_mesh_that_does_not_fit_the_devices(tiny):
-  _assert_one_line_error(_run(*tiny, "--mesh=data:3,fsdp:1,tensor:1", devices=8), 1,
-                         "the axes multiply to 3 but there are 8 devices")
+  _assert_one_line_error(
+      _run(*tiny, "--mesh=data:3,fsdp:1,tensor:1", devices=8),
+      1,
+      "the axes multiply to 3 but there are 8 devices",
+  )
 
 
 def test_batch_that_does_not_divide(tiny):
-  _assert_one_line_error(_run(*tiny, "--batch_size=6", "--mesh=data:-1,fsdp:2", devices=8), 1,
-                         "--batch_size=6 does not divide over the 8 data-parallel devices")
+  _assert_one_line_error(
+      _run(*tiny, "--batch_size=6", "--mesh=data:-1,fsdp:2", devices=8),
+      1,
+      "--batch_size=6 does not divide over the 8 data-parallel devices",
+  )
 
 
 def test_unreadable_flagfile(tmp_path):
@@ -78,19 +110,33 @@ def test_bad_flag_value(tiny):
 
 
 def test_missing_required_flag(tmp_path):
-  _assert_one_line_error(_run(f"--workdir={tmp_path}"), 1, "missing required flag(s) --model, --dataset")
+  _assert_one_line_error(
+      _run(f"--workdir={tmp_path}"), 1, "missing required flag(s) --model, --dataset"
+  )
 
 
 def _run_experiment(module, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", module, *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def test_cnn_experiment_reports_accuracy(tmp_path, data_dir):
-  result = _run_experiment("experiments.cnn", f"--flagfile={REPO}/experiments/configs/cnn_tiny.flags",
-                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=30",
-                           "--eval_every=30", "--log_every=10")
+  result = _run_experiment(
+      "experiments.cnn",
+      f"--flagfile={REPO}/experiments/configs/cnn_tiny.flags",
+      f"--workdir={tmp_path}",
+      f"--data_dir={data_dir}",
+      "--num_steps=30",
+      "--eval_every=30",
+      "--log_every=10",
+  )
   assert result.returncode == 0, result.stderr
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert rows[-1]["step"] == 30 and rows[-1]["eval_accuracy"] > 0.5
@@ -98,31 +144,55 @@ def test_cnn_experiment_reports_accuracy(tmp_path, data_dir):
 
 
 def test_rnn_experiment_trains_a_language_model(tmp_path, data_dir):
-  result = _run_experiment("experiments.rnn", f"--flagfile={REPO}/experiments/configs/lstm_lm_tiny.flags",
-                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=3", "--seq_len=32",
-                           "--batch_size=8", "--model_override=hidden_size=32", "--eval_every=3",
-                           "--eval_batches=2", "--log_every=1")
+  result = _run_experiment(
+      "experiments.rnn",
+      f"--flagfile={REPO}/experiments/configs/lstm_lm_tiny.flags",
+      f"--workdir={tmp_path}",
+      f"--data_dir={data_dir}",
+      "--num_steps=3",
+      "--seq_len=32",
+      "--batch_size=8",
+      "--model_override=hidden_size=32",
+      "--eval_every=3",
+      "--eval_batches=2",
+      "--log_every=1",
+  )
   assert result.returncode == 0, result.stderr
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert rows[-1]["step"] == 3 and 0 < rows[-1]["eval_bits_per_byte"] < 10
 
 
 def test_mlp_experiment_defaults_to_the_mlp(tmp_path, data_dir):
-  result = _run_experiment("experiments.mlp", "--dataset=sklearn_digits", f"--workdir={tmp_path}",
-                           f"--data_dir={data_dir}", "--num_steps=5", "--log_every=5")
+  result = _run_experiment(
+      "experiments.mlp",
+      "--dataset=sklearn_digits",
+      f"--workdir={tmp_path}",
+      f"--data_dir={data_dir}",
+      "--num_steps=5",
+      "--log_every=5",
+  )
   assert result.returncode == 0, result.stderr
   assert "model: 85,002 parameters" in result.stdout
 
 
 def test_image_of_the_wrong_shape_is_a_one_line_error(tmp_path, data_dir):
-  result = _run_experiment("experiments.cnn", "--model=resnet18", "--dataset=sklearn_digits",
-                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--num_steps=1")
-  _assert_one_line_error(result, 1, "images have shape (1, 8, 8, 1) but the model expects [batch, 224, 224, 3]")
+  result = _run_experiment(
+      "experiments.cnn",
+      "--model=resnet18",
+      "--dataset=sklearn_digits",
+      f"--workdir={tmp_path}",
+      f"--data_dir={data_dir}",
+      "--num_steps=1",
+  )
+  _assert_one_line_error(
+      result, 1, "images have shape (1, 8, 8, 1) but the model expects [batch, 224, 224, 3]"
+  )
   assert "--model_override='input_shape=(8, 8, 1)'" in result.stderr
 
 
 def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   result = _run(*tiny, "--num_steps=4", "--eval_every=2", "--learning_rate=0.005")
   assert result.returncode == 0, result.stderr
   events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -132,7 +202,9 @@ def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
   assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
   assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx([r["eval_loss"] for r in rows if "eval_loss" in r])
+  assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx(
+      [r["eval_loss"] for r in rows if "eval_loss" in r]
+  )
   saved = (tmp_path / "flags.txt").read_text()
   assert "--learning_rate=0.005" in saved and "--num_steps=4" in saved
   assert "--nohelp" not in saved  # absl's own flags, left at their defaults, are not the run's
@@ -140,7 +212,10 @@ def test_tensorboard_events_and_the_flagfile_repeat_the_run(tmp_path, tiny):
   # The saved flags alone repeat the run exactly.
   again = _run(f"--flagfile={tmp_path / 'flags.txt'}", f"--workdir={tmp_path / 'again'}")
   assert again.returncode == 0, again.stderr
-  assert metrics.read_jsonl(tmp_path / "again" / "metrics.jsonl")[-1]["train_loss"] == rows[-1]["train_loss"]
+  assert (
+      metrics.read_jsonl(tmp_path / "again" / "metrics.jsonl")[-1]["train_loss"]
+      == rows[-1]["train_loss"]
+  )
 
 
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
@@ -155,10 +230,16 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny):
 
 
 def test_xla_options_are_parsed_and_a_bad_one_is_one_line(tiny):
-  _assert_one_line_error(_run(*tiny, "--xla_option=xla_cpu_enable_fast_math"), 1,
-                         "--xla_option='xla_cpu_enable_fast_math' must look like NAME=VALUE")
-  _assert_one_line_error(_run(*tiny, "--xla_option=xla_cpu_enable_fast_math=maybe"), 1,
-                         "xla_cpu_enable_fast_math, 'maybe' is not a valid bool value")
+  _assert_one_line_error(
+      _run(*tiny, "--xla_option=xla_cpu_enable_fast_math"),
+      1,
+      "--xla_option='xla_cpu_enable_fast_math' must look like NAME=VALUE",
+  )
+  _assert_one_line_error(
+      _run(*tiny, "--xla_option=xla_cpu_enable_fast_math=maybe"),
+      1,
+      "xla_cpu_enable_fast_math, 'maybe' is not a valid bool value",
+  )
 
 
 def test_saved_flags_list_ours_always_and_other_modules_only_where_set():
@@ -167,14 +248,18 @@ def test_saved_flags_list_ours_always_and_other_modules_only_where_set():
 
   values = absl_flags.FlagValues()
   absl_flags.DEFINE_integer("steps", 10, "", flag_values=values, module_name="bigjax.flags")
-  absl_flags.DEFINE_string("unset_path", None, "", flag_values=values, module_name="experiments.cnn")
+  absl_flags.DEFINE_string(
+      "unset_path", None, "", flag_values=values, module_name="experiments.cnn"
+  )
   absl_flags.DEFINE_integer("threads", 64, "", flag_values=values, module_name="grain.config")
-  absl_flags.DEFINE_bool("debug", False, "", flag_values=values, module_name="tensorflow_datasets.core")
+  absl_flags.DEFINE_bool(
+      "debug", False, "", flag_values=values, module_name="tensorflow_datasets.core"
+  )
   values(["prog", "--debug"])
   assert bigjax_flags.run_flags_text(values) == "--steps=10\n--debug\n"
 
 
-_FORK_MODULE = '''
+_FORK_MODULE = """
 from bigjax import models
 from bigjax.nn import transformer
 
@@ -191,22 +276,36 @@ class NoSegmentsLM(transformer.TransformerLM):
 @models.register("fork-lm-without-segments")
 def fork_lm_without_segments(**overrides):
   return NoSegmentsLM(fork_lm(**overrides).config)
-'''
+"""
 
 
 def test_a_preset_registered_in_a_module_of_your_own_trains_with_import_modules(tmp_path, tiny):
   (tmp_path / "my_presets.py").write_text(_FORK_MODULE)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(tmp_path))
-  run = lambda *flags: subprocess.run([sys.executable, "-m", "experiments.transformer", *tiny, *flags], cwd=REPO,
-                                      env=env, capture_output=True, text=True, timeout=600)
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(tmp_path),
+  )
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "experiments.transformer", *tiny, *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   trained = run("--import_modules=my_presets", "--model=fork-lm", "--num_steps=2")
   assert trained.returncode == 0, trained.stderr
   assert "step 2/2" in trained.stdout and "segment_ids_BT" not in trained.stdout
   assert "--import_modules=my_presets" in (tmp_path / "flags.txt").read_text()
   # A model that cannot keep attention inside documents says so instead of silently mixing them.
-  unmasked = run("--import_modules=my_presets", "--model=fork-lm-without-segments", "--num_steps=2",
-                 f"--workdir={tmp_path / 'unmasked'}")
+  unmasked = run(
+      "--import_modules=my_presets",
+      "--model=fork-lm-without-segments",
+      "--num_steps=2",
+      f"--workdir={tmp_path / 'unmasked'}",
+  )
   assert unmasked.returncode == 0, unmasked.stderr
   assert "note: NoSegmentsLM.__call__ takes no segment_ids_BT" in unmasked.stdout
   missing = run("--import_modules=not_my_presets", "--model=fork-lm", "--num_steps=2")

@@ -26,14 +26,25 @@ TRAIN_PER_CLASS = 5  # and one validation image per class
 
 
 def _run(module, *flags, cwd=REPO, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", module, *flags], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=REPO,
+  )
+  return subprocess.run(
+      [sys.executable, "-m", module, *flags],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def _png(label: int, rng) -> bytes:
   from PIL import Image
+
   pixels = np.clip(rng.normal(60 + 120 * label, 20, (8, 8)), 0, 255).astype(np.uint8)
   buffer = io.BytesIO()
   Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
@@ -70,7 +81,9 @@ def _second_batch_path(root) -> str:
   """A training image of the run's second batch (batch size 4, seed 0): the first is read in the
   main process for shapes, the rest by the loader (grain's threads, or its worker processes)."""
   train = files.open_split(f"imagefolder:{root}", "train")
-  first_image = files.open_split(f"imagefolder:{root}", "train+validation")[0]["name"]  # read when opening
+  first_image = files.open_split(f"imagefolder:{root}", "train+validation")[0][
+      "name"
+  ]  # read when opening
   names = pipeline.train_batches(train, 4, seed=0)[1]["name"]
   return next(name.decode() for name in names if name != first_image)
 
@@ -80,20 +93,33 @@ def test_a_damaged_image_is_one_line_naming_it(images, damage, workers):
   path = _second_batch_path(images)
   data = open(path, "rb").read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2] if damage == "truncated" else b"notes, not an image\n")
-  result = _run("experiments.cnn", *SMALL_CNN, f"--dataset=imagefolder:{images}", "--num_steps=2",
-                "--eval_every=2", f"--workdir={images.parent / 'run'}", f"--data_workers={workers}")
+    f.write(data[: len(data) // 2] if damage == "truncated" else b"notes, not an image\n")
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      f"--dataset=imagefolder:{images}",
+      "--num_steps=2",
+      "--eval_every=2",
+      f"--workdir={images.parent / 'run'}",
+      f"--data_workers={workers}",
+  )
   _assert_one_line_error(result, 1, f"{path} is not a readable image (")
   assert result.stderr.rstrip().endswith("remove or replace it") and "leaked" not in result.stderr
 
 
 def test_image_bytes_overwritten_or_cut_are_a_user_error(tmp_path):
   data = _png(0, np.random.default_rng(1))
-  damaged = {"cut.png": data[:60], "overwritten.png": data[:45] + b"\xff" * 16 + data[61:], "empty.png": b"",
-             "notes.png": b"shopping list\n"}
+  damaged = {
+      "cut.png": data[:60],
+      "overwritten.png": data[:45] + b"\xff" * 16 + data[61:],
+      "empty.png": b"",
+      "notes.png": b"shopping list\n",
+  }
   for name, content in damaged.items():
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(UserError, match=r"^\S+ is not a readable image \(.*\); remove or replace it$") as error:
+    with pytest.raises(
+        UserError, match=r"^\S+ is not a readable image \(.*\); remove or replace it$"
+    ) as error:
       files.decode_image(str(tmp_path / name))
     assert str(tmp_path / name) in str(error.value) and "\n" not in str(error.value)
 
@@ -120,10 +146,17 @@ def test_link_loops_in_an_image_folder_add_nothing_through_the_cli(images):
   _link_loops(images)
   # A one-output model stops the run at the class check, just after the counts are printed: the
   # counts are the point here, and training on them is tested elsewhere.
-  result = _run("experiments.cnn", *SMALL_CNN, f"--dataset=imagefolder:{images}",
-                "--model_override=num_classes=1", f"--workdir={images.parent / 'run'}",
-                timeout=120)  # glob's walk of these loops never ends
-  assert f"imagefolder:{images}: {2 * TRAIN_PER_CLASS} train / 2 eval images" in result.stdout, result.stderr
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      f"--dataset=imagefolder:{images}",
+      "--model_override=num_classes=1",
+      f"--workdir={images.parent / 'run'}",
+      timeout=120,
+  )  # glob's walk of these loops never ends
+  assert (
+      f"imagefolder:{images}: {2 * TRAIN_PER_CLASS} train / 2 eval images" in result.stdout
+  ), result.stderr
   _assert_one_line_error(result, 1, "has 2 classes but --model=cnn-small outputs 1")
 
 
@@ -146,12 +179,21 @@ def test_with_link_loops_each_image_is_in_one_split_once_with_its_own_label(imag
 
 def test_a_file_in_two_class_folders_is_one_line_naming_both(images):
   os.symlink(images / "b", images / "a" / "also_b")
-  result = _run("experiments.cnn", *SMALL_CNN, f"--dataset=imagefolder:{images}", "--num_steps=1",
-                f"--workdir={images.parent / 'run'}")
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      f"--dataset=imagefolder:{images}",
+      "--num_steps=1",
+      f"--workdir={images.parent / 'run'}",
+  )
   first_b = sorted(os.listdir(images / "b"))[0]
-  _assert_one_line_error(result, 1, f"{images}/a/also_b/{first_b} and {images}/b/{first_b} are one file, in "
-                                    f"class folders 'a' and 'b', so it has no one label; remove the link "
-                                    f"{images}/a/also_b")
+  _assert_one_line_error(
+      result,
+      1,
+      f"{images}/a/also_b/{first_b} and {images}/b/{first_b} are one file, in "
+      f"class folders 'a' and 'b', so it has no one label; remove the link "
+      f"{images}/a/also_b",
+  )
 
 
 def test_text_globs_read_each_real_file_once_whatever_the_links(tmp_path):
@@ -161,19 +203,35 @@ def test_text_globs_read_each_real_file_once_whatever_the_links(tmp_path):
   (corpus / "two.txt").write_text("third line\n")
   os.symlink(corpus, corpus / "notes" / "loop")
   os.symlink(corpus, corpus / "notes" / "loop2")  # two loops in one folder: exponential for glob
-  os.symlink("notes", corpus / "also_notes")  # a second way to one folder: its files under the first path
-  os.symlink("two.txt", corpus / "three.txt")  # a second name for one file: the first in sorted order names it
+  os.symlink(
+      "notes", corpus / "also_notes"
+  )  # a second way to one folder: its files under the first path
+  os.symlink(
+      "two.txt", corpus / "three.txt"
+  )  # a second name for one file: the first in sorted order names it
   os.link(corpus / "two.txt", corpus / "zz_hard.txt")
-  documents = _within(20, lambda: files.open_split(f"textfiles:{corpus}/**/*.txt", "train+validation"))
+  documents = _within(
+      20, lambda: files.open_split(f"textfiles:{corpus}/**/*.txt", "train+validation")
+  )
   names = sorted(documents[i]["name"].decode() for i in range(len(documents)))
   assert names == [f"{corpus}/also_notes/one.txt", f"{corpus}/three.txt"]
-  assert files._open_text_files("textfiles", f"{corpus}/**/*.txt")[1] == [b"also_notes/one.txt", b"three.txt"]
+  assert files._open_text_files("textfiles", f"{corpus}/**/*.txt")[1] == [
+      b"also_notes/one.txt",
+      b"three.txt",
+  ]
   lines = _within(20, lambda: files.open_split(f"textlines:{corpus}/**/*.txt", "train+validation"))
-  assert sorted(lines[i]["text"] for i in range(len(lines))) == [b"first line", b"second line", b"third line"]
+  assert sorted(lines[i]["text"] for i in range(len(lines))) == [
+      b"first line",
+      b"second line",
+      b"third line",
+  ]
 
 
 def _trained_model(path) -> bytes:
-  documents = [f"Document {i}: the quick brown fox jumps over the lazy dog.\n".encode() * 30 for i in range(20)]
+  documents = [
+      f"Document {i}: the quick brown fox jumps over the lazy dog.\n".encode() * 30
+      for i in range(20)
+  ]
   tokenizers.train_sentencepiece(documents, 300, str(path))
   return path.read_bytes()
 
@@ -182,14 +240,24 @@ def test_a_damaged_tokenizer_model_is_one_line_naming_it(tmp_path):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for i in range(4):
-    (corpus / f"doc{i}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20)
+    (corpus / f"doc{i}.txt").write_text(
+        f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20
+    )
   workdir = tmp_path / "run"
   workdir.mkdir()
   model = workdir / tokenizers.MODEL_FILE
   model.write_bytes(_trained_model(tmp_path / "good.model")[:2000])  # cut short, as by a full disk
-  result = _run("experiments.transformer", f"--dataset=textfiles:{corpus}/*.txt", f"--workdir={workdir}",
-                "--tokenizer=spm:300", "--model=transformer-tiny", "--seq_len=32", "--batch_size=8",
-                "--num_steps=1", "--eval_split=train")
+  result = _run(
+      "experiments.transformer",
+      f"--dataset=textfiles:{corpus}/*.txt",
+      f"--workdir={workdir}",
+      "--tokenizer=spm:300",
+      "--model=transformer-tiny",
+      "--seq_len=32",
+      "--batch_size=8",
+      "--num_steps=1",
+      "--eval_split=train",
+  )
   _assert_one_line_error(result, 1, f"{model} is damaged (")
   assert "restore it from a copy" in result.stderr and "a new --workdir" in result.stderr
   for content in (b"", b"garbage" * 100):
@@ -215,12 +283,23 @@ def test_a_data_set_naming_a_feature_class_of_its_own_runs_no_code(tmp_path, dat
   with open(path, "w") as f:
     json.dump(features, f)
   (tmp_path / "evil_module.py").write_text("open('IMPORTED', 'w').close()\n")
-  result = _run("experiments.cnn", *SMALL_CNN, "--dataset=shared_digits", f"--data_dir={tmp_path / 'data'}",
-                f"--workdir={tmp_path / 'run'}", "--num_steps=1", cwd=str(tmp_path))
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      "--dataset=shared_digits",
+      f"--data_dir={tmp_path / 'data'}",
+      f"--workdir={tmp_path / 'run'}",
+      "--num_steps=1",
+      cwd=str(tmp_path),
+  )
   assert not (tmp_path / "IMPORTED").exists()
-  _assert_one_line_error(result, 1, f"{path} names the feature class 'evil_module.Feature', which is neither "
-                                    "TFDS's own nor imported already: bigjax will not import code named by a "
-                                    "data set")
+  _assert_one_line_error(
+      result,
+      1,
+      f"{path} names the feature class 'evil_module.Feature', which is neither "
+      "TFDS's own nor imported already: bigjax will not import code named by a "
+      "data set",
+  )
 
 
 def test_only_feature_classes_already_defined_pass_anywhere_in_the_metadata(tmp_path, data_dir):
@@ -233,9 +312,13 @@ def test_only_feature_classes_already_defined_pass_anywhere_in_the_metadata(tmp_
   info["features"] = {"featuresDict": {"features": {"x": {"pythonClassName": "their_code.Thing"}}}}
   with open(path, "w") as f:
     json.dump(info, f)
-  with pytest.raises(UserError, match=r"dataset_info.json names the feature class 'their_code.Thing'"):
+  with pytest.raises(
+      UserError, match=r"dataset_info.json names the feature class 'their_code.Thing'"
+  ):
     sources.open_builder("copied_digits:1.0.0", str(tmp_path))
   with open(path, "w") as f:
     f.write('{"name": "copied_digits", ')  # cut short
-  with pytest.raises(UserError, match=r"dataset_info.json cannot be read \(.*\); restore the data set's files"):
+  with pytest.raises(
+      UserError, match=r"dataset_info.json cannot be read \(.*\); restore the data set's files"
+  ):
     sources.open_builder("copied_digits", str(tmp_path))

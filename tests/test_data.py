@@ -76,7 +76,9 @@ def test_missing_dataset_names_the_directory_and_the_build_command(tmp_path):
 
 
 def test_unknown_dataset_lists_the_offline_ones(tmp_path):
-  with pytest.raises(UserError, match="'no_such_set' is not prepared.*python_stdlib_text.*tfds build no_such_set"):
+  with pytest.raises(
+      UserError, match="'no_such_set' is not prepared.*python_stdlib_text.*tfds build no_such_set"
+  ):
     sources.load_source("no_such_set", "train", str(tmp_path))
 
 
@@ -85,8 +87,10 @@ def test_too_long_windows_are_a_user_error(data_dir):
     lm.open_windows("python_stdlib_text", "validation", 10_000_000, data_dir)
 
 
-@pytest.mark.parametrize("task,inputs,targets", [("copy", b"kqz", b"kqz"), ("reverse", b"kqz", b"zqk"),
-                                                 ("sort", b"kqz", b"kqz")])
+@pytest.mark.parametrize(
+    "task,inputs,targets",
+    [("copy", b"kqz", b"kqz"), ("reverse", b"kqz", b"zqk"), ("sort", b"kqz", b"kqz")],
+)
 def test_synthetic_letter_tasks_have_the_known_answers(task, inputs, targets, data_dir):
   source = sources.load_source(f"synthetic_sequences/{task}", "test", data_dir)
   assert len(source) == 1_000
@@ -122,6 +126,7 @@ def test_prompt_targets_mask_only_the_answer():
 
 def test_standardize_gives_zero_mean_unit_variance_per_image():
   from bigjax.data import images
+
   image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
   out = images.standardize(image)
   np.testing.assert_allclose([out.mean(), out.std()], [0.0, 1.0], atol=1e-5)
@@ -130,16 +135,19 @@ def test_standardize_gives_zero_mean_unit_variance_per_image():
 
 def test_augment_flips_and_crops_from_the_padded_image():
   from bigjax.data import images
+
   image = np.arange(16, dtype=np.float32).reshape(4, 4, 1) + 1
   flips = {images.Augment(flip=True)(image, np.random.default_rng(s)).tobytes() for s in range(20)}
   assert flips == {image.tobytes(), image[:, ::-1].tobytes()}
   padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
-  windows = {padded[t:t + 4, l:l + 4].tobytes() for t in range(5) for l in range(5)}
+  windows = {padded[t : t + 4, x : x + 4].tobytes() for t in range(5) for x in range(5)}
   for seed in range(20):
     crop = images.Augment(crop_padding=2)(image, np.random.default_rng(seed))
     assert crop.shape == image.shape and crop.tobytes() in windows
 
 
 def test_misspelt_offline_dataset_suggests_the_right_name(tmp_path):
-  with pytest.raises(UserError, match="'pyhton_stdlib_text' is not prepared .*did you mean 'python_stdlib_text'"):
+  with pytest.raises(
+      UserError, match="'pyhton_stdlib_text' is not prepared .*did you mean 'python_stdlib_text'"
+  ):
     sources.load_source("pyhton_stdlib_text", "train", str(tmp_path))

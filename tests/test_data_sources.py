@@ -27,11 +27,16 @@ class BigjaxTestShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built in code: a builder outside a package has no metadata files for TFDS to read.
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "picture": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-        "kind": tfds.features.ClassLabel(num_classes=3),
-        "caption": tfds.features.Text(),
-    }))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {
+                "picture": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "kind": tfds.features.ClassLabel(num_classes=3),
+                "caption": tfds.features.Text(),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -54,18 +59,42 @@ def shapes_dir(tmp_path_factory):
 
 def _run(module, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", module, *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
-SMALL_CNN = ["--model=cnn-small", "--batch_size=16", "--num_steps=4", "--log_every=2", "--eval_every=4",
-             "--learning_rate=3e-3", "--warmup_steps=1"]
+SMALL_CNN = [
+    "--model=cnn-small",
+    "--batch_size=16",
+    "--num_steps=4",
+    "--log_every=2",
+    "--eval_every=4",
+    "--learning_rate=3e-3",
+    "--warmup_steps=1",
+]
 
 
-def test_a_prepared_tfds_data_set_trains_through_the_cli_by_name_version_and_slices(tmp_path, shapes_dir):
-  result = _run("experiments.cnn", *SMALL_CNN, "--dataset=bigjax_test_shapes:1.2.0", f"--data_dir={shapes_dir}",
-                f"--workdir={tmp_path}", "--image_key=picture", "--label_key=kind", "--train_split=train[:75%]",
-                "--eval_split=train[75%:]+test", "--data_workers=0")
+def test_a_prepared_tfds_data_set_trains_through_the_cli_by_name_version_and_slices(
+    tmp_path, shapes_dir
+):
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      "--dataset=bigjax_test_shapes:1.2.0",
+      f"--data_dir={shapes_dir}",
+      f"--workdir={tmp_path}",
+      "--image_key=picture",
+      "--label_key=kind",
+      "--train_split=train[:75%]",
+      "--eval_split=train[75%:]+test",
+      "--data_workers=0",
+  )
   assert result.returncode == 0, result.stderr
   assert "bigjax_test_shapes:1.2.0: 72 train / 48 eval images" in result.stdout
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
@@ -90,18 +119,26 @@ def _one_line(excinfo) -> str:
   return message
 
 
-def test_a_missing_data_set_version_or_split_is_one_line_naming_what_where_and_how(shapes_dir, tmp_path):
+def test_a_missing_data_set_version_or_split_is_one_line_naming_what_where_and_how(
+    shapes_dir, tmp_path
+):
   with pytest.raises(UserError) as missing:
     sources.load_source("bigjax_no_such_set", "train", str(tmp_path))
-  assert _one_line(missing).startswith(f"data set 'bigjax_no_such_set' is not prepared in {tmp_path}")
-  assert f"`tfds build bigjax_no_such_set --data_dir={tmp_path} --file_format=array_record`" in str(missing.value)
+  assert _one_line(missing).startswith(
+      f"data set 'bigjax_no_such_set' is not prepared in {tmp_path}"
+  )
+  assert f"`tfds build bigjax_no_such_set --data_dir={tmp_path} --file_format=array_record`" in str(
+      missing.value
+  )
   with pytest.raises(UserError) as version:
     sources.load_source("bigjax_test_shapes:1.0.0", "train", shapes_dir)
-  assert f"holds only bigjax_test_shapes/1.2.0" in _one_line(version)
+  assert "holds only bigjax_test_shapes/1.2.0" in _one_line(version)
   assert "`tfds build bigjax_test_shapes:1.0.0 --data_dir=" in str(version.value)
   with pytest.raises(UserError) as split:
     sources.load_source("bigjax_test_shapes", "validation", shapes_dir)
-  assert "has no split 'validation'" in _one_line(split) and "train (96), test (24)" in str(split.value)
+  assert "has no split 'validation'" in _one_line(split) and "train (96), test (24)" in str(
+      split.value
+  )
   assert "`tfds build bigjax_test_shapes --data_dir=" in str(split.value)
   with pytest.raises(UserError, match="has no split 'train\\[:150%\\]'"):
     sources.load_source("bigjax_test_shapes", "train[:150%]", shapes_dir)
@@ -109,6 +146,7 @@ def test_a_missing_data_set_version_or_split_is_one_line_naming_what_where_and_h
 
 def _write_class_images(root, counts):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for label, (name, count) in enumerate(counts.items()):
     os.makedirs(root / name)
@@ -122,8 +160,14 @@ def test_an_image_folder_trains_through_the_cli_with_a_worker_process(tmp_path):
   _write_class_images(root, {"cat": 40, "dog": 40, "owl": 40})
   validation = files.open_split(f"imagefolder:{root}", "validation")
   assert 1 <= len(validation) <= 20  # about 5% by hash
-  result = _run("experiments.cnn", *SMALL_CNN, f"--dataset=imagefolder:{root}", f"--workdir={tmp_path / 'run'}",
-                "--data_workers=1", "--checkpoint_every=2")
+  result = _run(
+      "experiments.cnn",
+      *SMALL_CNN,
+      f"--dataset=imagefolder:{root}",
+      f"--workdir={tmp_path / 'run'}",
+      "--data_workers=1",
+      "--checkpoint_every=2",
+  )
   assert result.returncode == 0, result.stderr
   assert f"{120 - len(validation)} train / {len(validation)} eval images" in result.stdout
   assert metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 4
@@ -141,7 +185,9 @@ def test_image_folder_examples_and_hash_split(tmp_path):
   train_names = {train[i]["name"] for i in range(len(train))}
   for i in range(60):
     name = everything[i]["name"]
-    assert files.is_validation(os.path.relpath(name.decode(), tmp_path).encode()) == (name not in train_names)
+    assert files.is_validation(os.path.relpath(name.decode(), tmp_path).encode()) == (
+        name not in train_names
+    )
   assert sources.num_classes(f"imagefolder:{tmp_path}", "label") == 2
   with pytest.raises(UserError, match="want one sub-folder per class"):
     files.open_split(f"imagefolder:{tmp_path / 'a'}", "train")
@@ -152,18 +198,28 @@ def test_text_lines_are_documents_and_repeated_lines_share_a_split(tmp_path):
   (tmp_path / "two.txt").write_bytes(b"alpha\ndelta\n")
   spec = f"textlines:{tmp_path}/*.txt"
   everything = files.open_split(spec, "train+validation")
-  assert sorted(everything[i]["text"] for i in range(len(everything))) == [b"alpha", b"alpha", b"beta", b"delta",
-                                                                            b"gamma"]
+  assert sorted(everything[i]["text"] for i in range(len(everything))) == [
+      b"alpha",
+      b"alpha",
+      b"beta",
+      b"delta",
+      b"gamma",
+  ]
   train = files.open_split(spec, "train")
   assert sorted(train[i]["text"] for i in range(len(train))) == sorted(
-      everything[i]["text"] for i in range(len(everything)) if not files.is_validation(everything[i]["text"]))
+      everything[i]["text"]
+      for i in range(len(everything))
+      if not files.is_validation(everything[i]["text"])
+  )
   with pytest.raises(UserError, match="matches no files"):
     files.open_split(f"textlines:{tmp_path}/*.md", "train")
 
 
 def test_an_offline_data_set_is_built_locally_and_says_nothing_is_downloaded(tmp_path, capsys):
   builder = sources.open_builder("sklearn_digits", str(tmp_path))
-  assert builder.info.splits["train"].num_examples + builder.info.splits["test"].num_examples == 1797
+  assert (
+      builder.info.splits["train"].num_examples + builder.info.splits["test"].num_examples == 1797
+  )
   printed = capsys.readouterr().out
   assert "preparing sklearn_digits in" in printed and "nothing is downloaded" in printed
   assert "Downloading" not in printed

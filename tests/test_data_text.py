@@ -55,15 +55,18 @@ def test_bits_per_byte_is_loss_over_the_evaluated_texts_bytes(spm_tokenizer):
   batch = {"tokens": np.stack([ids, ids[::-1]]), "weights": np.array([1.0, 0.0], np.float32)}
   task = tasks.LanguageModelling(token_bytes=tuple(int(b) for b in spm_tokenizer.token_bytes))
   variables = jax.jit(lambda rng: task.init(model, rng, batch))(jax.random.PRNGKey(0))
-  sums, logits = jax.jit(lambda v: (task.loss_sums(model, v, batch)[0], model.apply(v, batch["tokens"][:1, :-1])))(
-      variables)
+  sums, logits = jax.jit(
+      lambda v: (task.loss_sums(model, v, batch)[0], model.apply(v, batch["tokens"][:1, :-1]))
+  )(variables)
   logits = np.asarray(logits, np.float64)[0]
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   nats = -log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
   target_bytes = len(spm_tokenizer.decode(ids[1:-1])) + 1  # the end of document counts as one byte
   assert float(sums["bytes"]) == target_bytes
-  np.testing.assert_allclose(task.metrics(sums)["bits_per_byte"], nats / math.log(2) / target_bytes, rtol=1e-5)
+  np.testing.assert_allclose(
+      task.metrics(sums)["bits_per_byte"], nats / math.log(2) / target_bytes, rtol=1e-5
+  )
 
 
 def test_tokenizer_flags(tmp_path):
@@ -80,7 +83,9 @@ def _take(iterator, count):
 
 
 @pytest.mark.parametrize("workers,resumed_workers", [(0, 0), (2, 0)])
-def test_a_restored_loader_yields_exactly_the_batches_of_the_uninterrupted_one(workers, resumed_workers):
+def test_a_restored_loader_yields_exactly_the_batches_of_the_uninterrupted_one(
+    workers, resumed_workers
+):
   """Also across worker counts: the saved position is a batch index, whoever computed the batches."""
   windows = lm.TokenWindows(np.arange(3000, dtype=np.int64) % 251, seq_len=7)
   uninterrupted = _take(iter(lm.train_batches(windows, 4, seed=3, workers=0)), 12)
@@ -94,7 +99,9 @@ def test_a_restored_loader_yields_exactly_the_batches_of_the_uninterrupted_one(w
   resumed.close()
   for want, got in zip(uninterrupted, head + tail, strict=True):
     np.testing.assert_array_equal(want, got)
-  assert not np.array_equal(uninterrupted[0], _take(iter(lm.train_batches(windows, 4, seed=4)), 1)[0])
+  assert not np.array_equal(
+      uninterrupted[0], _take(iter(lm.train_batches(windows, 4, seed=4)), 1)[0]
+  )
 
 
 def test_default_workers_leave_a_small_machine_alone():
@@ -104,27 +111,53 @@ def test_default_workers_leave_a_small_machine_alone():
 
 def _run(*flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.transformer", *flags], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.transformer", *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def test_text_files_train_with_sentencepiece_which_resume_and_sampling_reuse(tmp_path):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for i in range(40):
-    (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * (20 + i))
+    (corpus / f"doc{i:02d}.txt").write_text(
+        f"Document {i}: the quick brown fox jumps over the lazy dog. " * (20 + i)
+    )
   workdir = tmp_path / "run"
-  run = [f"--dataset=textfiles:{corpus}/*.txt", f"--workdir={workdir}", "--tokenizer=spm:300",
-         "--model=transformer-tiny", "--model_override=num_layers=1", "--model_override=embed_dim=32",
-         "--model_override=mlp_dim=64", "--seq_len=32", "--batch_size=8", "--log_every=1", "--eval_every=2",
-         "--checkpoint_every=2", "--data_workers=0"]
+  run = [
+      f"--dataset=textfiles:{corpus}/*.txt",
+      f"--workdir={workdir}",
+      "--tokenizer=spm:300",
+      "--model=transformer-tiny",
+      "--model_override=num_layers=1",
+      "--model_override=embed_dim=32",
+      "--model_override=mlp_dim=64",
+      "--seq_len=32",
+      "--batch_size=8",
+      "--log_every=1",
+      "--eval_every=2",
+      "--checkpoint_every=2",
+      "--data_workers=0",
+  ]
   first = _run(*run, "--num_steps=2")
   assert first.returncode == 0, first.stderr
   assert "(spm:300)" in first.stdout
   model_bytes = (workdir / tokenizers.MODEL_FILE).read_bytes()
   rows = metrics.read_jsonl(workdir / "metrics.jsonl")
   assert rows[-1]["step"] == 2 and 0 < rows[-1]["eval_bits_per_byte"] < 10
-  sampled = _run(*run, "--num_steps=2", "--mode=sample", "--prompt=Document ", "--num_tokens=8", "--temperature=0")
+  sampled = _run(
+      *run,
+      "--num_steps=2",
+      "--mode=sample",
+      "--prompt=Document ",
+      "--num_tokens=8",
+      "--temperature=0",
+  )
   assert sampled.returncode == 0, sampled.stderr
   assert "step 2 checkpoint" in sampled.stdout and "Document " in sampled.stdout
   assert (workdir / tokenizers.MODEL_FILE).read_bytes() == model_bytes  # reused, not retrained
@@ -138,7 +171,7 @@ def test_packed_windows_hold_only_stream_tokens_and_mark_their_documents(data_di
   # Window i holds stream[64i : 64i + 65]: windows minus their one-token overlaps are the stream
   # itself, so nothing was padded or dropped but the last partial window.
   rebuilt = np.concatenate([examples[0]["tokens"]] + [e["tokens"][1:] for e in examples[1:]])
-  np.testing.assert_array_equal(rebuilt, stream[:len(rebuilt)])
+  np.testing.assert_array_equal(rebuilt, stream[: len(rebuilt)])
   assert len(stream) - len(rebuilt) < 64
   for example in examples:
     tokens, segments, positions = example["tokens"], example["segment_ids"], example["positions"]
@@ -152,30 +185,44 @@ def test_packed_windows_hold_only_stream_tokens_and_mark_their_documents(data_di
 
 def test_segment_mask_stops_attention_across_documents_by_gradient():
   from bigjax.nn import attention
-  segment_ids = lm.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)["segment_ids"][None]
+
+  segment_ids = lm.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)["segment_ids"][
+      None
+  ]
   rng = np.random.default_rng(0)
   q, k, v = (jax.numpy.asarray(rng.normal(size=(1, 2, 8, 4)), jax.numpy.float32) for _ in range(3))
 
   def doc2_output(k, v, mask):
     return attention.dot_product_attention(q, k, v, mask)[:, :, 3:7].sum()
 
-  packed = attention.combine_masks(attention.causal_mask(8), attention.segment_mask(jax.numpy.asarray(segment_ids)))
+  packed = attention.combine_masks(
+      attention.causal_mask(8), attention.segment_mask(jax.numpy.asarray(segment_ids))
+  )
   grad_k, grad_v = jax.grad(doc2_output, argnums=(0, 1))(k, v, packed)
   assert np.all(np.asarray(grad_k)[:, :, :3] == 0) and np.all(np.asarray(grad_v)[:, :, :3] == 0)
   assert np.all(np.abs(np.asarray(grad_v)[:, :, 3:7]).sum(-1) > 0)  # its own document does reach it
   _, leaky = jax.grad(doc2_output, argnums=(0, 1))(k, v, attention.causal_mask(8))
-  assert np.all(np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0)  # without the segment mask it leaks
+  assert np.all(
+      np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0
+  )  # without the segment mask it leaks
 
 
 def test_a_packed_transformer_sees_each_document_as_if_it_were_alone():
   import flax.linen as nn
   from bigjax import models
+
   tokens = np.array([[5, 6, 0, 7, 8, 9, 0, 1, 2]], np.int32)
   packed = lm.document_segments(tokens[0], eod_id=0)
-  model = models.create("transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16)
+  model = models.create(
+      "transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16
+  )
   params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
-  together = model.apply({"params": params}, tokens, segment_ids_BT=packed["segment_ids"][None],
-                         positions_BT=packed["positions"][None])
+  together = model.apply(
+      {"params": params},
+      tokens,
+      segment_ids_BT=packed["segment_ids"][None],
+      positions_BT=packed["positions"][None],
+  )
   for start, end in [(0, 3), (3, 7), (7, 9)]:  # each document with its end-of-document token
     alone = model.apply({"params": params}, tokens[:, start:end])
     np.testing.assert_allclose(together[:, start:end], alone, atol=1e-5)

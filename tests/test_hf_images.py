@@ -29,14 +29,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _FAMILIES = {
     # A non-square image and 5 classes, so that height, width and the label count cannot be confused.
-    "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=[16, 24],
-        patch_size=8, num_channels=3, num_labels=5)),
+    "vit": lambda: transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            image_size=[16, 24],
+            patch_size=8,
+            num_channels=3,
+            num_labels=5,
+        )
+    ),
     # Three stages: the first without a shortcut, the later ones with strided projection shortcuts.
-    "resnet_basic": lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 2, 1], layer_type="basic", num_labels=4)),
-    "resnet_bottleneck": lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[32, 64], depths=[2, 1], layer_type="bottleneck", num_labels=3)),
+    "resnet_basic": lambda: transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 16, 32],
+            depths=[1, 2, 1],
+            layer_type="basic",
+            num_labels=4,
+        )
+    ),
+    "resnet_bottleneck": lambda: transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[32, 64],
+            depths=[2, 1],
+            layer_type="bottleneck",
+            num_labels=3,
+        )
+    ),
 }
 # Hugging Face's ResNet takes any image size, bigjax's is fixed by the config (224 x 224 by default).
 _RESNET_IMAGE = dict(input_shape=(32, 32, 3))
@@ -107,14 +130,18 @@ def test_the_vit_configs_image_patches_and_epsilon_come_from_config_json(hf_dirs
 
 
 @pytest.mark.parametrize("name", sorted(_FAMILIES))
-def test_exported_image_classifier_loads_into_transformers_with_the_same_logits(hf_dirs, tmp_path, name):
+def test_exported_image_classifier_loads_into_transformers_with_the_same_logits(
+    hf_dirs, tmp_path, name
+):
   directory, reference = hf_dirs[name]
   module, variables = models.load(directory, **_overrides(name))
   out = models.save_hf(str(tmp_path / "out"), module, variables)
   reloaded, info = type(reference).from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info  # no missing, unexpected or mismatched keys, no errors
   images = _images(module)
-  np.testing.assert_array_equal(_reference_logits(reloaded.eval(), images), _reference_logits(reference, images))
+  np.testing.assert_array_equal(
+      _reference_logits(reloaded.eval(), images), _reference_logits(reference, images)
+  )
   # And the export is a directory bigjax loads as the same model.
   again, again_variables = models.load(out, **_overrides(name))
   assert again.config == module.config
@@ -122,14 +149,21 @@ def test_exported_image_classifier_loads_into_transformers_with_the_same_logits(
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name, overrides", [("vit", dict(scan_layers=True)), ("resnet_bottleneck", _RESNET_IMAGE)])
+@pytest.mark.parametrize(
+    "name, overrides", [("vit", dict(scan_layers=True)), ("resnet_bottleneck", _RESNET_IMAGE)]
+)
 def test_image_classifier_loads_onto_a_mesh_in_its_shardings(hf_dirs, name, overrides):
   directory, reference = hf_dirs[name]
   mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
   module, variables = models.load(directory, mesh=mesh, **overrides)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *module.config.input_shape))))
-  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(sharding.logical_shardings(abstract, mesh)),
-                       strict=True):
+  abstract = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.zeros((1, *module.config.input_shape)))
+  )
+  for got, want in zip(
+      jax.tree.leaves(variables),
+      jax.tree.leaves(sharding.logical_shardings(abstract, mesh)),
+      strict=True,
+  ):
     assert got.sharding == want
   images = _images(module, batch=8)
   with train.mesh_context(mesh), jax.default_matmul_precision("highest"):
@@ -156,19 +190,46 @@ def _edit_config(directory: str, **changes):
     json.dump(config, f)
 
 
-@pytest.mark.parametrize("name, changes, message", [
-    ("resnet_basic", dict(hidden_sizes=[8, 24, 32]), r"hidden_sizes=\[8, 24, 32\] with embedding_size=8 is not "
-                                                      r"supported; bigjax's ResNet doubles the width every stage: "
-                                                      r"\[8, 16, 32\]"),
-    ("resnet_basic", dict(downsample_in_first_stage=True), "downsample_in_first_stage=true is not supported"),
-    ("resnet_bottleneck", dict(downsample_in_bottleneck=True), "downsample_in_bottleneck=true is not supported"),
-    ("resnet_basic", dict(layer_type="preactivation"), "layer_type='preactivation' is not supported"),
-    ("resnet_basic", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported; bigjax's ResNet uses relu"),
-    ("vit", dict(qkv_bias=False), "qkv_bias=false is not supported"),
-    ("vit", dict(patch_size=[8, 4]), r"patch_size=\[8, 4\] is not supported; bigjax's ViT has square patches"),
-    ("vit", dict(image_size=[16, 20]), "patch_size=8 must divide the image's height and width"),
-    ("vit", dict(num_hidden_layers=None), "config.json: needs num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        (
+            "resnet_basic",
+            dict(hidden_sizes=[8, 24, 32]),
+            r"hidden_sizes=\[8, 24, 32\] with embedding_size=8 is not "
+            r"supported; bigjax's ResNet doubles the width every stage: "
+            r"\[8, 16, 32\]",
+        ),
+        (
+            "resnet_basic",
+            dict(downsample_in_first_stage=True),
+            "downsample_in_first_stage=true is not supported",
+        ),
+        (
+            "resnet_bottleneck",
+            dict(downsample_in_bottleneck=True),
+            "downsample_in_bottleneck=true is not supported",
+        ),
+        (
+            "resnet_basic",
+            dict(layer_type="preactivation"),
+            "layer_type='preactivation' is not supported",
+        ),
+        (
+            "resnet_basic",
+            dict(hidden_act="gelu"),
+            "hidden_act='gelu' is not supported; bigjax's ResNet uses relu",
+        ),
+        ("vit", dict(qkv_bias=False), "qkv_bias=false is not supported"),
+        (
+            "vit",
+            dict(patch_size=[8, 4]),
+            r"patch_size=\[8, 4\] is not supported; bigjax's ViT has square patches",
+        ),
+        ("vit", dict(image_size=[16, 20]), "patch_size=8 must divide the image's height and width"),
+        ("vit", dict(num_hidden_layers=None), "config.json: needs num_hidden_layers"),
+    ],
+)
 def test_unsupported_image_config_is_refused(hf_dirs, tmp_path, name, changes, message):
   directory = _copy(hf_dirs, name, tmp_path)
   _edit_config(directory, **changes)
@@ -183,8 +244,11 @@ def test_missing_batch_statistics_are_named(hf_dirs, tmp_path):
   tensors = safetensors.numpy.load_file(path)
   del tensors["resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var"]
   safetensors.numpy.save_file(tensors, path)
-  with pytest.raises(UserError, match="tensor 'resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var' "
-                                      "is missing .* bigjax variable batch_stats/stage1_block0/downsample_bn/var"):
+  with pytest.raises(
+      UserError,
+      match="tensor 'resnet.encoder.stages.1.layers.0.shortcut.normalization.running_var' "
+      "is missing .* bigjax variable batch_stats/stage1_block0/downsample_bn/var",
+  ):
     models.load(directory, **_RESNET_IMAGE)
 
 
@@ -193,32 +257,64 @@ def test_missing_batch_statistics_are_named(hf_dirs, tmp_path):
 
 
 def _cnn(workdir, data_dir, *flags):
-  command = [sys.executable, "-m", "experiments.cnn", "--dataset=sklearn_digits", f"--data_dir={data_dir}",
-             f"--workdir={workdir}", "--batch_size=16", "--eval_batches=2", "--log_every=1", *flags]
+  command = [
+      sys.executable,
+      "-m",
+      "experiments.cnn",
+      "--dataset=sklearn_digits",
+      f"--data_dir={data_dir}",
+      f"--workdir={workdir}",
+      "--batch_size=16",
+      "--eval_batches=2",
+      "--log_every=1",
+      *flags,
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_hub_resnet_fine_tunes_on_digits_and_exports_back_to_transformers(tmp_path, data_dir):
   torch.manual_seed(0)
-  hub = _perturb(transformers.ResNetForImageClassification(transformers.ResNetConfig(
-      num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10)))
+  hub = _perturb(
+      transformers.ResNetForImageClassification(
+          transformers.ResNetConfig(
+              num_channels=1,
+              embedding_size=8,
+              hidden_sizes=[8, 16],
+              depths=[1, 1],
+              layer_type="basic",
+              num_labels=10,
+          )
+      )
+  )
   hub.save_pretrained(tmp_path / "hub")
-  run = [f"--init_from={tmp_path / 'hub'}", "--model_override=input_shape=(8, 8, 1)", "--num_steps=3",
-         "--eval_every=3", "--learning_rate=0.01"]
+  run = [
+      f"--init_from={tmp_path / 'hub'}",
+      "--model_override=input_shape=(8, 8, 1)",
+      "--num_steps=3",
+      "--eval_every=3",
+      "--learning_rate=0.01",
+  ]
   trained = _cnn(tmp_path / "run", data_dir, *run)
   assert trained.returncode == 0, trained.stderr
   assert f"parameters from {tmp_path / 'hub'}" in trained.stdout
   # (--mode=eval on such a workdir: tests/test_hf_finetune.py.)
   for export_format in ("hf", "bigjax"):
-    exported = _cnn(tmp_path / "run", data_dir, *run, "--mode=export", f"--export_format={export_format}",
-                    f"--export_dir={tmp_path / export_format}")
+    exported = _cnn(
+        tmp_path / "run",
+        data_dir,
+        *run,
+        "--mode=export",
+        f"--export_format={export_format}",
+        f"--export_dir={tmp_path / export_format}",
+    )
     assert exported.returncode == 0, exported.stderr
   # The bigjax export names the full-config preset, which rebuilds the architecture without config.json.
   assert json.load(open(tmp_path / "bigjax" / "model.json"))["model"] == "resnet"
   module, variables = models.load(str(tmp_path / "bigjax"))
-  reloaded, info = transformers.ResNetForImageClassification.from_pretrained(tmp_path / "hf",
-                                                                             output_loading_info=True)
+  reloaded, info = transformers.ResNetForImageClassification.from_pretrained(
+      tmp_path / "hf", output_loading_info=True
+  )
   assert not any(info.values()), info
   images = _images(module, batch=4)
   want = _reference_logits(reloaded.eval(), images)

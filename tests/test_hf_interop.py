@@ -30,27 +30,64 @@ from bigjax.interop import hf
 _PUBLISHED = {
     # HuggingFaceTB/SmolLM2-135M: 134,515,008 parameters.
     "smollm2-135m": transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100_000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True),
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
     # Qwen/Qwen2.5-0.5B: 494,032,768 parameters.
     "qwen2.5-0.5b": transformers.Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=True),
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
     # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters.
     "llama3.2-1b": transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
         rope_theta=500_000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=True),
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
     # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters.
     "llama3-8b": transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500_000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False),
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -67,8 +104,12 @@ def _bigjax_param_count(model) -> int:
 
 
 # As the model cards state them (each is also sum(numel) of the released safetensors).
-_PUBLISHED_COUNTS = {"smollm2-135m": 134_515_008, "qwen2.5-0.5b": 494_032_768, "llama3.2-1b": 1_235_814_400,
-                     "llama3-8b": 8_030_261_248}
+_PUBLISHED_COUNTS = {
+    "smollm2-135m": 134_515_008,
+    "qwen2.5-0.5b": 494_032_768,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3-8b": 8_030_261_248,
+}
 
 
 @pytest.mark.parametrize("name", sorted(_PUBLISHED))
@@ -101,29 +142,55 @@ def test_configs_written_before_transformers_5_import_alike():
   legacy["rope_scaling"] = rope
   legacy["torch_dtype"] = legacy.pop("dtype", None) or "bfloat16"
   imported = hf.config_from_hf(legacy)
-  assert _same_architecture(imported) == _same_architecture(models.create("llama3.2-1b", dtype="bfloat16",
-                                                                          param_dtype="bfloat16").config)
+  assert _same_architecture(imported) == _same_architecture(
+      models.create("llama3.2-1b", dtype="bfloat16", param_dtype="bfloat16").config
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Tiny random models of each family, made by transformers and saved as a user downloads them.
 
-_SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
-              eos_token_id=None)
+_SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 _FAMILIES = {
     # Llama 3.1's rotary scaling; original length 64 puts the 8 frequencies in all three bands.
     "llama": lambda: transformers.LlamaConfig(
-        **{**_SMALL, "max_position_embeddings": 128}, rope_theta=500_000.0, rms_norm_eps=1e-5,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64}),
-    "qwen2": lambda: transformers.Qwen2Config(**_SMALL, rope_theta=1_000_000.0, tie_word_embeddings=True),
+        **{**_SMALL, "max_position_embeddings": 128},
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **_SMALL, rope_theta=1_000_000.0, tie_word_embeddings=True
+    ),
     # An explicit head_dim narrower than hidden_size / heads, as Mistral NeMo has.
     "mistral": lambda: transformers.MistralConfig(**_SMALL, head_dim=8, sliding_window=None),
     "qwen3": lambda: transformers.Qwen3Config(**_SMALL, head_dim=16, tie_word_embeddings=True),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                            bos_token_id=None, eos_token_id=None),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+    ),
 }
 
 
@@ -167,12 +234,24 @@ def test_imported_model_gives_transformers_logits_and_greedy_tokens(hf_dirs, mod
     logits_BTV = module.apply(variables, _TOKENS_BT)
     assert _relative_error(logits_BTV, _reference_logits(reference, _TOKENS_BT)) < 1e-5
     prompt_BP = _TOKENS_BT[:, :4]
-    got = sample.generate(module, variables["params"], jnp.asarray(prompt_BP), jax.random.key(0),
-                          num_tokens=8, cfg=sample.SamplingConfig(temperature=0.0))
+    got = sample.generate(
+        module,
+        variables["params"],
+        jnp.asarray(prompt_BP),
+        jax.random.key(0),
+        num_tokens=8,
+        cfg=sample.SamplingConfig(temperature=0.0),
+    )
   with torch.no_grad():
     prompt = torch.tensor(prompt_BP)
-    want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                              max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    want = reference.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        pad_token_id=0,
+    )
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
@@ -180,9 +259,13 @@ def test_import_onto_a_mesh_places_each_parameter_in_its_sharding_scanned(hf_dir
   directory, reference = hf_dirs["llama"]
   mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
   module, variables = models.load(directory, mesh=mesh, scan_layers=True)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+      "params"
+  ]
   want_shardings = sharding.logical_shardings(abstract, mesh)
-  for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(want_shardings), strict=True):
+  for got, want in zip(
+      jax.tree.leaves(variables["params"]), jax.tree.leaves(want_shardings), strict=True
+  ):
     assert got.sharding == want
   kernel = variables["params"]["blocks"]["attn"]["query"]["kernel"]
   assert kernel.shape == (2, 64, 4, 16)  # layers, embed (fsdp), heads (tensor), head_dim
@@ -199,8 +282,10 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(hf_dirs, tmp_path):
   assert module.config.dtype == module.config.param_dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(variables))
   _, float32 = models.load(directory)
-  np.testing.assert_array_equal(variables["params"]["token_embed"]["embedding"],
-                                float32["params"]["token_embed"]["embedding"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(
+      variables["params"]["token_embed"]["embedding"],
+      float32["params"]["token_embed"]["embedding"].astype(jnp.bfloat16),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,17 +321,24 @@ def _assert_one_line_error(directory: str, message: str):
 
 
 def test_directory_without_config_json(tmp_path):
-  _assert_one_line_error(str(tmp_path), "is neither a bigjax export .* nor a Hugging Face model directory "
-                                        r"\(no config.json\)")
+  _assert_one_line_error(
+      str(tmp_path),
+      "is neither a bigjax export .* nor a Hugging Face model directory " r"\(no config.json\)",
+  )
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(model_type="bert"), "model_type 'bert' is not supported; bigjax imports gpt2, llama"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-     "rope type 'yarn' is not supported"),
-    (dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast' is not supported"),
-    (dict(num_hidden_layers=None), "config.json: needs num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model_type="bert"), "model_type 'bert' is not supported; bigjax imports gpt2, llama"),
+        (
+            dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+            "rope type 'yarn' is not supported",
+        ),
+        (dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast' is not supported"),
+        (dict(num_hidden_layers=None), "config.json: needs num_hidden_layers"),
+    ],
+)
 def test_unsupported_config_is_refused(hf_dirs, tmp_path, changes, message):
   directory = _copy(hf_dirs, "qwen2", tmp_path)
   _edit_config(directory, **changes)
@@ -261,31 +353,44 @@ def test_sliding_window_shorter_than_the_context_is_refused(hf_dirs, tmp_path):
 
 def test_biases_the_config_does_not_announce_are_refused(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "qwen2", tmp_path)
-  _edit_config(directory, model_type="llama", attention_bias=False)  # Llama: q/k/v biases only if announced
+  _edit_config(
+      directory, model_type="llama", attention_bias=False
+  )  # Llama: q/k/v biases only if announced
   _assert_one_line_error(
-      directory, "tensor 'model.layers.0.self_attn.k_proj.bias' has no place in the bigjax model .*config")
+      directory,
+      "tensor 'model.layers.0.self_attn.k_proj.bias' has no place in the bigjax model .*config",
+  )
 
 
 def test_missing_tensor_is_named(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "gpt2", tmp_path)
   _edit_tensors(directory, lambda tensors: tensors.pop("transformer.h.1.mlp.c_fc.bias"))
-  _assert_one_line_error(directory, "tensor 'transformer.h.1.mlp.c_fc.bias' is missing .* for bigjax "
-                                    "variable params/block_1/mlp/wi/bias")
+  _assert_one_line_error(
+      directory,
+      "tensor 'transformer.h.1.mlp.c_fc.bias' is missing .* for bigjax "
+      "variable params/block_1/mlp/wi/bias",
+  )
 
 
 def test_misshapen_tensor_is_named(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "gpt2", tmp_path)
-  _edit_tensors(directory, lambda tensors: tensors.update(
-      {"transformer.wpe.weight": np.zeros((32, 64), np.float32)}))
-  _assert_one_line_error(directory, r"tensor 'transformer.wpe.weight' has shape \(32, 64\), but .* needs "
-                                    r"\(64, 64\)")
+  _edit_tensors(
+      directory,
+      lambda tensors: tensors.update({"transformer.wpe.weight": np.zeros((32, 64), np.float32)}),
+  )
+  _assert_one_line_error(
+      directory,
+      r"tensor 'transformer.wpe.weight' has shape \(32, 64\), but .* needs " r"\(64, 64\)",
+  )
 
 
 def test_truncated_safetensors_file_is_named(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "gpt2", tmp_path)
   path = os.path.join(directory, "model.safetensors")
   os.truncate(path, os.path.getsize(path) // 2)
-  _assert_one_line_error(directory, "model.safetensors is not a readable safetensors file .* truncated")
+  _assert_one_line_error(
+      directory, "model.safetensors is not a readable safetensors file .* truncated"
+  )
 
 
 def test_missing_shard_is_named(hf_dirs, tmp_path):

@@ -43,8 +43,15 @@ FEW_FAULTS = 100
 
 
 def _run_program(**env_vars) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env_vars)
-  out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      **env_vars,
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -54,7 +61,10 @@ def _run_program(**env_vars) -> dict:
 HUGE_PAGES = {
     "as this machine has them": {"THP_DISABLE": "0"},
     "off for the process (as never)": {"THP_DISABLE": "1"},
-    "on for every allocation (as always)": {"THP_DISABLE": "0", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "on for every allocation (as always)": {
+        "THP_DISABLE": "0",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    },
 }
 
 
@@ -83,14 +93,21 @@ def test_only_cpu_platforms_get_the_settings():
 
 def _applied_after(program: str) -> str:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout.strip().splitlines()[-1]
 
 
 def test_importing_bigjax_changes_nothing_and_the_cli_entry_point_applies_the_settings():
   imports = "import bigjax, bigjax.flags, bigjax.train, bigjax.models, bigjax.data.lm, experiments.transformer"
-  assert _applied_after(f"{imports}; from bigjax import host_memory; print(host_memory.applied())") == "False"
-  cli = (f"{imports}, sys; from bigjax import host_memory; sys.argv = ['x']; "
-         "bigjax.flags.run(lambda argv: print(host_memory.applied()))")
+  assert (
+      _applied_after(f"{imports}; from bigjax import host_memory; print(host_memory.applied())")
+      == "False"
+  )
+  cli = (
+      f"{imports}, sys; from bigjax import host_memory; sys.argv = ['x']; "
+      "bigjax.flags.run(lambda argv: print(host_memory.applied()))"
+  )
   assert _applied_after(cli) == "True"

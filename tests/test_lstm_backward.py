@@ -16,8 +16,10 @@ def test_lstm_scan_matches_autodiff_with_padding_and_initial_state():
   carry = (jax.random.normal(keys[2], (batch, hidden)), jax.random.normal(keys[3], (batch, hidden)))
   lengths = jnp.array([6, 4, 0])  # full, padded, and a sequence with no real step
   valid = jnp.arange(length)[:, None] < lengths[None, :]
-  cotangents = ((jax.random.normal(keys[4], (batch, hidden)), jax.random.normal(keys[5], (batch, hidden))),
-                jax.random.normal(keys[6], (length, batch, hidden)))
+  cotangents = (
+      (jax.random.normal(keys[4], (batch, hidden)), jax.random.normal(keys[5], (batch, hidden))),
+      jax.random.normal(keys[6], (length, batch, hidden)),
+  )
 
   def value_and_grads(fn):
     out, vjp = jax.vjp(lambda w, c, x: fn(w, c, x), kernel, carry, xproj)
@@ -25,15 +27,19 @@ def test_lstm_scan_matches_autodiff_with_padding_and_initial_state():
 
   with jax.default_matmul_precision("highest"):
     got = jax.jit(lambda: value_and_grads(lambda w, c, x: recurrent.lstm_scan(w, c, x, valid)))()
-    want = jax.jit(lambda: value_and_grads(
-        lambda w, c, x: recurrent._masked_scan("lstm", w, None, c, x, valid)))()
+    want = jax.jit(
+        lambda: value_and_grads(
+            lambda w, c, x: recurrent._masked_scan("lstm", w, None, c, x, valid)
+        )
+    )()
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def test_fused_gate_activations_keep_relative_precision_in_bfloat16():
   """lstm_scan's one-pass activations (sigmoid as a scaled tanh) and their derivative, in bfloat16,
-  against jax.nn.sigmoid / tanh in float32: relative error of bfloat16 rounding, small gates kept."""
+  against jax.nn.sigmoid / tanh in float32: relative error of bfloat16 rounding, small gates kept.
+  """
   z = np.linspace(-12.0, 12.0, 97, dtype=np.float32)
   gates = jnp.asarray(np.broadcast_to(z, (1, 4, z.size)), jnp.bfloat16)
   z = np.asarray(gates[0, 0], np.float32)
@@ -48,5 +54,9 @@ def test_fused_gate_activations_keep_relative_precision_in_bfloat16():
   # with any activation function stored in bfloat16.
   small = z <= 0
   sigmoid_rows = [0, 1, 3]
-  np.testing.assert_allclose(np.asarray(got_grad[0], np.float32)[sigmoid_rows][:, small],
-                             want_grad[sigmoid_rows][:, small], rtol=3e-2, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(got_grad[0], np.float32)[sigmoid_rows][:, small],
+      want_grad[sigmoid_rows][:, small],
+      rtol=3e-2,
+      atol=1e-7,
+  )

@@ -9,7 +9,9 @@ from bigjax.errors import UserError
 
 
 def _param_count(model, length=8):
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32)))
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))
+  )
   return sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)))
 
 
@@ -23,11 +25,15 @@ def test_gpt2_medium_has_the_published_parameter_count():
 
 
 def test_gpt2_small_layer_sizes():
-  abstract = jax.eval_shape(lambda: models.create("gpt2-small").init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  abstract = jax.eval_shape(
+      lambda: models.create("gpt2-small").init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  )
   params = nn.unbox(abstract)["params"]
   assert params["token_embed"]["embedding"].shape == (50257, 768)
   assert params["position_embed"]["embedding"].shape == (1024, 768)
-  assert sorted(k for k in params if k.startswith("block_")) == sorted(f"block_{i}" for i in range(12))
+  assert sorted(k for k in params if k.startswith("block_")) == sorted(
+      f"block_{i}" for i in range(12)
+  )
   assert params["block_0"]["mlp"]["wi"]["kernel"].shape == (768, 3072)
   assert params["block_0"]["attn"]["query"]["kernel"].shape == (768, 12, 64)
 
@@ -81,6 +87,7 @@ def test_register_adds_a_preset_and_rejects_duplicates():
   @models.register("test-dense")
   def dense(**overrides):
     return nn.Dense(overrides.get("features", 3))
+
   assert "test-dense" in models.names()
   assert models.create("test-dense", features=5).features == 5
   with pytest.raises(ValueError, match="already registered"):

@@ -25,15 +25,32 @@ from bigjax import workdir
 from bigjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["experiments.transformer", "--flagfile=experiments/configs/transformer_tiny.flags", "--seq_len=32",
-        "--batch_size=8", "--model_override=num_layers=1", "--model_override=embed_dim=32",
-        "--model_override=mlp_dim=64", "--eval_batches=2", "--log_every=1", "--checkpoint_every=2",
-        "--eval_every=2"]
+TINY = [
+    "experiments.transformer",
+    "--flagfile=experiments/configs/transformer_tiny.flags",
+    "--seq_len=32",
+    "--batch_size=8",
+    "--model_override=num_layers=1",
+    "--model_override=embed_dim=32",
+    "--model_override=mlp_dim=64",
+    "--eval_batches=2",
+    "--log_every=1",
+    "--checkpoint_every=2",
+    "--eval_every=2",
+]
 
 
 def _command(workdir_path, data_dir, *extra):
   module, *flags = TINY
-  return [sys.executable, "-m", module, *flags, f"--workdir={workdir_path}", f"--data_dir={data_dir}", *extra]
+  return [
+      sys.executable,
+      "-m",
+      module,
+      *flags,
+      f"--workdir={workdir_path}",
+      f"--data_dir={data_dir}",
+      *extra,
+  ]
 
 
 def _env():
@@ -41,8 +58,14 @@ def _env():
 
 
 def _run(workdir_path, data_dir, *extra, ok=True):
-  result = subprocess.run(_command(workdir_path, data_dir, *extra), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run(
+      _command(workdir_path, data_dir, *extra),
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   if ok:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -63,34 +86,53 @@ def _steps(path):
 
 
 def _losses(path):
-  return {r["step"]: r["train_loss"] for r in metrics.read_jsonl(os.path.join(path, metrics.METRICS_FILE))}
+  return {
+      r["step"]: r["train_loss"]
+      for r in metrics.read_jsonl(os.path.join(path, metrics.METRICS_FILE))
+  }
 
 
 def _damage(step_dir):
   """Overwrites 8 bytes in the middle of the step's largest array file: still readable, wrong values."""
-  path = max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  path = max(
+      glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize
+  )
   with open(path, "r+b") as f:
     f.seek(os.path.getsize(path) // 2)
     f.write(b"\xff" * 8)
 
 
 def _listing(path):
-  return sorted(os.path.relpath(os.path.join(root, name), path)
-                for root, dirs, files in os.walk(path) for name in dirs + files)
+  return sorted(
+      os.path.relpath(os.path.join(root, name), path)
+      for root, dirs, files in os.walk(path)
+      for name in dirs + files
+  )
 
 
 # ---- one run per workdir -----------------------------------------------------------------------------
 
-def test_a_second_run_is_refused_while_the_first_trains_and_the_first_loses_nothing(tmp_path, data_dir):
-  first = subprocess.Popen(_command(tmp_path, data_dir, "--num_steps=100000", "--checkpoint_every=1000"),
-                           cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def test_a_second_run_is_refused_while_the_first_trains_and_the_first_loses_nothing(
+    tmp_path, data_dir
+):
+  first = subprocess.Popen(
+      _command(tmp_path, data_dir, "--num_steps=100000", "--checkpoint_every=1000"),
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     deadline = time.time() + 300
     while not (os.path.exists(tmp_path / metrics.METRICS_FILE) and _steps(tmp_path)):
       assert first.poll() is None and time.time() < deadline, first.communicate()
       time.sleep(0.1)
     second = _run(tmp_path, data_dir, "--num_steps=4", ok=False)
-    _assert_one_line_error(second, f"is in use by another run (host {socket.gethostname()}, pid {first.pid}")
+    _assert_one_line_error(
+        second, f"is in use by another run (host {socket.gethostname()}, pid {first.pid}"
+    )
   finally:
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=300)
@@ -110,15 +152,30 @@ def test_a_second_run_is_refused_while_the_first_trains_and_the_first_loses_noth
 def _lock_file(path, **holder):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, workdir.LOCK_FILE), "w") as f:
-    json.dump({"host": socket.gethostname(), "boot_id": workdir._boot_id(), "pid": os.getpid(),
-               "started": "2026-12-01T00:00:00+00:00", "token": "other", **holder}, f)
+    json.dump(
+        {
+            "host": socket.gethostname(),
+            "boot_id": workdir._boot_id(),
+            "pid": os.getpid(),
+            "started": "2026-12-01T00:00:00+00:00",
+            "token": "other",
+            **holder,
+        },
+        f,
+    )
 
 
 def test_a_lock_held_by_a_live_process_here_refuses_and_a_dead_ones_is_taken_over(tmp_path):
-  _lock_file(tmp_path, pid_start=workdir._process_start(os.getpid()))  # this (live) process holds it
-  with pytest.raises(UserError, match=f"in use by another run .host {socket.gethostname()}, pid {os.getpid()}"):
+  _lock_file(
+      tmp_path, pid_start=workdir._process_start(os.getpid())
+  )  # this (live) process holds it
+  with pytest.raises(
+      UserError, match=f"in use by another run .host {socket.gethostname()}, pid {os.getpid()}"
+  ):
     workdir.WorkdirLock(tmp_path).acquire()
-  finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  finished = subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  )
   _lock_file(tmp_path, pid=int(finished.stdout))  # a process that has exited
   lock = workdir.WorkdirLock(tmp_path)
   lock.acquire()
@@ -150,6 +207,7 @@ def test_claims_nest_within_one_process(tmp_path):
 
 # ---- damaged checkpoints ------------------------------------------------------------------------------
 
+
 def test_damaged_checkpoints_are_never_trained_on(tmp_path, data_dir):
   _run(tmp_path, data_dir, "--num_steps=4")
   fresh_losses = _losses(tmp_path)
@@ -179,9 +237,15 @@ def test_damaged_checkpoints_are_never_trained_on(tmp_path, data_dir):
 def test_a_damaged_export_given_to_init_from_is_one_line(tmp_path, data_dir):
   model = models.create("transformer-tiny", num_layers=1, embed_dim=32, mlp_dim=64)
   variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  export = checkpoint.export(str(tmp_path / "export"), variables, "transformer-tiny",
-                             {"num_layers": 1, "embed_dim": 32, "mlp_dim": 64})
-  path = max(glob.glob(os.path.join(export, "variables", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  export = checkpoint.export(
+      str(tmp_path / "export"),
+      variables,
+      "transformer-tiny",
+      {"num_layers": 1, "embed_dim": 32, "mlp_dim": 64},
+  )
+  path = max(
+      glob.glob(os.path.join(export, "variables", "ocdbt.process_0", "d", "*")), key=os.path.getsize
+  )
   os.truncate(path, os.path.getsize(path) // 3)  # a copy cut short
   result = _run(tmp_path / "run", data_dir, "--num_steps=2", f"--init_from={export}", ok=False)
   _assert_one_line_error(result, f"{export} is damaged or incomplete")
@@ -198,7 +262,9 @@ def test_orbax_read_coroutines_left_failing_print_nothing_and_others_still_do():
 
   seen = []
   hook = bigjax_flags._drop_orbax_coroutine_errors(seen.append)  # pylint: disable=protected-access
-  orbax_read, own = coroutine_from(f"{os.sep}site{os.sep}orbax{os.sep}serialization.py"), coroutine_from("mine.py")
+  orbax_read, own = coroutine_from(
+      f"{os.sep}site{os.sep}orbax{os.sep}serialization.py"
+  ), coroutine_from("mine.py")
   for obj in (orbax_read, own, None):
     hook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("read failed"), object=obj))
   assert [u.object for u in seen] == [own, None]
@@ -207,13 +273,16 @@ def test_orbax_read_coroutines_left_failing_print_nothing_and_others_still_do():
 
 # ---- full disk, read-only directories -------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _tmpfs(path, size_kib, read_only=False):
   """A small file system of its own at `path`, for a full disk or a read-only directory; needs the
   right to mount (root with CAP_SYS_ADMIN, as on CI's machines)."""
   os.makedirs(path, exist_ok=True)
   options = f"size={size_kib}k" + (",ro" if read_only else "")
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+  mounted = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+  )
   if mounted.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
   try:
@@ -222,7 +291,9 @@ def _tmpfs(path, size_kib, read_only=False):
     subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def test_a_full_disk_is_one_line_naming_the_last_good_step_and_leaves_nothing_partial(tmp_path, data_dir):
+def test_a_full_disk_is_one_line_naming_the_last_good_step_and_leaves_nothing_partial(
+    tmp_path, data_dir
+):
   with _tmpfs(tmp_path / "disk", 4096) as disk:
     run = disk / "run"
     _run(run, data_dir, "--num_steps=2")
@@ -231,7 +302,10 @@ def test_a_full_disk_is_one_line_naming_the_last_good_step_and_leaves_nothing_pa
       f.write(b"\0" * (free - 64 * 1024))
     full = _run(run, data_dir, "--num_steps=4", ok=False)
     _assert_one_line_error(full, "could not save checkpoint step 4")
-    assert "no space left on the device" in full.stderr and "the last good checkpoint is step 2" in full.stderr
+    assert (
+        "no space left on the device" in full.stderr
+        and "the last good checkpoint is step 2" in full.stderr
+    )
     assert sorted(os.listdir(run / "checkpoints")) == ["2"]
     assert not [p for p in _listing(run) if p.endswith(".tmp") or "orbax-checkpoint-tmp" in p]
     os.remove(disk / "filler")
@@ -242,15 +316,22 @@ def test_a_full_disk_is_one_line_naming_the_last_good_step_and_leaves_nothing_pa
 def test_read_only_directories_are_refused_before_training(tmp_path, data_dir):
   with _tmpfs(tmp_path / "run" / "checkpoints", 64, read_only=True):
     result = _run(tmp_path / "run", data_dir, "--num_steps=2", ok=False)
-  _assert_one_line_error(result, f"cannot write to {tmp_path / 'run' / 'checkpoints'} (the file system is read-only)")
+  _assert_one_line_error(
+      result, f"cannot write to {tmp_path / 'run' / 'checkpoints'} (the file system is read-only)"
+  )
   with _tmpfs(tmp_path / "ro", 64, read_only=True):
     result = _run(tmp_path / "ro", data_dir, "--num_steps=2", ok=False)
-  _assert_one_line_error(result, f"cannot write to {tmp_path / 'ro'} (the file system is read-only)")
+  _assert_one_line_error(
+      result, f"cannot write to {tmp_path / 'ro'} (the file system is read-only)"
+  )
 
 
 def test_storage_errors_are_recognised_through_wrapping():
   import errno
-  wrapped = ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']")
+
+  wrapped = ValueError(
+      "RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']"
+  )
   assert checkpoint.storage_errno(wrapped) == errno.ENOSPC
   try:
     try:
@@ -264,31 +345,57 @@ def test_storage_errors_are_recognised_through_wrapping():
 
 # ---- losses that cannot go on, and a best metric that never comes ----------------------------------------
 
+
 def test_a_diverged_loss_stops_the_run_with_advice_about_the_learning_rate(tmp_path, data_dir):
-  result = subprocess.run([sys.executable, "-m", "experiments.cnn", "--flagfile=experiments/configs/cnn_tiny.flags",
-                           f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--learning_rate=1e6",
-                           "--warmup_steps=0", "--num_steps=20", "--log_every=1"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "experiments.cnn",
+          "--flagfile=experiments/configs/cnn_tiny.flags",
+          f"--workdir={tmp_path}",
+          f"--data_dir={data_dir}",
+          "--learning_rate=1e6",
+          "--warmup_steps=0",
+          "--num_steps=20",
+          "--log_every=1",
+      ],
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   _assert_one_line_error(result, "training diverged: the loss rose from")
-  assert "lower --learning_rate" in result.stderr and not os.path.exists(tmp_path / "checkpoints" / "20")
+  assert "lower --learning_rate" in result.stderr and not os.path.exists(
+      tmp_path / "checkpoints" / "20"
+  )
 
 
-@pytest.mark.parametrize("step, start, loss, update, expected", [
-    (3, 0, 2.0, 1.0, None),
-    (3, 0, 4e23, 1.0, "training diverged"),
-    (1, 0, float("nan"), 1.0, "the learning rate is not the cause"),  # before any update
-    (5, 4, float("nan"), 1.0, "after resuming from step 4"),
-    (7, 0, 2.0, float("nan"), "lower --learning_rate"),  # a NaN update with a finite loss
-])
+@pytest.mark.parametrize(
+    "step, start, loss, update, expected",
+    [
+        (3, 0, 2.0, 1.0, None),
+        (3, 0, 4e23, 1.0, "training diverged"),
+        (1, 0, float("nan"), 1.0, "the learning rate is not the cause"),  # before any update
+        (5, 4, float("nan"), 1.0, "after resuming from step 4"),
+        (7, 0, 2.0, float("nan"), "lower --learning_rate"),  # a NaN update with a finite loss
+    ],
+)
 def test_instability_advice_fits_the_cause(step, start, loss, update, expected):
   from bigjax import train
+
   message = train.instability(step, start, loss, update, first=(start + 1, 2.3))
   assert (message is None) if expected is None else (expected in message), message
 
 
-def test_a_best_metric_that_the_evaluation_never_reports_is_refused_before_training(tmp_path, data_dir):
+def test_a_best_metric_that_the_evaluation_never_reports_is_refused_before_training(
+    tmp_path, data_dir
+):
   result = _run(tmp_path, data_dir, "--num_steps=2", "--keep_best_metric=eval_bleu", ok=False)
-  _assert_one_line_error(result, "--keep_best_metric=eval_bleu is not a metric this run's evaluation reports")
+  _assert_one_line_error(
+      result, "--keep_best_metric=eval_bleu is not a metric this run's evaluation reports"
+  )
   assert "eval_loss" in result.stderr and not os.path.exists(tmp_path / "checkpoints" / "2")
 
 
@@ -302,5 +409,7 @@ def test_a_checkpoint_directory_that_turns_read_only_mid_run_fails_the_next_save
     start = time.perf_counter()
     with pytest.raises(UserError, match="read-only; the last good checkpoint is step 1"):
       ckpt.save(2, state)
-    assert time.perf_counter() - start < 30  # a tester saw Orbax wait 5 minutes on a read-only directory
+    assert (
+        time.perf_counter() - start < 30
+    )  # a tester saw Orbax wait 5 minutes on a read-only directory
     assert sorted(os.listdir(directory)) == ["1"]

@@ -10,12 +10,16 @@ from bigjax.errors import UserError
 
 @pytest.mark.parametrize("schedule", optim.SCHEDULES)
 def test_schedules_warm_up_linearly_to_the_peak(schedule):
-  lr = optim.make_schedule(optim.OptimConfig(learning_rate=2.0, schedule=schedule, warmup_steps=10), 100)
+  lr = optim.make_schedule(
+      optim.OptimConfig(learning_rate=2.0, schedule=schedule, warmup_steps=10), 100
+  )
   if schedule == "constant":
     assert float(lr(0)) == float(lr(50)) == 2.0
     return
   warmup = [float(lr(s)) for s in range(11)]
-  assert warmup[0] > 0 and warmup[0] == pytest.approx(0.2, rel=1e-5)  # the first step already learns
+  assert warmup[0] > 0 and warmup[0] == pytest.approx(
+      0.2, rel=1e-5
+  )  # the first step already learns
   assert all(b > a for a, b in zip(warmup, warmup[1:-1]))
   np.testing.assert_allclose(np.diff(warmup[:10]), np.diff(warmup[:10])[0], rtol=1e-4)  # linear
   np.testing.assert_allclose(warmup[10], 2.0, rtol=0.05)
@@ -23,21 +27,31 @@ def test_schedules_warm_up_linearly_to_the_peak(schedule):
 
 def test_cosine_and_linear_decay_to_zero_at_the_end():
   for schedule in ("warmup_cosine", "warmup_linear"):
-    lr = optim.make_schedule(optim.OptimConfig(learning_rate=1.0, schedule=schedule, warmup_steps=10), 100)
+    lr = optim.make_schedule(
+        optim.OptimConfig(learning_rate=1.0, schedule=schedule, warmup_steps=10), 100
+    )
     assert float(lr(100)) == pytest.approx(0.0, abs=1e-6)
   cosine = optim.make_schedule(optim.OptimConfig(learning_rate=1.0, warmup_steps=10), 110)
   np.testing.assert_allclose(float(cosine(60)), 0.5, rtol=1e-5)  # half way through the decay
 
 
 def test_inverse_sqrt_decays_as_one_over_root_step():
-  lr = optim.make_schedule(optim.OptimConfig(learning_rate=1.0, schedule="inverse_sqrt", warmup_steps=100), 10_000)
+  lr = optim.make_schedule(
+      optim.OptimConfig(learning_rate=1.0, schedule="inverse_sqrt", warmup_steps=100), 10_000
+  )
   np.testing.assert_allclose(float(lr(399)), 0.5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_every_optimizer_descends_a_quadratic(name):
-  cfg = optim.OptimConfig(optimizer=name, learning_rate=0.05, schedule="constant", warmup_steps=0,
-                          weight_decay=0.01, grad_clip=10.0)
+  cfg = optim.OptimConfig(
+      optimizer=name,
+      learning_rate=0.05,
+      schedule="constant",
+      warmup_steps=0,
+      weight_decay=0.01,
+      grad_clip=10.0,
+  )
   tx = optim.make_optimizer(cfg, 100)
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
@@ -60,7 +74,9 @@ def test_weight_decay_skips_vectors():
 
 
 def test_gradient_clipping_bounds_the_global_norm():
-  cfg = optim.OptimConfig(optimizer="sgd", learning_rate=1.0, schedule="constant", momentum=0.0, grad_clip=1.0)
+  cfg = optim.OptimConfig(
+      optimizer="sgd", learning_rate=1.0, schedule="constant", momentum=0.0, grad_clip=1.0
+  )
   tx = optim.make_optimizer(cfg, 10)
   params = {"w": jnp.zeros(4)}
   updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)

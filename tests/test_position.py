@@ -45,15 +45,19 @@ def test_rotary_matches_pairwise_rotation_matrices():
   got = np.asarray(position.apply_rotary(jnp.asarray(x), jnp.asarray(positions)))
   for t in range(5):
     for h in range(2):
-      np.testing.assert_allclose(got[0, t, h], _naive_rotary(x[0, t, h], positions[0, t]), atol=1e-5)
+      np.testing.assert_allclose(
+          got[0, t, h], _naive_rotary(x[0, t, h], positions[0, t]), atol=1e-5
+      )
 
 
 def test_rotary_scores_depend_only_on_relative_position():
   q, k = jax.random.normal(jax.random.key(1), (2, 1, 1, 1, 16))
+
   def score(pq, pk):
     rq = position.apply_rotary(q, jnp.array([[pq]]))
     rk = position.apply_rotary(k, jnp.array([[pk]]))
     return float(jnp.sum(rq * rk))
+
   np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-5)
   np.testing.assert_allclose(score(0, 0), score(40, 40), rtol=1e-5)
   assert abs(score(3, 1) - score(3, 2)) > 1e-4

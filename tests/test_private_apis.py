@@ -13,19 +13,32 @@ from bigjax import private_apis
 
 def test_jax_says_whether_its_backends_have_started():
   from jax._src import xla_bridge
+
   assert callable(xla_bridge.backends_are_initialized)
   assert jax.devices() and private_apis.jax_backends_started()
-  fresh = subprocess.run([sys.executable, "-c", "from bigjax import private_apis; "
-                          "print(private_apis.jax_backends_started())"], capture_output=True, text=True, timeout=120)
+  fresh = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "from bigjax import private_apis; " "print(private_apis.jax_backends_started())",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert fresh.stdout.strip() == "False", fresh.stderr
 
 
 def test_jax_cluster_environments_are_listed_where_bigjax_reads_them():
   from jax._src import clusters
+
   environments = clusters.ClusterEnv._cluster_types  # noqa: SLF001
-  assert environments and all(hasattr(env, "opt_in_only_method") and callable(env.is_env_present)
-                              for env in environments)
-  assert private_apis.jax_cluster_detected() is False  # no SLURM, Cloud TPU or MPI on a test machine
+  assert environments and all(
+      hasattr(env, "opt_in_only_method") and callable(env.is_env_present) for env in environments
+  )
+  assert (
+      private_apis.jax_cluster_detected() is False
+  )  # no SLURM, Cloud TPU or MPI on a test machine
 
 
 def test_tfds_builders_log_their_download_through_the_methods_bigjax_silences():
@@ -34,8 +47,12 @@ def test_tfds_builders_log_their_download_through_the_methods_bigjax_silences():
 
 
 def test_grain_reads_its_options_as_absl_flags():
-  program = ("from absl import flags; import grain; from bigjax import private_apis; "
-             "assert not flags.FLAGS.is_parsed(); assert 'grain_py_debug_mode' in flags.FLAGS; "
-             "private_apis.let_grain_workers_read_flags(); assert flags.FLAGS.is_parsed()")
-  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+  program = (
+      "from absl import flags; import grain; from bigjax import private_apis; "
+      "assert not flags.FLAGS.is_parsed(); assert 'grain_py_debug_mode' in flags.FLAGS; "
+      "private_apis.let_grain_workers_read_flags(); assert flags.FLAGS.is_parsed()"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr

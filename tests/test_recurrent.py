@@ -18,7 +18,9 @@ def _sigmoid(x):
 
 def _naive_run(cell, params, x_TD, h0=None, c0=None):
   """One sequence, one step at a time in float64, straight from the gate formulas."""
-  wx, wh, b = (np.asarray(params[k], np.float64) for k in ("input_kernel", "recurrent_kernel", "bias"))
+  wx, wh, b = (
+      np.asarray(params[k], np.float64) for k in ("input_kernel", "recurrent_kernel", "bias")
+  )
   hidden = wh.shape[0]
   h = np.zeros(hidden) if h0 is None else h0
   c = np.zeros(hidden) if c0 is None else c0
@@ -90,7 +92,9 @@ def test_backward_direction_starts_at_each_true_end(cell):
     want, h, _ = _naive_run(cell, params["layer0_backward"], truncated_reversed)
     np.testing.assert_allclose(outputs[b, :length, 4:], want[::-1], atol=1e-5)
     np.testing.assert_allclose(recurrent.carry_output(cell, carries[1])[b], h, atol=1e-5)
-    fwd, h_fwd, _ = _naive_run(cell, params["layer0_forward"], np.asarray(x[b, :length], np.float64))
+    fwd, h_fwd, _ = _naive_run(
+        cell, params["layer0_forward"], np.asarray(x[b, :length], np.float64)
+    )
     np.testing.assert_allclose(outputs[b, :length, :4], fwd, atol=1e-5)
     np.testing.assert_allclose(recurrent.carry_output(cell, carries[0])[b], h_fwd, atol=1e-5)
     assert np.all(outputs[b, length:] == 0)
@@ -114,9 +118,11 @@ def test_gradients_stay_finite_over_512_steps(cell):
   model = models.create("lstm-lm", cell=cell, embed_dim=16, hidden_size=32, num_layers=2)
   tokens = jax.random.randint(jax.random.key(0), (2, 513), 0, 256)
   variables = model.init(jax.random.key(1), tokens[:, :8])
+
   def loss(params):
     sums, _ = tasks.LanguageModelling().loss_sums(model, {"params": params}, {"tokens": tokens})
     return sums["loss"] / sums["count"]
+
   grads = jax.grad(loss)(nn.unbox(variables)["params"])
   norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(n) for n in norms) and max(norms) > 0

@@ -13,26 +13,49 @@ from bigjax import train
 from bigjax.data import lm
 
 
-def _fit(workdir, data_dir, num_steps, *, mesh_spec="data:-1,fsdp:2,tensor:2", schedule="constant",
-         eval_every=4, checkpoint_every=3):
-  model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32)
-  cfg = train.TrainConfig(workdir=str(workdir), num_steps=num_steps, batch_size=8, seed=3, log_every=1,
-                          eval_every=eval_every, checkpoint_every=checkpoint_every)
+def _fit(
+    workdir,
+    data_dir,
+    num_steps,
+    *,
+    mesh_spec="data:-1,fsdp:2,tensor:2",
+    schedule="constant",
+    eval_every=4,
+    checkpoint_every=3,
+):
+  model = models.create(
+      "transformer-tiny", num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32
+  )
+  cfg = train.TrainConfig(
+      workdir=str(workdir),
+      num_steps=num_steps,
+      batch_size=8,
+      seed=3,
+      log_every=1,
+      eval_every=eval_every,
+      checkpoint_every=checkpoint_every,
+  )
   optim_cfg = optim.OptimConfig(learning_rate=3e-3, schedule=schedule, warmup_steps=0)
   train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
   eval_windows = lm.open_windows("python_stdlib_text", "validation", 32, data_dir)
   mesh = sharding.make_mesh(mesh_spec)
   record = train.fit(
-      model=model, task=tasks.LanguageModelling(), tx=optim.make_optimizer(optim_cfg, num_steps),
+      model=model,
+      task=tasks.LanguageModelling(),
+      tx=optim.make_optimizer(optim_cfg, num_steps),
       learning_rate=optim.make_schedule(optim_cfg, num_steps),
       train_data=lm.train_batches(train_windows, 8, seed=3),
-      eval_data=lm.eval_batches(eval_windows, 8, max_batches=3), config=cfg, mesh=mesh)
+      eval_data=lm.eval_batches(eval_windows, 8, max_batches=3),
+      config=cfg,
+      mesh=mesh,
+  )
   return record
 
 
 def _final_params(workdir, step):
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   import orbax.checkpoint as ocp
+
   return ocp.StandardCheckpointer().restore(path)["params"]
 
 
@@ -58,8 +81,11 @@ def test_rerun_resumes_at_the_next_step_and_matches_an_unbroken_run(tmp_path, da
   assert [r["step"] for r in rows] == list(range(1, 8))
   unbroken_rows = metrics.read_jsonl(tmp_path / "unbroken" / "metrics.jsonl")
   assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in unbroken_rows]
-  for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "broken", 7)),
-                  jax.tree.leaves(_final_params(tmp_path / "unbroken", 7)), strict=True):
+  for a, b in zip(
+      jax.tree.leaves(_final_params(tmp_path / "broken", 7)),
+      jax.tree.leaves(_final_params(tmp_path / "unbroken", 7)),
+      strict=True,
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -90,10 +116,20 @@ def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
 
   cache = tmp_path / "not" / "yet" / "there"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  hits = [subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(cache)], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()[-1]
-          for _ in range(2)]
-  assert int(hits[0]) == 0 and int(hits[1]) >= 1  # every program the second process compiles is a hit
+  hits = [
+      subprocess.run(
+          [sys.executable, "-c", _CACHE_PROBE, str(cache)],
+          env=env,
+          capture_output=True,
+          text=True,
+          check=True,
+          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      ).stdout.split()[-1]
+      for _ in range(2)
+  ]
+  assert (
+      int(hits[0]) == 0 and int(hits[1]) >= 1
+  )  # every program the second process compiles is a hit
   assert any(cache.iterdir())
   blocker = tmp_path / "a_file"
   blocker.write_text("")
@@ -106,9 +142,15 @@ def _mlp_steps(xla_options):
   mesh = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   rng = jax.random.PRNGKey(0)
   with train.mesh_context(mesh):
-    steps = train.compile_steps(model=model, tx=optim.make_optimizer(optim.OptimConfig(), 10),
-                                task=tasks.Classification(), example_batch=batch, mesh=mesh, rng=rng,
-                                xla_options=xla_options)
+    steps = train.compile_steps(
+        model=model,
+        tx=optim.make_optimizer(optim.OptimConfig(), 10),
+        task=tasks.Classification(),
+        example_batch=batch,
+        mesh=mesh,
+        rng=rng,
+        xla_options=xla_options,
+    )
     state = steps.init(rng)
     return steps, state, sharding.host_to_global(batch, mesh)
 
@@ -125,8 +167,11 @@ def test_xla_options_reach_the_compiled_steps_and_a_bad_one_is_a_one_line_error(
   # XLA's CPU backend runs matmuls through YNNPACK unless this option takes them back.
   assert "ynn_fusion" in compiled_text(None)
   assert "ynn_fusion" not in compiled_text({"xla_cpu_experimental_ynn_fusion_type": ""})
-  with pytest.raises(UserError, match=r"^bad XLA compiler option \(--xla_option\): No such compile option: "
-                                      r"'xla_cpu_no_such_option'$"):
+  with pytest.raises(
+      UserError,
+      match=r"^bad XLA compiler option \(--xla_option\): No such compile option: "
+      r"'xla_cpu_no_such_option'$",
+  ):
     _mlp_steps({"xla_cpu_no_such_option": 1})
 
 
@@ -135,16 +180,22 @@ def test_xla_option_values_of_every_type_are_accepted_by_xla():
 
   from bigjax import flags as bigjax_flags
 
-  holder = types.SimpleNamespace(name="xla_option", value=[
-      "xla_cpu_enable_fast_math=False",  # bool
-      "xla_cpu_parallel_codegen_split_count=2",  # int
-      "xla_gpu_auto_spmd_partitioning_memory_budget_ratio=1",  # float, written as a whole number
-      "xla_dump_hlo_pass_re=1",  # string that looks like a number
-      " xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE ",
-      "xla_cpu_experimental_ynn_fusion_type=",  # empty: the last value of a name wins
-  ])
+  holder = types.SimpleNamespace(
+      name="xla_option",
+      value=[
+          "xla_cpu_enable_fast_math=False",  # bool
+          "xla_cpu_parallel_codegen_split_count=2",  # int
+          "xla_gpu_auto_spmd_partitioning_memory_budget_ratio=1",  # float, written as a whole number
+          "xla_dump_hlo_pass_re=1",  # string that looks like a number
+          " xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE ",
+          "xla_cpu_experimental_ynn_fusion_type=",  # empty: the last value of a name wins
+      ],
+  )
   options = bigjax_flags.xla_options(holder)
-  assert options["xla_cpu_enable_fast_math"] is False and options["xla_cpu_experimental_ynn_fusion_type"] == ""
+  assert (
+      options["xla_cpu_enable_fast_math"] is False
+      and options["xla_cpu_experimental_ynn_fusion_type"] == ""
+  )
   train.check_xla_options(options)  # XLA takes each one (raises UserError otherwise)
 
 
@@ -160,10 +211,22 @@ def test_the_compilation_cache_follows_jaxs_own_environment_variables(tmp_path, 
   import sys
 
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "from-env"))
-  default = subprocess.run([sys.executable, "-c", "from bigjax import flags; print(flags.COMPILATION_CACHE_DIR.default)"],
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+  default = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "from bigjax import flags; print(flags.COMPILATION_CACHE_DIR.default)",
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.strip()
   assert default == str(tmp_path / "from-env")
-  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  saved = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   try:
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
     assert train.enable_compilation_cache(str(tmp_path / "cache"))

@@ -22,16 +22,19 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description="Handwritten digits bundled with scikit-learn (UCI optdigits, 8x8).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+        ),
         supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     from sklearn import datasets  # a builder-only dependency: reading the prepared set needs none
+
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)

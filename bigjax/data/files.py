@@ -61,6 +61,7 @@ def is_validation(key: bytes) -> bool:
 @dataclasses.dataclass(frozen=True)
 class TextFiles:
   """One document per file, read when asked for."""
+
   paths: tuple[str, ...]
 
   def __len__(self) -> int:
@@ -74,6 +75,7 @@ class TextFiles:
 @dataclasses.dataclass(frozen=True)
 class TextLines:
   """One document per line, held as one buffer and [start, stop) offsets into it."""
+
   buffer: bytes
   starts: np.ndarray
   stops: np.ndarray
@@ -83,12 +85,13 @@ class TextLines:
     return len(self.starts)
 
   def __getitem__(self, index: int) -> dict:
-    return {"text": self.buffer[self.starts[index]:self.stops[index]], "name": self.names[index]}
+    return {"text": self.buffer[self.starts[index] : self.stops[index]], "name": self.names[index]}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
   """Images decoded with Pillow when asked for; every image must have the first one's shape."""
+
   paths: tuple[str, ...]
   labels: np.ndarray
   classes: tuple[str, ...]
@@ -100,14 +103,21 @@ class ImageFolder:
   def __getitem__(self, index: int) -> dict:
     image = decode_image(self.paths[index])
     if image.shape != self.shape:
-      raise UserError(f"image {self.paths[index]} is {image.shape[:2]} with {image.shape[2]} channel(s) but "
-                      f"{self.paths[0]} is {self.shape[:2]} with {self.shape[2]}; resize the images to one size")
-    return {"image": image, "label": np.int64(self.labels[index]), "name": self.paths[index].encode()}
+      raise UserError(
+          f"image {self.paths[index]} is {image.shape[:2]} with {image.shape[2]} channel(s) but "
+          f"{self.paths[0]} is {self.shape[:2]} with {self.shape[2]}; resize the images to one size"
+      )
+    return {
+        "image": image,
+        "label": np.int64(self.labels[index]),
+        "name": self.paths[index].encode(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Subset:
   """The examples of `source` at `indices`, in that order."""
+
   source: object
   indices: np.ndarray
 
@@ -121,6 +131,7 @@ class Subset:
 def decode_image(path: str) -> np.ndarray:
   """[H, W, C] uint8: grey images keep one channel, anything else becomes RGB."""
   from PIL import Image  # only image folders need Pillow
+
   try:
     with Image.open(path) as image:
       image = image if image.mode in ("L", "RGB") else image.convert("RGB")
@@ -129,8 +140,9 @@ def decode_image(path: str) -> np.ndarray:
   # zlib.error, struct.error...: whatever decoding one file raises is that file's fault.
   except Exception as e:  # noqa: BLE001
     reason = " ".join(str(e).replace(repr(path), "").replace(path, "").split()) or "no detail"
-    raise UserError(f"{path} is not a readable image ({type(e).__name__}: {reason}); "
-                    "remove or replace it") from None
+    raise UserError(
+        f"{path} is not a readable image ({type(e).__name__}: {reason}); " "remove or replace it"
+    ) from None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -144,14 +156,18 @@ def open_split(spec: str, split: str):
   try:
     instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
   except ValueError as e:
-    raise UserError(f"--dataset={spec}: bad split {split!r} ({' '.join(str(e).split())}); its splits are "
-                    f"train ({len(indices['train']):,}) and validation ({len(indices['validation']):,})") from None
-  chosen = np.concatenate([indices[i.splitname][i.from_:i.to] for i in instructions])
+    raise UserError(
+        f"--dataset={spec}: bad split {split!r} ({' '.join(str(e).split())}); its splits are "
+        f"train ({len(indices['train']):,}) and validation ({len(indices['validation']):,})"
+    ) from None
+  chosen = np.concatenate([indices[i.splitname][i.from_ : i.to] for i in instructions])
   if not len(chosen):
-    raise UserError(f"--dataset={spec}: split {split!r} is empty ({len(indices['train']):,} train, "
-                    f"{len(indices['validation']):,} validation documents; validation takes the ~5% whose key "
-                    "hashes to it); add files, or split train yourself: --train_split=train[:90%] "
-                    "--eval_split=train[90%:]")
+    raise UserError(
+        f"--dataset={spec}: split {split!r} is empty ({len(indices['train']):,} train, "
+        f"{len(indices['validation']):,} validation documents; validation takes the ~5% whose key "
+        "hashes to it); add files, or split train yourself: --train_split=train[:90%] "
+        "--eval_split=train[90%:]"
+    )
   return Subset(source, chosen)
 
 
@@ -161,7 +177,9 @@ def _glob(spec: str, pattern: str) -> tuple[list[str], str]:
   root, segments = _split_pattern(pattern)
   paths = _first_of_each_file(sorted(set(_find(root, segments, frozenset([_folder_id(root)])))))
   if not paths:
-    raise UserError(f"--dataset={spec}: the pattern {pattern!r} matches no files (relative to {os.getcwd()})")
+    raise UserError(
+        f"--dataset={spec}: the pattern {pattern!r} matches no files (relative to {os.getcwd()})"
+    )
   return paths, root
 
 
@@ -169,7 +187,9 @@ def _split_pattern(pattern: str) -> tuple[str, tuple[str, ...]]:
   """The folder before the first wildcard, and the path below it as segments (`**` alone at the
   end means every file below, as `**/*`)."""
   parts = pattern.split(os.sep)
-  fixed = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), len(parts) - 1)
+  fixed = next(
+      (i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), len(parts) - 1
+  )
   root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "")
   segments = tuple(part for part in parts[fixed:] if part)
   return root, segments + ("*",) if segments[-1:] == ("**",) else segments
@@ -187,7 +207,9 @@ def _find(folder: str, segments: tuple[str, ...], ancestors: frozenset) -> Itera
     yield from _match(folder, _entries(folder), segments, ancestors)
 
 
-def _match(folder: str, entries: list[os.DirEntry], segments: tuple[str, ...], ancestors: frozenset):
+def _match(
+    folder: str, entries: list[os.DirEntry], segments: tuple[str, ...], ancestors: frozenset
+):
   head, rest = segments[0], segments[1:]
   if head == "**":
     yield from _match(folder, entries, rest, ancestors)  # `**` as no folder at all
@@ -279,20 +301,30 @@ def _open_text_lines(spec: str, pattern: str):
     chunks.append(data)
     offset += len(data)
   if not starts:
-    raise UserError(f"--dataset={spec}: the {len(paths)} file(s) matching {pattern!r} hold no non-blank line")
-  source = TextLines(b"".join(chunks), np.array(starts, np.int64), np.array(stops, np.int64), tuple(names))
+    raise UserError(
+        f"--dataset={spec}: the {len(paths)} file(s) matching {pattern!r} hold no non-blank line"
+    )
+  source = TextLines(
+      b"".join(chunks), np.array(starts, np.int64), np.array(stops, np.int64), tuple(names)
+  )
   return source, [source[i]["text"] for i in range(len(source))]
 
 
 def _open_image_folder(spec: str, directory: str):
   if not os.path.isdir(directory):
-    raise UserError(f"--dataset={spec}: {directory!r} is not a directory (want DIR/CLASS/IMAGE files)")
+    raise UserError(
+        f"--dataset={spec}: {directory!r} is not a directory (want DIR/CLASS/IMAGE files)"
+    )
   classes = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
   paths, labels = _class_images(spec, directory, classes)
   if len(classes) < 2 or not paths:
-    raise UserError(f"--dataset={spec}: want one sub-folder per class (at least two) holding "
-                    f"{'/'.join(IMAGE_SUFFIXES)} images; found {len(classes)} sub-folder(s) and {len(paths)} image(s)")
-  source = ImageFolder(tuple(paths), np.array(labels, np.int64), tuple(classes), decode_image(paths[0]).shape)
+    raise UserError(
+        f"--dataset={spec}: want one sub-folder per class (at least two) holding "
+        f"{'/'.join(IMAGE_SUFFIXES)} images; found {len(classes)} sub-folder(s) and {len(paths)} image(s)"
+    )
+  source = ImageFolder(
+      tuple(paths), np.array(labels, np.int64), tuple(classes), decode_image(paths[0]).shape
+  )
   return source, [os.path.relpath(p, directory).encode() for p in paths]
 
 
@@ -311,9 +343,11 @@ def _class_images(spec: str, directory: str, classes: list[str]) -> tuple[list[s
       first_label, first = owner.setdefault(_file_id(path), (label, path))
       if first_label != label:
         link = _first_link(first, directory) or _first_link(path, directory)
-        raise UserError(f"--dataset={spec}: {first} and {path} are one file, in class folders "
-                        f"{classes[first_label]!r} and {name!r}, so it has no one label; remove "
-                        f"{f'the link {link}' if link else 'one of the two (they are hard links)'}")
+        raise UserError(
+            f"--dataset={spec}: {first} and {path} are one file, in class folders "
+            f"{classes[first_label]!r} and {name!r}, so it has no one label; remove "
+            f"{f'the link {link}' if link else 'one of the two (they are hard links)'}"
+        )
       if first == path:
         paths.append(path)
         labels.append(label)
@@ -328,4 +362,8 @@ def _first_link(path: str, top: str) -> str | None:
 
 
 _LINE = re.compile(rb"[^\r\n]+")
-_OPENERS = {"textfiles": _open_text_files, "textlines": _open_text_lines, "imagefolder": _open_image_folder}
+_OPENERS = {
+    "textfiles": _open_text_files,
+    "textlines": _open_text_lines,
+    "imagefolder": _open_image_folder,
+}

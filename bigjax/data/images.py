@@ -19,6 +19,7 @@ def standardize(image: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Random horizontal flip and random crop from a zero-padded image, for natural images (CIFAR)."""
+
   flip: bool = False
   crop_padding: int = 0
 
@@ -30,13 +31,14 @@ class Augment:
       height, width = image.shape[:2]
       padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
       top, left = rng.integers(0, 2 * pad + 1, size=2)
-      image = padded[top:top + height, left:left + width]
+      image = padded[top : top + height, left : left + width]
     return image
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
   """Picks and converts one example's image and label (feature names are the data set's)."""
+
   image_key: str = "image"
   label_key: str = "label"
   augment: Augment | None = None
@@ -50,21 +52,47 @@ class Example:
     return {"image": standardize(image), "label": np.int32(example[self.label_key])}
 
 
-def open_split(dataset: str, split: str, data_dir: str | None, image_key: str = "image", label_key: str = "label"):
+def open_split(
+    dataset: str,
+    split: str,
+    data_dir: str | None,
+    image_key: str = "image",
+    label_key: str = "label",
+):
   source = sources.load_source(dataset, split, data_dir)
   missing = [k for k in (image_key, label_key) if k not in source[0]]
   if missing:
-    raise UserError(f"{dataset}/{split} has no feature(s) {missing}; its features are {sorted(source[0])}")
+    raise UserError(
+        f"{dataset}/{split} has no feature(s) {missing}; its features are {sorted(source[0])}"
+    )
   return source
 
 
-def train_batches(source, global_batch_size: int, seed: int, augment: Augment | None = None, *,
-                  image_key: str = "image", label_key: str = "label", workers: int = 0):
+def train_batches(
+    source,
+    global_batch_size: int,
+    seed: int,
+    augment: Augment | None = None,
+    *,
+    image_key: str = "image",
+    label_key: str = "label",
+    workers: int = 0,
+):
   example = Example(image_key=image_key, label_key=label_key, augment=augment)
   return pipeline.train_batches(source, global_batch_size, seed, transform=example, workers=workers)
 
 
-def eval_batches(source, global_batch_size: int, max_batches: int = 0, *, image_key: str = "image",
-                 label_key: str = "label") -> list[dict]:
-  return pipeline.eval_batches(source, global_batch_size, max_batches,
-                               transform=Example(image_key=image_key, label_key=label_key))
+def eval_batches(
+    source,
+    global_batch_size: int,
+    max_batches: int = 0,
+    *,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> list[dict]:
+  return pipeline.eval_batches(
+      source,
+      global_batch_size,
+      max_batches,
+      transform=Example(image_key=image_key, label_key=label_key),
+  )

@@ -20,13 +20,17 @@ def pick_text_key(features: set[str], wanted: str | None, dataset: str) -> str:
   """`wanted` if the data set has it, else its first feature named like text."""
   if wanted:
     if wanted not in features:
-      raise UserError(f"{dataset} has no feature {wanted!r} (--text_key); its features are {sorted(features)}")
+      raise UserError(
+          f"{dataset} has no feature {wanted!r} (--text_key); its features are {sorted(features)}"
+      )
     return wanted
   for key in TEXT_KEYS:
     if key in features:
       return key
-  raise UserError(f"{dataset} has none of the text features {list(TEXT_KEYS)}; its features are "
-                  f"{sorted(features)}: name the text with --text_key")
+  raise UserError(
+      f"{dataset} has none of the text features {list(TEXT_KEYS)}; its features are "
+      f"{sorted(features)}: name the text with --text_key"
+  )
 
 
 def as_bytes(value) -> bytes:
@@ -44,7 +48,13 @@ def documents(source, field: str):
 def token_stream(source, field: str = "bytes", tokenizer=tokenizers.ByteTokenizer()) -> np.ndarray:
   """Every document of a source, tokenized and followed by the end-of-document token, as one array
   of the smallest unsigned dtype that holds the vocabulary."""
-  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+  dtype = (
+      np.uint8
+      if tokenizer.vocab_size <= 256
+      else np.uint16
+      if tokenizer.vocab_size <= 65536
+      else np.int32
+  )
   end = np.array([tokenizer.eod_id], dtype)
   pieces = []
   for text in documents(source, field):
@@ -63,6 +73,7 @@ class TokenWindows:
   which belongs to the document it ends) and `positions` (restarting at 0 with each document), for
   models that keep attention inside a document (see bigjax.nn.attention.segment_mask).
   """
+
   stream: np.ndarray
   seq_len: int
   eod_id: int | None = None
@@ -72,7 +83,7 @@ class TokenWindows:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     start = index * self.seq_len
-    tokens = self.stream[start:start + self.seq_len + 1].astype(np.int32)
+    tokens = self.stream[start : start + self.seq_len + 1].astype(np.int32)
     if self.eod_id is None:
       return {"tokens": tokens}
     return {"tokens": tokens, **document_segments(tokens, self.eod_id)}
@@ -88,17 +99,28 @@ def document_segments(tokens: np.ndarray, eod_id: int) -> dict[str, np.ndarray]:
   return {"segment_ids": segment_ids, "positions": (index - first).astype(np.int32)}
 
 
-def open_windows(dataset: str, split: str, seq_len: int, data_dir: str | None, tokenizer=None,
-                 text_key: str | None = None, segments: bool = False) -> TokenWindows:
+def open_windows(
+    dataset: str,
+    split: str,
+    seq_len: int,
+    data_dir: str | None,
+    tokenizer=None,
+    text_key: str | None = None,
+    segments: bool = False,
+) -> TokenWindows:
   """[seq_len + 1]-token windows over the split's documents, tokenized (bytes by default); with
   `segments`, also their segment ids and within-document positions."""
   source = sources.load_source(dataset, split, data_dir)
   field = pick_text_key(sources.feature_names(dataset, data_dir), text_key, dataset)
   tokenizer = tokenizer or tokenizers.ByteTokenizer()
-  windows = TokenWindows(token_stream(source, field, tokenizer), seq_len, tokenizer.eod_id if segments else None)
+  windows = TokenWindows(
+      token_stream(source, field, tokenizer), seq_len, tokenizer.eod_id if segments else None
+  )
   if len(windows) == 0:
-    raise UserError(f"{dataset}/{split} holds {len(windows.stream)} tokens, too few for one window "
-                    f"of --seq_len={seq_len}")
+    raise UserError(
+        f"{dataset}/{split} holds {len(windows.stream)} tokens, too few for one window "
+        f"of --seq_len={seq_len}"
+    )
   return windows
 
 
@@ -123,6 +145,7 @@ class PromptTargets:
   loss counts only the predictions of the targets and the end (the model is not asked to guess the
   random inputs).
   """
+
   source: object
   seq_len: int
 
@@ -133,19 +156,25 @@ class PromptTargets:
     example = self.source[index]
     inputs = np.frombuffer(example["inputs"], np.uint8)
     targets = np.frombuffer(example["targets"], np.uint8)
-    sequence = np.concatenate([inputs, [PROMPT_SEPARATOR], targets, [DOCUMENT_SEPARATOR]]).astype(np.int32)
+    sequence = np.concatenate([inputs, [PROMPT_SEPARATOR], targets, [DOCUMENT_SEPARATOR]]).astype(
+        np.int32
+    )
     if len(sequence) > self.seq_len + 1:
-      raise UserError(f"example {index} needs {len(sequence) - 1} tokens but --seq_len={self.seq_len}; "
-                      "raise --seq_len")
+      raise UserError(
+          f"example {index} needs {len(sequence) - 1} tokens but --seq_len={self.seq_len}; "
+          "raise --seq_len"
+      )
     tokens = np.zeros(self.seq_len + 1, np.int32)
-    tokens[:len(sequence)] = sequence
+    tokens[: len(sequence)] = sequence
     loss_mask = np.zeros(self.seq_len, np.float32)
     # Position t predicts tokens[t + 1]: the targets start right after the separator.
-    loss_mask[len(inputs):len(sequence) - 1] = 1.0
+    loss_mask[len(inputs) : len(sequence) - 1] = 1.0
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
-def open_prompt_targets(dataset: str, split: str, seq_len: int, data_dir: str | None) -> PromptTargets:
+def open_prompt_targets(
+    dataset: str, split: str, seq_len: int, data_dir: str | None
+) -> PromptTargets:
   return PromptTargets(sources.load_source(dataset, split, data_dir), seq_len)
 
 

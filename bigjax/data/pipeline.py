@@ -20,7 +20,9 @@ def per_process_batch(global_batch_size: int) -> int:
   return global_batch_size // processes
 
 
-def train_batches(source, global_batch_size: int, seed: int, transform=None, workers: int = 0) -> "Loader":
+def train_batches(
+    source, global_batch_size: int, seed: int, transform=None, workers: int = 0
+) -> "Loader":
   """Endless shuffled batches of this process's rows of each global batch (a new order every epoch).
 
   Every process shuffles the whole source with the same seed and reads only its own contiguous
@@ -32,13 +34,17 @@ def train_batches(source, global_batch_size: int, seed: int, transform=None, wor
   batch_size = per_process_batch(global_batch_size)
   ds = grain.MapDataset.source(source)
   if len(ds) < global_batch_size:
-    raise UserError(f"only {len(ds)} training examples, fewer than one batch of {global_batch_size}; "
-                    "lower --batch_size")
+    raise UserError(
+        f"only {len(ds)} training examples, fewer than one batch of {global_batch_size}; "
+        "lower --batch_size"
+    )
   ds = ds.shuffle(seed=seed).repeat()
   if transform is not None:
     ds = ds.random_map(transform, seed=seed)
   # Global batch t is local batches t * P ... t * P + P - 1; process p keeps the p-th of them.
-  return Loader(ds.batch(batch_size, drop_remainder=True)[jax.process_index()::jax.process_count()], workers)
+  return Loader(
+      ds.batch(batch_size, drop_remainder=True)[jax.process_index() :: jax.process_count()], workers
+  )
 
 
 # Batches read ahead by the threads of each reading process: enough to hide a slow example, small
@@ -65,6 +71,7 @@ class Loader:
   its own copy of the pipeline (0: threads of this process), and yields them in order, so the
   batches are the same for any number of workers.
   """
+
   batches: grain.MapDataset
   workers: int = 0
 
@@ -76,11 +83,14 @@ class Loader:
 
   def read_from(self, start: int) -> grain.IterDataset:
     """Batches start, start + 1, ... read ahead by threads and worker processes."""
-    ds = self.batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                                                prefetch_buffer_size=READ_AHEAD))
+    ds = self.batches[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
+    )
     if self.workers > 0:
       private_apis.let_grain_workers_read_flags()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=READ_AHEAD))
+      ds = ds.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=READ_AHEAD)
+      )
     return ds
 
 
@@ -127,7 +137,9 @@ class LoaderIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     self.close_reader()
-    self._next = int(state.get("next_batch", state.get("next_index", 0)))  # next_index: a plain grain iterator's
+    self._next = int(
+        state.get("next_batch", state.get("next_index", 0))
+    )  # next_index: a plain grain iterator's
 
   def start_prefetch(self) -> None:
     if self._reader is None:
@@ -144,21 +156,30 @@ class LoaderIterator(grain.DatasetIterator):
     super().close()
 
 
-def eval_batches(source, global_batch_size: int, max_batches: int = 0, transform=None) -> list[dict]:
+def eval_batches(
+    source, global_batch_size: int, max_batches: int = 0, transform=None
+) -> list[dict]:
   """Fixed evaluation batches with a `weights` entry: every example once, or a fixed random sample
   of `max_batches` batches. The last batch is filled with weight-0 copies of an example, so that
   nothing is dropped and every batch has one shape (one compilation)."""
   batch_size = per_process_batch(global_batch_size)
   ds = grain.MapDataset.source(source)
   if max_batches > 0 and max_batches * global_batch_size < len(ds):
-    ds = ds.shuffle(seed=0)[:max_batches * global_batch_size]  # a sample, not the first (often sorted) ones
+    ds = ds.shuffle(seed=0)[
+        : max_batches * global_batch_size
+    ]  # a sample, not the first (often sorted) ones
   # Every process runs the same number of eval steps, so each pads to the largest share.
   num_batches = -(-len(ds) // global_batch_size)
-  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds[jax.process_index() :: jax.process_count()]
   if transform is not None:
     ds = ds.map(transform)
   examples = [dict(ex, weights=np.float32(1.0)) for ex in ds]
   filler = dict(examples[0], weights=np.float32(0.0))
   examples += [filler] * (num_batches * batch_size - len(examples))
-  return [{key: np.stack([ex[key] for ex in examples[i * batch_size:(i + 1) * batch_size]]) for key in filler}
-          for i in range(num_batches)]
+  return [
+      {
+          key: np.stack([ex[key] for ex in examples[i * batch_size : (i + 1) * batch_size]])
+          for key in filler
+      }
+      for i in range(num_batches)
+  ]

@@ -39,10 +39,12 @@ class PythonStdlibText(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"Python {sys.version.split()[0]} standard library sources, byte level.",
-        features=tfds.features.FeaturesDict({
-            "name": tfds.features.Text(),
-            "bytes": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "name": tfds.features.Text(),
+                "bytes": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+            }
+        ),
     )
 
   def _split_generators(self, dl_manager):
@@ -55,4 +57,7 @@ class PythonStdlibText(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, files):
     for path in files:
-      yield path.name, {"name": path.name, "bytes": np.frombuffer(path.read_bytes(), dtype=np.uint8)}
+      yield path.name, {
+          "name": path.name,
+          "bytes": np.frombuffer(path.read_bytes(), dtype=np.uint8),
+      }

@@ -45,9 +45,11 @@ def load_source(name: str, split: str, data_dir: str | None = None):
   except ValueError as e:  # TFDS's unknown-split and bad-slice errors
     reason = " ".join(str(e).split())
     splits = ", ".join(f"{s} ({info.num_examples:,})" for s, info in builder.info.splits.items())
-    raise UserError(f"data set {name!r} in {builder.data_dir} has no split {split!r} ({reason}); its splits are "
-                    f"{splits}; slice them as train[:90%] or train[10:20]+test, or prepare the data set again "
-                    f"with {_build_command(name, _root(data_dir))}") from None
+    raise UserError(
+        f"data set {name!r} in {builder.data_dir} has no split {split!r} ({reason}); its splits are "
+        f"{splits}; slice them as train[:90%] or train[10:20]+test, or prepare the data set again "
+        f"with {_build_command(name, _root(data_dir))}"
+    ) from None
 
 
 def split_names(name: str, data_dir: str | None = None) -> list[str]:
@@ -62,8 +64,10 @@ def default_eval_split(name: str, data_dir: str | None = None) -> str:
   for split in ("validation", "test"):
     if split in names:
       return split
-  raise UserError(f"data set {name!r} has neither a validation nor a test split (it has {', '.join(names)}); "
-                  "choose one with --eval_split, e.g. --train_split=train[:90%] --eval_split=train[90%:]")
+  raise UserError(
+      f"data set {name!r} has neither a validation nor a test split (it has {', '.join(names)}); "
+      "choose one with --eval_split, e.g. --train_split=train[:90%] --eval_split=train[90%:]"
+  )
 
 
 def num_classes(name: str, label_key: str, data_dir: str | None = None) -> int | None:
@@ -89,7 +93,9 @@ def open_builder(name: str, data_dir: str | None = None):
   builder_cls = LOCAL_BUILDERS[base]
   configs = [c.name for c in builder_cls.BUILDER_CONFIGS]
   if configs and kwargs.get("config") not in configs:
-    raise UserError(f"data set {base!r} needs a config: use {', '.join(f'{base}/{c}' for c in configs)}")
+    raise UserError(
+        f"data set {base!r} needs a config: use {', '.join(f'{base}/{c}' for c in configs)}"
+    )
   try:
     builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
   except (AssertionError, ValueError) as e:  # TFDS asserts on an unknown version
@@ -108,7 +114,10 @@ def _prepare_in_process_order(builder) -> None:
   for turn in range(jax.process_count()):
     if turn == jax.process_index() and not builder.is_prepared():
       tfds.disable_progress_bar()
-      print(f"preparing {builder.name} in {builder.data_dir} from local sources (nothing is downloaded)", flush=True)
+      print(
+          f"preparing {builder.name} in {builder.data_dir} from local sources (nothing is downloaded)",
+          flush=True,
+      )
       private_apis.silence_tfds_download_log(builder)
       builder.download_and_prepare()
     if jax.process_count() > 1:
@@ -123,8 +132,10 @@ def _root(data_dir: str | None) -> str:
 def _parse_name(name: str) -> tuple[str, dict]:
   try:
     base, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
-  except ValueError as e:
-    raise UserError(f"--dataset={name!r} is not NAME[/CONFIG][:VERSION] like mnist or mnist:3.0.1") from None
+  except ValueError:
+    raise UserError(
+        f"--dataset={name!r} is not NAME[/CONFIG][:VERSION] like mnist or mnist:3.0.1"
+    ) from None
   return str(base), kwargs
 
 
@@ -143,11 +154,16 @@ def _prepared_versions(data_dir: str, base: str) -> list[str]:
 
 
 def _prepared_builder(name: str, base: str, data_dir: str):
-  how_to_prepare = (f"prepare it with {_build_command(name, data_dir)} on a machine with internet and "
-                    f"TensorFlow, then copy {os.path.join(data_dir, base)} there")
+  how_to_prepare = (
+      f"prepare it with {_build_command(name, data_dir)} on a machine with internet and "
+      f"TensorFlow, then copy {os.path.join(data_dir, base)} there"
+  )
   prepared = _prepared_versions(data_dir, base)
-  where = (f"{data_dir} holds only {', '.join(f'{base}/{v}' for v in prepared)}" if prepared else
-           f"{data_dir} holds no version of it; bigjax's offline data sets are {', '.join(LOCAL_BUILDERS)}")
+  where = (
+      f"{data_dir} holds only {', '.join(f'{base}/{v}' for v in prepared)}"
+      if prepared
+      else f"{data_dir} holds no version of it; bigjax's offline data sets are {', '.join(LOCAL_BUILDERS)}"
+  )
   close = difflib.get_close_matches(base, LOCAL_BUILDERS, n=1)
   if close and not prepared:
     where = f"did you mean {close[0]!r}? {where}"
@@ -156,12 +172,16 @@ def _prepared_builder(name: str, base: str, data_dir: str):
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError):
     # Not registered with TFDS and not in data_dir, or a version or config that is not there.
-    raise UserError(f"data set {name!r} is not prepared in {data_dir} ({where}); {how_to_prepare}") from None
+    raise UserError(
+        f"data set {name!r} is not prepared in {data_dir} ({where}); {how_to_prepare}"
+    ) from None
   if not builder.is_prepared():
     raise UserError(f"data set {name!r} is not prepared in {data_dir} ({where}); {how_to_prepare}")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise UserError(f"data set {name!r} in {data_dir} is stored as {builder.info.file_format.value}, "
-                    f"but random access needs array_record; {how_to_prepare}")
+    raise UserError(
+        f"data set {name!r} in {data_dir} is stored as {builder.info.file_format.value}, "
+        f"but random access needs array_record; {how_to_prepare}"
+    )
   return builder
 
 
@@ -183,9 +203,11 @@ def _check_feature_classes(data_dir: str, base: str, name: str) -> None:
     for class_name in _class_names(_read_json(path, name, data_dir)):
       if class_name not in known:
         module = class_name.rpartition(".")[0] or class_name
-        raise UserError(f"{path} names the feature class {class_name!r}, which is neither TFDS's own nor imported "
-                        "already: bigjax will not import code named by a data set; if you trust the data set and "
-                        f"its code, import {module!r} yourself with --import_modules={module}")
+        raise UserError(
+            f"{path} names the feature class {class_name!r}, which is neither TFDS's own nor imported "
+            "already: bigjax will not import code named by a data set; if you trust the data set and "
+            f"its code, import {module!r} yourself with --import_modules={module}"
+        )
 
 
 def _known_feature_classes() -> set[str]:
@@ -222,8 +244,10 @@ def _read_json(path: str, name: str, data_dir: str):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-    raise UserError(f"{path} cannot be read ({' '.join(str(e).split())}); restore the data set's files or "
-                    f"prepare it again with {_build_command(name, data_dir)}") from None
+    raise UserError(
+        f"{path} cannot be read ({' '.join(str(e).split())}); restore the data set's files or "
+        f"prepare it again with {_build_command(name, data_dir)}"
+    ) from None
 
 
 def _class_names(tree) -> Iterator[str]:

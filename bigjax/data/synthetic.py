@@ -46,14 +46,18 @@ class SyntheticSequences(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "copy, reverse, sort, add; 20,000 train and 1,000 test examples each."}
-  BUILDER_CONFIGS = [SyntheticConfig(name=task, description=f"the {task} task", seed=i)
-                     for i, task in enumerate(("copy", "reverse", "sort", "add"))]
+  BUILDER_CONFIGS = [
+      SyntheticConfig(name=task, description=f"the {task} task", seed=i)
+      for i, task in enumerate(("copy", "reverse", "sort", "add"))
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description="Synthetic sequence-to-sequence tasks with known answers.",
-        features=tfds.features.FeaturesDict({"inputs": tfds.features.Text(), "targets": tfds.features.Text()}),
+        features=tfds.features.FeaturesDict(
+            {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
+        ),
     )
 
   def _split_generators(self, dl_manager):

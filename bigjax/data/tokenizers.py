@@ -40,6 +40,7 @@ _SENTENCE_BYTES = 4096  # SentencePiece skips longer training "sentences"; docum
 
 class ByteTokenizer:
   """Each byte is its own id; NUL, which never occurs in text, ends a document."""
+
   name = "bytes"
   vocab_size = 256
   eod_id = 0
@@ -60,14 +61,17 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path: str):
     import sentencepiece  # only SentencePiece runs need it
+
     self.path = model_path
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
     except (RuntimeError, OSError) as e:  # SentencePiece's "could not parse ModelProto" and kin
       reason = " ".join(str(e).replace(f" from {model_path}", "").split())
-      raise UserError(f"{model_path} is damaged ({reason}); restore it from a copy: the run's checkpoints were "
-                      "trained on its ids, so a new model means starting over, in a new --workdir (deleting it "
-                      "here retrains it, which is right only before the first checkpoint)") from None
+      raise UserError(
+          f"{model_path} is damaged ({reason}); restore it from a copy: the run's checkpoints were "
+          "trained on its ids, so a new model means starting over, in a new --workdir (deleting it "
+          "here retrains it, which is right only before the first checkpoint)"
+      ) from None
     self.vocab_size = self._sp.vocab_size()
     self.eod_id = self._sp.eos_id()
     self.name = f"spm:{self.vocab_size}"
@@ -91,12 +95,14 @@ class SentencePieceTokenizer:
     "▁" stands for a space), the end of document counts as one byte like the byte tokenizer's NUL,
     and other control ids as none."""
     sp = self._sp
+
     def size(i):
       if sp.is_byte(i) or i == self.eod_id:
         return 1
       if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
         return 0
       return len(sp.id_to_piece(i).replace(_META, " ").encode("utf-8"))
+
     return np.array([size(i) for i in range(self.vocab_size)], np.int32)
 
 
@@ -104,8 +110,11 @@ class SentencePieceTokenizer:
 def _byte_of_char() -> dict[str, int]:
   """Byte-level BPE's alphabet (GPT-2's): each byte is one printable character, the printable
   Latin-1 bytes themselves and the rest shifted to 256 and up, so pieces are strings of bytes."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-               *range(ord("\xae"), ord("\xff") + 1)]
+  printable = [
+      *range(ord("!"), ord("~") + 1),
+      *range(ord("\xa1"), ord("\xac") + 1),
+      *range(ord("\xae"), ord("\xff") + 1),
+  ]
   chars, shifted = {}, 0
   for byte in range(256):
     if byte in printable:
@@ -119,7 +128,9 @@ def _byte_of_char() -> dict[str, int]:
 def _uses_byte_level(node) -> bool:
   """Whether a tokenizer.json decoder (possibly a Sequence of them) is byte-level."""
   if isinstance(node, dict):
-    return node.get("type") == "ByteLevel" or any(_uses_byte_level(v) for v in node.get("decoders") or [])
+    return node.get("type") == "ByteLevel" or any(
+        _uses_byte_level(v) for v in node.get("decoders") or []
+    )
   return False
 
 
@@ -128,15 +139,20 @@ class HuggingFaceTokenizer:
 
   def __init__(self, directory: str):
     import tokenizers as hf_tokenizers  # only --tokenizer=hf: runs need it
+
     self.path = os.path.join(directory, HF_FILE)
     if not os.path.isfile(self.path):
-      raise UserError(f"--tokenizer=hf:{directory}: no {HF_FILE} there; give a Hugging Face model or tokenizer "
-                      "directory")
+      raise UserError(
+          f"--tokenizer=hf:{directory}: no {HF_FILE} there; give a Hugging Face model or tokenizer "
+          "directory"
+      )
     try:
       self._tok = hf_tokenizers.Tokenizer.from_file(self.path)
       self._spec = json.loads(self._tok.to_str())
     except Exception as e:  # the Rust parser raises a bare Exception for a damaged file
-      raise UserError(f"{self.path} is not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
+      raise UserError(
+          f"{self.path} is not a readable tokenizer ({' '.join(str(e).split())[:200]})"
+      ) from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.eod_id = self._end_of_document_id(directory)
     self.name = f"hf:{directory}"
@@ -157,8 +173,10 @@ class HuggingFaceTokenizer:
     for token in candidates:
       if (token_id := self._tok.token_to_id(token)) is not None:
         return token_id
-    raise UserError(f"{self.path}: no end-of-sequence token ({' or '.join(candidates)}) in its vocabulary; "
-                    f"a language model needs one to end each document (set eos_token in {HF_CONFIG})")
+    raise UserError(
+        f"{self.path}: no end-of-sequence token ({' or '.join(candidates)}) in its vocabulary; "
+        f"a language model needs one to end each document (set eos_token in {HF_CONFIG})"
+    )
 
   def encode(self, text: bytes) -> np.ndarray:
     ids = self._tok.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False).ids
@@ -190,6 +208,7 @@ class HuggingFaceTokenizer:
       if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         return 1
       return len(piece.replace(_META, " ").encode("utf-8"))
+
     return np.array([size(i) for i in range(self.vocab_size)], np.int32)
 
 
@@ -201,11 +220,15 @@ def parse(spec: str) -> int | None:
   if kind == "hf" and vocab:
     return HuggingFaceTokenizer(vocab).vocab_size
   if kind != "spm" or not vocab.isdigit():
-    raise UserError(f"--tokenizer={spec!r}: use bytes, spm:VOCAB (say spm:4096) or hf:DIR (a directory with "
-                    f"{HF_FILE})")
+    raise UserError(
+        f"--tokenizer={spec!r}: use bytes, spm:VOCAB (say spm:4096) or hf:DIR (a directory with "
+        f"{HF_FILE})"
+    )
   if int(vocab) < 300:
-    raise UserError(f"--tokenizer={spec}: a SentencePiece vocabulary needs room for the 256 byte ids and "
-                    "some pieces; use at least spm:300")
+    raise UserError(
+        f"--tokenizer={spec}: a SentencePiece vocabulary needs room for the 256 byte ids and "
+        "some pieces; use at least spm:300"
+    )
   return int(vocab)
 
 
@@ -213,14 +236,29 @@ def train_sentencepiece(documents, vocab_size: int, model_path: str) -> Sentence
   """Trains a byte-exact SentencePiece model on an iterable of byte strings and writes it to
   `model_path`."""
   import sentencepiece
+
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   try:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(documents), model_prefix=model_path[:-len(".model")],
-        vocab_size=vocab_size, model_type="unigram", byte_fallback=True, character_coverage=0.9995,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=_SENTENCE_BYTES,
-        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
+        sentence_iterator=_sentences(documents),
+        model_prefix=model_path[: -len(".model")],
+        vocab_size=vocab_size,
+        model_type="unigram",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=_SENTENCE_BYTES,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=1,
+        pad_id=-1,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
   except RuntimeError as e:  # e.g. a vocabulary larger than the text can fill
     raise UserError(f"SentencePiece training failed: {' '.join(str(e).split())}") from None
   return SentencePieceTokenizer(model_path)
@@ -237,7 +275,7 @@ def _sentences(documents):
       if chunk and len((chunk + line).encode()) > _SENTENCE_BYTES:
         yield chunk
         chunk = ""
-      chunk += line[:_SENTENCE_BYTES // 4]  # a UTF-8 character is at most 4 bytes
+      chunk += line[: _SENTENCE_BYTES // 4]  # a UTF-8 character is at most 4 bytes
     if chunk:
       yield chunk
     budget -= len(document)
@@ -249,16 +287,20 @@ def open_tokenizer(spec: str, workdir: str | None, documents=None):
   """The tokenizer `spec` names. SentencePiece loads WORKDIR/tokenizer.model, or trains it on
   `documents` (a callable returning an iterable of byte strings) when it is not there yet."""
   if spec.startswith("hf:"):
-    return _open_hf_tokenizer(spec[len("hf:"):], workdir, training=documents is not None)
+    return _open_hf_tokenizer(spec[len("hf:") :], workdir, training=documents is not None)
   vocab = parse(spec)
   path = os.path.join(workdir, MODEL_FILE)
   if os.path.exists(os.path.join(workdir, HF_FILE)):
-    raise UserError(f"{workdir} was trained with the Hugging Face tokenizer {HF_FILE} kept there: pass the run's "
-                    "--tokenizer=hf:DIR")
+    raise UserError(
+        f"{workdir} was trained with the Hugging Face tokenizer {HF_FILE} kept there: pass the run's "
+        "--tokenizer=hf:DIR"
+    )
   if vocab is None:
     if os.path.exists(path):
-      raise UserError(f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
-                      "--tokenizer=spm:VOCAB")
+      raise UserError(
+          f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+          "--tokenizer=spm:VOCAB"
+      )
     return ByteTokenizer()
   if not os.path.exists(path):
     if documents is None:
@@ -266,7 +308,9 @@ def open_tokenizer(spec: str, workdir: str | None, documents=None):
     _train_on_process_zero(documents, vocab, path)
   tokenizer = SentencePieceTokenizer(path)
   if tokenizer.vocab_size != vocab:
-    raise UserError(f"{path} has {tokenizer.vocab_size} ids but --tokenizer={spec}; use that size or a new --workdir")
+    raise UserError(
+        f"{path} has {tokenizer.vocab_size} ids but --tokenizer={spec}; use that size or a new --workdir"
+    )
   return tokenizer
 
 
@@ -275,15 +319,20 @@ def _open_hf_tokenizer(directory: str, workdir: str, training: bool) -> HuggingF
   keeps a copy of its tokenizer.json, and every later run compares against it."""
   tokenizer = HuggingFaceTokenizer(directory)
   if os.path.exists(os.path.join(workdir, MODEL_FILE)):
-    raise UserError(f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
-                    "--tokenizer=spm:VOCAB")
+    raise UserError(
+        f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+        "--tokenizer=spm:VOCAB"
+    )
   kept = os.path.join(workdir, HF_FILE)
   if os.path.exists(kept):
     if not filecmp.cmp(kept, tokenizer.path, shallow=False):
-      raise UserError(f"{tokenizer.path} differs from the {HF_FILE} that {workdir} was trained with: its ids "
-                      f"would mean other text; pass --tokenizer=hf:DIR of that tokenizer, or use a new --workdir")
+      raise UserError(
+          f"{tokenizer.path} differs from the {HF_FILE} that {workdir} was trained with: its ids "
+          f"would mean other text; pass --tokenizer=hf:DIR of that tokenizer, or use a new --workdir"
+      )
   elif training:
     import jax
+
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       shutil.copyfile(tokenizer.path, f"{kept}.partial")
@@ -295,11 +344,13 @@ def _train_on_process_zero(documents, vocab: int, path: str) -> None:
   """Process 0 trains and writes; every process then reads the same file (the workdir is shared,
   as the checkpoints need)."""
   import jax
+
   if jax.process_index() == 0:
     tmp = f"{path[:-len('.model')]}.partial.model"
     train_sentencepiece(documents(), vocab, tmp)
     os.replace(tmp, path)  # a run killed mid-training never leaves a model that looks finished
-    os.remove(tmp[:-len(".model")] + ".vocab")
+    os.remove(tmp[: -len(".model")] + ".vocab")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("bigjax tokenizer trained")

@@ -47,15 +47,17 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
 
 def _check_causal(causal: bool, q_len: int, kv_len: int):
   if causal and q_len != kv_len:
-    raise ValueError(f"causal attention needs as many queries as keys, got {q_len} queries and {kv_len} keys; "
-                     "pass an explicit mask instead")
+    raise ValueError(
+        f"causal attention needs as many queries as keys, got {q_len} queries and {kv_len} keys; "
+        "pass an explicit mask instead"
+    )
 
 
 def _grouped_scaled_queries(q_BHTK, num_groups: int):
   """[B, H, T, K] -> [B, G, R, T, K], scaled by 1 / sqrt(K)."""
   batch, num_heads, q_len, head_dim = q_BHTK.shape
   q_BGRTK = q_BHTK.reshape(batch, num_groups, num_heads // num_groups, q_len, head_dim)
-  return q_BGRTK * jnp.asarray(head_dim ** -0.5, q_BGRTK.dtype)
+  return q_BGRTK * jnp.asarray(head_dim**-0.5, q_BGRTK.dtype)
 
 
 def attention_weights(q_BHTK, k_BGSK, mask_B1TS=None, *, causal: bool = False):
@@ -89,10 +91,14 @@ def _flash_attention_applies(mask_B1TS, dtype, head_dim: int) -> bool:
 def flash_attention(q_BTHK, k_BTGK, v_BTGK, *, causal: bool, implementation: str | None = "cudnn"):
   """jax.nn.dot_product_attention in the [B, T, heads, K] layout the projections produce;
   implementation="cudnn" never materialises the [T, S] scores (and skips the masked half)."""
-  return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=causal, implementation=implementation)
+  return jax.nn.dot_product_attention(
+      q_BTHK, k_BTGK, v_BTGK, is_causal=causal, implementation=implementation
+  )
 
 
-def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal: bool = False, dtype=jnp.float32):
+def dot_product_attention(
+    q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal: bool = False, dtype=jnp.float32
+):
   """softmax(q k^T / sqrt(K)) v as [B, H, T, K], under `mask_B1TS` (any shape broadcastable to
   [B, 1, T, S]) and, with `causal`, query t seeing only keys s <= t. The backward is written out
   (_attention_core)."""
@@ -100,7 +106,9 @@ def dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS=None, *, causal: boo
   if mask_B1TS is not None:
     mask_B1TS = jnp.asarray(mask_B1TS, jnp.bool_)
   q_BGRTK = _grouped_scaled_queries(q_BHTK.astype(dtype), k_BGSK.shape[1])
-  return _ungroup(_attention_core(q_BGRTK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, causal))
+  return _ungroup(
+      _attention_core(q_BGRTK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, causal)
+  )
 
 
 def _merge_heads_and_time(x_BGRTX):
@@ -128,8 +136,9 @@ def _attention_core(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
 
 def _masked_probs(q_BGRTK, k_BGSK, mask_B1TS, causal: bool):
   """Float32 softmax of the (already scaled) scores q k^T as [B, G, R, T, S], masked keys at 0."""
-  scores_BGMS = jnp.einsum("bgmk,bgsk->bgms", _merge_heads_and_time(q_BGRTK), k_BGSK,
-                           preferred_element_type=jnp.float32)
+  scores_BGMS = jnp.einsum(
+      "bgmk,bgsk->bgms", _merge_heads_and_time(q_BGRTK), k_BGSK, preferred_element_type=jnp.float32
+  )
   scores_BGRTS = scores_BGMS.reshape(q_BGRTK.shape[:-1] + k_BGSK.shape[2:3])
   mask = _full_mask(mask_B1TS, causal, q_BGRTK.shape[3], k_BGSK.shape[2])
   if mask is not None:
@@ -139,7 +148,9 @@ def _masked_probs(q_BGRTK, k_BGSK, mask_B1TS, causal: bool):
 
 def _attention_core_fwd(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, causal: bool):
   probs_BGRTS = _masked_probs(q_BGRTK, k_BGSK, mask_B1TS, causal)
-  out_BGMK = jnp.einsum("bgms,bgsk->bgmk", _merge_heads_and_time(probs_BGRTS).astype(v_BGSK.dtype), v_BGSK)
+  out_BGMK = jnp.einsum(
+      "bgms,bgsk->bgmk", _merge_heads_and_time(probs_BGRTS).astype(v_BGSK.dtype), v_BGSK
+  )
   out_BGRTK = out_BGMK.reshape(q_BGRTK.shape)
   return out_BGRTK, (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, probs_BGRTS, out_BGRTK)
 
@@ -156,9 +167,13 @@ def _attention_core_bwd(causal: bool, residuals, dout_BGRTK):
   dout_BGMK = _merge_heads_and_time(dout_BGRTK)
   dv_BGSK = jnp.einsum("bgms,bgmk->bgsk", probs_BGMS, dout_BGMK)
   dprobs_BGMS = jnp.einsum("bgmk,bgsk->bgms", dout_BGMK, v_BGSK, preferred_element_type=jnp.float32)
-  delta_BGRT1 = jnp.sum(dout_BGRTK.astype(jnp.float32) * out_BGRTK.astype(jnp.float32), axis=-1, keepdims=True)
+  delta_BGRT1 = jnp.sum(
+      dout_BGRTK.astype(jnp.float32) * out_BGRTK.astype(jnp.float32), axis=-1, keepdims=True
+  )
   dscores_BGRTS = probs_BGRTS * (dprobs_BGMS.reshape(probs_BGRTS.shape) - delta_BGRT1)
-  if mask_B1TS is not None:  # a row whose every key is masked has uniform probabilities but no gradient
+  if (
+      mask_B1TS is not None
+  ):  # a row whose every key is masked has uniform probabilities but no gradient
     dscores_BGRTS = jnp.where(mask_B1TS[:, :, None], dscores_BGRTS, 0.0)
   dscores_BGMS = _merge_heads_and_time(dscores_BGRTS).astype(dtype)
   dq_BGRTK = jnp.einsum("bgms,bgsk->bgmk", dscores_BGMS, k_BGSK).reshape(q_BGRTK.shape)
@@ -175,6 +190,7 @@ class _Einsum(nn.Module):
   Used instead of nn.DenseGeneral, whose flattened-kernel initialisation clashes with logical
   sharding constraints on multi-dimensional kernels.
   """
+
   equation: str
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str, ...]
@@ -186,14 +202,22 @@ class _Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                        self.kernel_shape, self.param_dtype)
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        self.kernel_shape,
+        self.param_dtype,
+    )
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum(self.equation, x, kernel)
     if self.use_bias:
-      bias_shape = self.kernel_shape[-len(self.bias_axes):]
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
-                        bias_shape, self.param_dtype)
+      bias_shape = self.kernel_shape[-len(self.bias_axes) :]
+      bias = self.param(
+          "bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+          bias_shape,
+          self.param_dtype,
+      )
       y = y + bias.astype(y.dtype)
     return y
 
@@ -213,6 +237,7 @@ class MultiHeadAttention(nn.Module):
     rotary_scaling: rescale the rotary frequencies (Llama 3.1); None keeps them.
     cache_len: keys and values the KV cache holds when called with `decode=True`.
   """
+
   num_heads: int
   head_dim: int
   num_kv_heads: int | None = None
@@ -229,8 +254,16 @@ class MultiHeadAttention(nn.Module):
   out_kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, causal: bool = False, train: bool = False,
-               decode: bool = False):
+  def __call__(
+      self,
+      x_BTD,
+      mask_B1TS=None,
+      positions_BT=None,
+      *,
+      causal: bool = False,
+      train: bool = False,
+      decode: bool = False,
+  ):
     """Query t sees the keys `mask_B1TS` allows and, with `causal`, only keys s <= t.
     With `decode=True` the new keys and values are appended to the `cache` collection and the
     queries attend causally to everything cached so far (`mask_B1TS` and `causal` are then ignored);
@@ -242,9 +275,17 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
 
     def project(name, heads, heads_axis):
-      return _Einsum("btd,dhk->bthk", (x_BTD.shape[-1], heads, self.head_dim),
-                     ("embed", heads_axis, "head_dim"), (heads_axis, "head_dim"), self.use_bias,
-                     self.kernel_init, self.dtype, self.param_dtype, name=name)(x_BTD)
+      return _Einsum(
+          "btd,dhk->bthk",
+          (x_BTD.shape[-1], heads, self.head_dim),
+          ("embed", heads_axis, "head_dim"),
+          (heads_axis, "head_dim"),
+          self.use_bias,
+          self.kernel_init,
+          self.dtype,
+          self.param_dtype,
+          name=name,
+      )(x_BTD)
 
     q_BTHK = project("query", self.num_heads, "heads")
     k_BTGK = project("key", num_kv_heads, "kv_heads")
@@ -265,9 +306,15 @@ class MultiHeadAttention(nn.Module):
 
     # Heads before time: the score and value matmuls then batch over (B, H) with contiguous
     # [T, K] operands, which is markedly faster on CPU than contracting the [B, T, H, K] layout.
-    q_BHTK = nn.with_logical_constraint(q_BTHK.transpose(0, 2, 1, 3), ("batch", "act_heads", "length", None))
-    k_BGSK = nn.with_logical_constraint(k_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
-    v_BGSK = nn.with_logical_constraint(v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None))
+    q_BHTK = nn.with_logical_constraint(
+        q_BTHK.transpose(0, 2, 1, 3), ("batch", "act_heads", "length", None)
+    )
+    k_BGSK = nn.with_logical_constraint(
+        k_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None)
+    )
+    v_BGSK = nn.with_logical_constraint(
+        v_BTGK.transpose(0, 2, 1, 3), ("batch", "act_kv_heads", "length", None)
+    )
     if decode:
       k_BGSK, v_BGSK, mask_B1TS, causal = self._extend_cache(k_BGSK, v_BGSK)
     if dropout:  # dropout on the probabilities: plain autodiff
@@ -275,17 +322,29 @@ class MultiHeadAttention(nn.Module):
       probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
       out_BHTK = attend(probs_BGRTS, v_BGSK, self.dtype)
     else:
-      out_BHTK = dot_product_attention(q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype)
+      out_BHTK = dot_product_attention(
+          q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype
+      )
     return self._output(out_BHTK.transpose(0, 2, 1, 3), x_BTD.shape[-1])
 
   def _head_norm(self, name: str) -> norm.RMSNorm:
-    return norm.RMSNorm(self.qk_norm_epsilon, self.dtype, self.param_dtype, scale_axis="head_dim", name=name)
+    return norm.RMSNorm(
+        self.qk_norm_epsilon, self.dtype, self.param_dtype, scale_axis="head_dim", name=name
+    )
 
   def _output(self, out_BTHK, width: int):
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
-    return _Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, width),
-                   ("heads", "head_dim", "embed"), ("embed",), out_bias, self.out_kernel_init,
-                   self.dtype, self.param_dtype, name="out")(out_BTHK)
+    return _Einsum(
+        "bthk,hkd->btd",
+        (self.num_heads, self.head_dim, width),
+        ("heads", "head_dim", "embed"),
+        ("embed",),
+        out_bias,
+        self.out_kernel_init,
+        self.dtype,
+        self.param_dtype,
+        name="out",
+    )(out_BTHK)
 
   def _positions_already_cached(self, decode: bool):
     """How many positions the KV cache holds (0 outside decoding): where this call's tokens sit."""
@@ -299,9 +358,12 @@ class MultiHeadAttention(nn.Module):
     whether attention is (additionally) causal."""
     batch, groups, length, head_dim = k_BGTK.shape
     initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, groups, self.cache_len, head_dim), k_BGTK.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, groups, self.cache_len, head_dim),
-                                 v_BGTK.dtype)
+    cached_key = self.variable(
+        "cache", "cached_key", jnp.zeros, (batch, groups, self.cache_len, head_dim), k_BGTK.dtype
+    )
+    cached_value = self.variable(
+        "cache", "cached_value", jnp.zeros, (batch, groups, self.cache_len, head_dim), v_BGTK.dtype
+    )
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialized:  # creating the empty cache (model.init): plain causal attention
       return k_BGTK, v_BGTK, None, True

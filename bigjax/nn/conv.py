@@ -26,30 +26,46 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He in
 def check_image_shape(images, expected: tuple[int, int, int]) -> None:
   """One clear error instead of a shape failure deep inside a convolution."""
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected):
-    raise UserError(f"images have shape {tuple(images.shape)} but the model expects [batch, "
-                    f"{', '.join(map(str, expected))}] (height, width, channels); set the model's input_shape "
-                    f"(--model_override='input_shape={tuple(images.shape[1:])}') or resize the data")
+    raise UserError(
+        f"images have shape {tuple(images.shape)} but the model expects [batch, "
+        f"{', '.join(map(str, expected))}] (height, width, channels); set the model's input_shape "
+        f"(--model_override='input_shape={tuple(images.shape[1:])}') or resize the data"
+    )
 
 
 def _checked_input(images_BHWC, cfg):
   """The images in the compute dtype, batch-sharded, after checking their shape; and the dtypes."""
   check_image_shape(images_BHWC, cfg.input_shape)
   dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-  return nn.with_logical_constraint(images_BHWC.astype(dtype), ("batch", None, None, None)), dtype, param_dtype
+  return (
+      nn.with_logical_constraint(images_BHWC.astype(dtype), ("batch", None, None, None)),
+      dtype,
+      param_dtype,
+  )
 
 
 def _norm(kind: str, train: bool, dtype, param_dtype, name: str, zero_scale: bool = False):
   if kind == "batch":
     # Momentum 0.9 and epsilon 1e-5 as torchvision's BatchNorm2d.
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(scale_init, ("conv_out",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        scale_init=nn.with_logical_partitioning(scale_init, ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+    )
   if kind == "layer":
-    return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    return nn.LayerNorm(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+    )
   if kind == "none":
     return lambda x: x
   raise UserError(f"unknown norm {kind!r}; use batch, layer or none")
@@ -64,8 +80,13 @@ def _check_conv_impl(impl: str) -> None:
     raise ValueError(f"unknown conv_impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
 
 
-def resolve_conv_impl(impl: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int],
-                      out_hw: tuple[int, int]) -> str:
+def resolve_conv_impl(
+    impl: str,
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> str:
   """'auto' is XLA's convolution (cuDNN, the TPU's MXU) on GPU and TPU. On CPU it is chosen per
   convolution (benchmarks/README.md, "Convolution on CPU"): XLA's own ran forward + backward
   1.2-4.5x faster than the matmul form where its kernel fits the map, but 6-16x slower (one pass
@@ -92,7 +113,9 @@ def _reads_real_input(tap: int, stride: int, out_size: int, pad_before: int, in_
   return any(pad_before <= tap + stride * k < pad_before + in_size for k in range(out_size))
 
 
-def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]):
+def conv_as_matmul(
+    x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
+):
   """Cross-correlation as one matmul: each of the kh x kw kernel taps is a strided slice of the
   padded input, the slices are concatenated on the channel axis (tap-major, as the kernel's
   [kh, kw, in] flattens) and contracted with the flattened kernel. Same result as
@@ -104,7 +127,9 @@ def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Seque
   tap of 9."""
   kh, kw, cin, cout = kernel_HWIO.shape
   if x_BHWC.shape[-1] != cin:
-    raise UserError(f"convolution input has {x_BHWC.shape[-1]} channels but the kernel expects {cin}")
+    raise UserError(
+        f"convolution input has {x_BHWC.shape[-1]} channels but the kernel expects {cin}"
+    )
   sh, sw = strides
   (pad_top, pad_bottom), (pad_left, pad_right) = (tuple(p) for p in padding)
   batch, in_h, in_w, _ = x_BHWC.shape
@@ -115,23 +140,39 @@ def conv_as_matmul(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Seque
   if not rows or not cols:  # padding wider than the kernel's reach: every output is zero
     return jnp.zeros((batch, out_h, out_w, cout), jnp.result_type(x_BHWC, kernel_HWIO))
   x_BHWC = jnp.pad(x_BHWC, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
-  taps = [jax.lax.slice(x_BHWC, (0, i, j, 0), (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin),
-                        (1, sh, sw, 1))
-          for i in rows for j in cols]
+  taps = [
+      jax.lax.slice(
+          x_BHWC,
+          (0, i, j, 0),
+          (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin),
+          (1, sh, sw, 1),
+      )
+      for i in rows
+      for j in cols
+  ]
   patches_BHWP = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  if len(rows) < kh or len(cols) < kw:  # not always contiguous: a stride wider than the input leaves gaps
+  if (
+      len(rows) < kh or len(cols) < kw
+  ):  # not always contiguous: a stride wider than the input leaves gaps
     kernel_HWIO = kernel_HWIO[np.ix_(rows, cols)]
   return jnp.einsum("bhwp,po->bhwo", patches_BHWP, kernel_HWIO.reshape(-1, cout))
 
 
 def conv_xla(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]):
-  return jax.lax.conv_general_dilated(x_BHWC, kernel_HWIO, strides, [tuple(p) for p in padding],
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+      x_BHWC,
+      kernel_HWIO,
+      strides,
+      [tuple(p) for p in padding],
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 class Conv(nn.Module):
   """A 2-D convolution with nn.Conv's parameters ("kernel" [kh, kw, in, out], "bias" [out]), so
-  presets and checkpoints do not depend on which implementation `impl` picks (see resolve_conv_impl)."""
+  presets and checkpoints do not depend on which implementation `impl` picks (see resolve_conv_impl).
+  """
+
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -145,28 +186,67 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC):
-    kernel_HWIO = self.param("kernel", self.kernel_init, (*self.kernel_size, x_BHWC.shape[-1], self.features),
-                             self.param_dtype)
-    bias_O = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype)
-    in_hw, strides, padding = x_BHWC.shape[1:3], tuple(self.strides), [tuple(p) for p in self.padding]
-    out_hw = tuple(conv_output_size(n, k, s, p) for n, k, s, p in zip(in_hw, self.kernel_size, strides, padding))
+    kernel_HWIO = self.param(
+        "kernel",
+        self.kernel_init,
+        (*self.kernel_size, x_BHWC.shape[-1], self.features),
+        self.param_dtype,
+    )
+    bias_O = (
+        self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        if self.use_bias
+        else None
+    )
+    x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(
+        x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype
+    )
+    in_hw, strides, padding = (
+        x_BHWC.shape[1:3],
+        tuple(self.strides),
+        [tuple(p) for p in self.padding],
+    )
+    out_hw = tuple(
+        conv_output_size(n, k, s, p)
+        for n, k, s, p in zip(in_hw, self.kernel_size, strides, padding)
+    )
     impl = resolve_conv_impl(self.impl, in_hw, self.kernel_size, strides, out_hw)
-    y_BHWO = (conv_as_matmul if impl == "matmul" else conv_xla)(x_BHWC, kernel_HWIO, strides, padding)
+    y_BHWO = (conv_as_matmul if impl == "matmul" else conv_xla)(
+        x_BHWC, kernel_HWIO, strides, padding
+    )
     return y_BHWO if bias_O is None else y_BHWO + bias_O
 
 
-def conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool, dtype, param_dtype, name: str,
-         kernel_init=_conv_init, impl: ConvImpl = "auto") -> Conv:
+def conv(
+    features: int,
+    kernel: int,
+    strides: int = 1,
+    *,
+    use_bias: bool,
+    dtype,
+    param_dtype,
+    name: str,
+    kernel_init=_conv_init,
+    impl: ConvImpl = "auto",
+) -> Conv:
   """A k x k convolution with 'SAME'-style symmetric padding (k // 2) and logically named kernel axes."""
-  return Conv(features, (kernel, kernel), strides=(strides, strides), padding=((kernel // 2,) * 2,) * 2,
-              use_bias=use_bias, impl=impl, dtype=dtype, param_dtype=param_dtype, name=name,
-              kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
-              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+  return Conv(
+      features,
+      (kernel, kernel),
+      strides=(strides, strides),
+      padding=((kernel // 2,) * 2,) * 2,
+      use_bias=use_bias,
+      impl=impl,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+  )
 
 
 class ConvBlock(nn.Module):
   """Convolution, then normalisation, activation and pooling, each choosable."""
+
   features: int
   kernel: int = 3
   strides: int = 1
@@ -180,8 +260,16 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC, *, train: bool = False):
-    x_BHWC = conv(self.features, self.kernel, self.strides, use_bias=self.norm == "none", dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="conv", impl=self.conv_impl)(x_BHWC)
+    x_BHWC = conv(
+        self.features,
+        self.kernel,
+        self.strides,
+        use_bias=self.norm == "none",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="conv",
+        impl=self.conv_impl,
+    )(x_BHWC)
     x_BHWC = _norm(self.norm, train, self.dtype, self.param_dtype, "norm")(x_BHWC)
     x_BHWC = _ACTIVATIONS[self.activation](x_BHWC)
     window = (self.pool_size, self.pool_size)
@@ -194,15 +282,23 @@ class ConvBlock(nn.Module):
 
 def classifier_head(x_BD, num_classes: int, param_dtype, name: str = "head"):
   """Dense to float32 logits."""
-  return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "classes")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)))(x_BD)
+  return nn.Dense(
+      num_classes,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("embed", "classes")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+  )(x_BD)
 
 
 @dataclasses.dataclass(frozen=True)
 class CNNConfig:
   """The classic CNN: `len(features)` stages of `convs_per_stage` conv blocks and a 2x2 max pool,
   flatten, dense layers with dropout, and a softmax head."""
+
   num_classes: int
   input_shape: tuple[int, int, int]  # height, width, channels
   features: Sequence[int] = (32, 64)
@@ -233,9 +329,12 @@ class CNNConfig:
     if height < 1 or width < 1:
       # A 0x0 map flattens to nothing: the dense layers' initialisers would divide by zero.
       in_height, in_width = self.input_shape[:2]
-      checks.fail(self, f"features={tuple(self.features)} shrink the {in_height}x{in_width} input to "
-                        f"{height}x{width} (each of the {len(self.features)} stages halves it); "
-                        f"use fewer stages or a larger input_shape")
+      checks.fail(
+          self,
+          f"features={tuple(self.features)} shrink the {in_height}x{in_width} input to "
+          f"{height}x{width} (each of the {len(self.features)} stages halves it); "
+          f"use fewer stages or a larger input_shape",
+      )
 
   def feature_map_size(self, size: int) -> int:
     """Height or width after the conv stages: each conv pads k // 2 on both sides (keeping odd
@@ -258,14 +357,29 @@ class CNN(nn.Module):
     for stage, features in enumerate(cfg.features):
       for i in range(cfg.convs_per_stage):
         last = i == cfg.convs_per_stage - 1
-        x = ConvBlock(features, cfg.kernel, norm=cfg.norm, activation=cfg.activation,
-                      pool="max" if last else "none", conv_impl=cfg.conv_impl, dtype=dtype, param_dtype=param_dtype,
-                      name=f"stage{stage}_conv{i}")(x, train=train)
+        x = ConvBlock(
+            features,
+            cfg.kernel,
+            norm=cfg.norm,
+            activation=cfg.activation,
+            pool="max" if last else "none",
+            conv_impl=cfg.conv_impl,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=f"stage{stage}_conv{i}",
+        )(x, train=train)
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(cfg.dense):
-      x = nn.Dense(width, dtype=dtype, param_dtype=param_dtype, name=f"dense{i}",
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      x = nn.Dense(
+          width,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          name=f"dense{i}",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("embed", "mlp")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+      )(x)
       x = nn.Dropout(cfg.dropout_rate)(_ACTIVATIONS[cfg.activation](x), deterministic=not train)
     return classifier_head(x, cfg.num_classes, param_dtype)
 
@@ -277,6 +391,7 @@ class ResNetConfig:
   `stem="imagenet"` is the 7x7/2 conv and 3x3/2 max pool of the paper; `stem="small"` is one 3x3/1
   conv without pooling, for 32x32 (CIFAR) or smaller images.
   """
+
   num_classes: int
   stage_sizes: Sequence[int]
   block: Literal["basic", "bottleneck"]
@@ -303,6 +418,7 @@ class ResNetConfig:
 
 class ResidualBlock(nn.Module):
   """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) residual block."""
+
   features: int
   strides: int
   bottleneck: bool
@@ -313,8 +429,9 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC, *, train: bool = False):
-    make_conv = functools.partial(conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  impl=self.conv_impl)
+    make_conv = functools.partial(
+        conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl
+    )
     norm = functools.partial(_norm, "batch", train, self.dtype, self.param_dtype)
     if self.bottleneck:
       out_features = self.features * 4
@@ -330,7 +447,9 @@ class ResidualBlock(nn.Module):
     y = norm(last_norm, zero_scale=self.zero_init_residual)(y)
     shortcut = x_BHWC
     if self.strides != 1 or x_BHWC.shape[-1] != out_features:
-      shortcut = norm("downsample_bn")(make_conv(out_features, 1, self.strides, name="downsample")(x_BHWC))
+      shortcut = norm("downsample_bn")(
+          make_conv(out_features, 1, self.strides, name="downsample")(x_BHWC)
+      )
     return nn.relu(y + shortcut)
 
 
@@ -342,19 +461,41 @@ class ResNet(nn.Module):
     cfg = self.config
     x, dtype, param_dtype = _checked_input(images_BHWC, cfg)
     if cfg.stem == "imagenet":
-      x = conv(cfg.width, 7, 2, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv",
-               impl=cfg.conv_impl)(x)
+      x = conv(
+          cfg.width,
+          7,
+          2,
+          use_bias=False,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          name="stem_conv",
+          impl=cfg.conv_impl,
+      )(x)
       x = nn.relu(_norm("batch", train, dtype, param_dtype, "stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = conv(cfg.width, 3, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="stem_conv",
-               impl=cfg.conv_impl)(x)
+      x = conv(
+          cfg.width,
+          3,
+          1,
+          use_bias=False,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          name="stem_conv",
+          impl=cfg.conv_impl,
+      )(x)
       x = nn.relu(_norm("batch", train, dtype, param_dtype, "stem_bn")(x))
     for stage, num_blocks in enumerate(cfg.stage_sizes):
       for i in range(num_blocks):
-        x = ResidualBlock(cfg.width * 2 ** stage, strides=2 if stage > 0 and i == 0 else 1,
-                          bottleneck=cfg.block == "bottleneck", zero_init_residual=cfg.zero_init_residual,
-                          conv_impl=cfg.conv_impl, dtype=dtype, param_dtype=param_dtype,
-                          name=f"stage{stage}_block{i}")(x, train=train)
+        x = ResidualBlock(
+            cfg.width * 2**stage,
+            strides=2 if stage > 0 and i == 0 else 1,
+            bottleneck=cfg.block == "bottleneck",
+            zero_init_residual=cfg.zero_init_residual,
+            conv_impl=cfg.conv_impl,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=f"stage{stage}_block{i}",
+        )(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return classifier_head(x, cfg.num_classes, param_dtype, name="fc")

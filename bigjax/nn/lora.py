@@ -34,7 +34,9 @@ ADAPTER_PATTERN = r"/lora_[ab]$"
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   rank: int = 8
-  alpha: float | None = None  # the update is scaled by alpha / rank; None means alpha = rank (scale 1)
+  alpha: float | None = (
+      None  # the update is scaled by alpha / rank; None means alpha = rank (scale 1)
+  )
   targets: str = DEFAULT_TARGETS  # regular expression searched in kernel paths
   dropout: float = 0.0  # on the adapter's input only, while training
 
@@ -56,6 +58,7 @@ class LoraConfig:
 class Lora(nn.Module):
   """`base` with low-rank adapters on the projections `config.targets` names; called as `base` is
   (a `train=True` keyword turns the adapter dropout on)."""
+
   base: nn.Module
   config: LoraConfig
 
@@ -68,9 +71,11 @@ class Lora(nn.Module):
     with nn.intercept_methods(adapt):
       out = self.base(*args, **kwargs)
     if not adapted:
-      raise UserError(f"--lora_targets={self.config.targets!r} matches no kernel of a dense or attention "
-                      f"projection of {type(self.base).__name__}; "
-                      + (f"its kernels look like {', '.join(_few(seen))}" if seen else "it has no kernels"))
+      raise UserError(
+          f"--lora_targets={self.config.targets!r} matches no kernel of a dense or attention "
+          f"projection of {type(self.base).__name__}; "
+          + (f"its kernels look like {', '.join(_few(seen))}" if seen else "it has no kernels")
+      )
     return out
 
 
@@ -90,12 +95,16 @@ def _equation(module: nn.Module, path: str) -> str:
     return "...i,io->...o"
   equation = getattr(module, "equation", None)  # bigjax.nn.attention's projections
   if not isinstance(equation, str):
-    raise UserError(f"--lora_targets matches {path}, the kernel of a {type(module).__name__}: LoRA adapts "
-                    "nn.Dense layers and attention projections only; narrow the pattern")
+    raise UserError(
+        f"--lora_targets matches {path}, the kernel of a {type(module).__name__}: LoRA adapts "
+        "nn.Dense layers and attention projections only; narrow the pattern"
+    )
   return equation.replace(" ", "")
 
 
-def _adapt(cfg: LoraConfig, train: bool, seen: list, adapted: list, next_fun, args, kwargs, context):
+def _adapt(
+    cfg: LoraConfig, train: bool, seen: list, adapted: list, next_fun, args, kwargs, context
+):
   """Method interceptor: a targeted projection's output plus its low-rank update."""
   y = next_fun(*args, **kwargs)
   module = context.module
@@ -108,18 +117,28 @@ def _adapt(cfg: LoraConfig, train: bool, seen: list, adapted: list, next_fun, ar
   adapted.append(path)
   inputs, kernel_letters, outputs = _split_equation(_equation(module, path), path)
   contracted = "".join(c for c in kernel_letters if c in inputs)
-  free = kernel_letters[len(contracted):]
+  free = kernel_letters[len(contracted) :]
   if kernel_letters != contracted + free:
-    raise UserError(f"cannot adapt {path}: its kernel does not hold its input axes before its output axes")
+    raise UserError(
+        f"cannot adapt {path}: its kernel does not hold its input axes before its output axes"
+    )
   kernel = module.get_variable("params", "kernel")
   names = getattr(kernel, "names", None)  # logical axes, where the kernel was created with them
   value = nn.unbox(kernel)
   split = len(contracted)
   a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(split)))
-  a = module.param("lora_a", _partitioned(a_init, names and tuple(names[:split]) + (None,)),
-                   value.shape[:split] + (cfg.rank,), value.dtype)
-  b = module.param("lora_b", _partitioned(nn.initializers.zeros, names and (None,) + tuple(names[split:])),
-                   (cfg.rank,) + value.shape[split:], value.dtype)
+  a = module.param(
+      "lora_a",
+      _partitioned(a_init, names and tuple(names[:split]) + (None,)),
+      value.shape[:split] + (cfg.rank,),
+      value.dtype,
+  )
+  b = module.param(
+      "lora_b",
+      _partitioned(nn.initializers.zeros, names and (None,) + tuple(names[split:])),
+      (cfg.rank,) + value.shape[split:],
+      value.dtype,
+  )
   x = args[0]
   if train and cfg.dropout > 0:
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - cfg.dropout, x.shape)
@@ -154,7 +173,9 @@ def merged(params, config: LoraConfig):
     return params
   out = {name: merged(value, config) for name, value in params.items() if name not in ADAPTERS}
   if "lora_a" in params and "lora_b" in params:
-    out["kernel"] = _merged_kernel(params["kernel"], params["lora_a"], params["lora_b"], config.scale)
+    out["kernel"] = _merged_kernel(
+        params["kernel"], params["lora_a"], params["lora_b"], config.scale
+    )
   return out
 
 
@@ -167,8 +188,11 @@ def _merged_kernel(kernel, a, b, scale: float):
   ins = "".join(next(letters) for _ in range(a.ndim - 1 - stacked))
   outs = "".join(next(letters) for _ in range(b.ndim - 1 - stacked))
   r = next(letters)
-  update = jnp.einsum(f"{lead}{ins}{r},{lead}{r}{outs}->{lead}{ins}{outs}", a.astype(jnp.float32),
-                      b.astype(jnp.float32))
+  update = jnp.einsum(
+      f"{lead}{ins}{r},{lead}{r}{outs}->{lead}{ins}{outs}",
+      a.astype(jnp.float32),
+      b.astype(jnp.float32),
+  )
   return (kernel.astype(jnp.float32) + scale * update).astype(kernel.dtype)
 
 

@@ -13,6 +13,7 @@ from bigjax.nn import conv
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
   """Flattened input, `hidden` ReLU layers with dropout, a softmax head."""
+
   num_classes: int
   input_shape: tuple[int, ...]  # height, width, channels: the input is checked as an image
   hidden: Sequence[int] = (256, 256)
@@ -39,8 +40,15 @@ class MLP(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     x = inputs.reshape(inputs.shape[0], -1).astype(dtype)
     for i, width in enumerate(cfg.hidden):
-      x = nn.Dense(width, dtype=dtype, param_dtype=param_dtype, name=f"dense{i}",
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      x = nn.Dense(
+          width,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          name=f"dense{i}",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("embed", "mlp")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+      )(x)
       x = nn.Dropout(cfg.dropout_rate)(nn.relu(x), deterministic=not train)
     return conv.classifier_head(x, cfg.num_classes, param_dtype)

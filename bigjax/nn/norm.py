@@ -19,6 +19,7 @@ class RMSNorm(nn.Module):
     scale_axis: the logical name of the scale's one axis ("embed" for the residual stream,
       "head_dim" for a per-head q/k norm).
   """
+
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -26,8 +27,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.scale_axis,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones, (self.scale_axis,)),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     return scale.astype(self.dtype) * normed.astype(self.dtype)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 def sinusoidal_1d(length: int, dim: int, max_timescale: float = 10_000.0) -> np.ndarray:
   """The fixed [length, dim] table of "Attention is all you need": sin on the first half, cos on the second."""
   if dim % 2:
@@ -27,13 +26,18 @@ def sinusoidal_2d(height: int, width: int, dim: int, max_timescale: float = 10_0
   rows_HD = sinusoidal_1d(height, dim // 2, max_timescale)
   cols_WD = sinusoidal_1d(width, dim // 2, max_timescale)
   grid_HWD = np.concatenate(
-      [np.repeat(rows_HD[:, None, :], width, axis=1), np.repeat(cols_WD[None, :, :], height, axis=0)],
-      axis=-1)
+      [
+          np.repeat(rows_HD[:, None, :], width, axis=1),
+          np.repeat(cols_WD[None, :, :], height, axis=0),
+      ],
+      axis=-1,
+  )
   return grid_HWD.reshape(height * width, dim)
 
 
 class LearnedPositions(nn.Module):
   """A trained [max_len, features] table looked up at the given positions."""
+
   max_len: int
   features: int
   dtype: jnp.dtype = jnp.float32
@@ -45,12 +49,15 @@ class LearnedPositions(nn.Module):
     table_LD = self.param(
         "embedding",
         nn.with_logical_partitioning(self.embedding_init, ("length", "embed")),
-        (self.max_len, self.features), self.param_dtype)
+        (self.max_len, self.features),
+        self.param_dtype,
+    )
     return jnp.take(table_LD, positions_BT, axis=0).astype(self.dtype)
 
 
 class SinusoidalPositions(nn.Module):
   """The fixed 1D table of `sinusoidal_1d`, looked up at the given positions; no parameters."""
+
   max_len: int
   features: int
   dtype: jnp.dtype = jnp.float32
@@ -67,6 +74,7 @@ class Llama3Scaling:
   positions to longer contexts: wavelengths longer than original_max_len / low_freq_factor are
   slowed by `factor`, those shorter than original_max_len / high_freq_factor stay, and those in
   between blend the two smoothly (Meta's reference code; transformers' "llama3" rope_type)."""
+
   factor: float
   low_freq_factor: float
   high_freq_factor: float
@@ -78,7 +86,8 @@ class Llama3Scaling:
     wavelen_H = 2 * math.pi / inv_freq_H
     slowed_H = jnp.where(wavelen_H > low_freq_wavelen, inv_freq_H / self.factor, inv_freq_H)
     smooth_H = (self.original_max_len / wavelen_H - self.low_freq_factor) / (
-        self.high_freq_factor - self.low_freq_factor)
+        self.high_freq_factor - self.low_freq_factor
+    )
     blended_H = (1 - smooth_H) * slowed_H / self.factor + smooth_H * slowed_H
     between_H = (wavelen_H >= high_freq_wavelen) & (wavelen_H <= low_freq_wavelen)
     return jnp.where(between_H, blended_H, slowed_H)
@@ -92,8 +101,12 @@ def rotary_frequencies(head_dim: int, base: float = 10_000.0, scaling: Llama3Sca
   return inv_freq_H if scaling is None else scaling(inv_freq_H)
 
 
-def apply_rotary(x_BTHK: jnp.ndarray, positions_BT: jnp.ndarray, base: float = 10_000.0,
-                 scaling: Llama3Scaling | None = None) -> jnp.ndarray:
+def apply_rotary(
+    x_BTHK: jnp.ndarray,
+    positions_BT: jnp.ndarray,
+    base: float = 10_000.0,
+    scaling: Llama3Scaling | None = None,
+) -> jnp.ndarray:
   """Rotary position embedding (RoFormer): rotates each pair (x[i], x[i + K/2]) by position * base^(-2i/K).
 
   The half-split pairing (as in GPT-NeoX and LLaMA's reference code) makes q.k depend only on the
@@ -104,7 +117,9 @@ def apply_rotary(x_BTHK: jnp.ndarray, positions_BT: jnp.ndarray, base: float = 1
   head_dim = x_BTHK.shape[-1]
   if head_dim % 2:
     raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
-  angles_BTH = positions_BT.astype(jnp.float32)[..., None] * rotary_frequencies(head_dim, base, scaling)
+  angles_BTH = positions_BT.astype(jnp.float32)[..., None] * rotary_frequencies(
+      head_dim, base, scaling
+  )
   sin = jnp.sin(angles_BTH)[:, :, None, :]
   cos = jnp.cos(angles_BTH)[:, :, None, :]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)

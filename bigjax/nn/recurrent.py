@@ -34,8 +34,10 @@ def check_lengths(lengths_B, padded_length: int) -> None:
     return
   longest = int(np.max(np.asarray(lengths_B)))
   if longest > padded_length:
-    raise UserError(f"a sequence length of {longest} exceeds the padded length {padded_length}; "
-                    "lengths must count real steps only")
+    raise UserError(
+        f"a sequence length of {longest} exceeds the padded length {padded_length}; "
+        "lengths must count real steps only"
+    )
 
 
 def reverse_within_lengths(x_BT, lengths_B):
@@ -44,7 +46,9 @@ def reverse_within_lengths(x_BT, lengths_B):
   length = x_BT.shape[1]
   t = jnp.arange(length)[None, :]
   source_BT = jnp.where(t < lengths_B[:, None], lengths_B[:, None] - 1 - t, t)
-  return jnp.take_along_axis(x_BT, source_BT.reshape(source_BT.shape + (1,) * (x_BT.ndim - 2)), axis=1)
+  return jnp.take_along_axis(
+      x_BT, source_BT.reshape(source_BT.shape + (1,) * (x_BT.ndim - 2)), axis=1
+  )
 
 
 def zero_carry(cell: CellKind, batch: int, hidden: int, dtype=jnp.float32):
@@ -80,12 +84,16 @@ def cell_step(cell: CellKind, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH
 
 def _masked_scan(cell: CellKind, recurrent_HGH, recurrent_bias_GH, carry, xproj_TBGH, valid_TB):
   """The recurrence under plain autodiff: (final carry, outputs [T, B, H])."""
+
   def step(carry, inputs):
     xproj_BGH, valid_B = inputs
     new_carry = cell_step(cell, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH)
     # Padding steps keep the old state, so the final carry is the state at each true end.
-    new_carry = jax.tree.map(lambda new, old: jnp.where(valid_B[:, None], new, old), new_carry, carry)
+    new_carry = jax.tree.map(
+        lambda new, old: jnp.where(valid_B[:, None], new, old), new_carry, carry
+    )
     return new_carry, jnp.where(valid_B[:, None], carry_output(cell, new_carry), 0.0)
+
   return jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
 
 
@@ -112,12 +120,16 @@ _GATE_SHIFT_G1 = np.array([0.5, 0.5, 0.0, 0.5], np.float32)[:, None]
 
 def _lstm_activations(gates_BGH):
   gates32_BGH = gates_BGH.astype(jnp.float32)
-  return (jnp.tanh(gates32_BGH * _GATE_SCALE_G1) * _GATE_SCALE_G1 + _GATE_SHIFT_G1).astype(gates_BGH.dtype)
+  return (jnp.tanh(gates32_BGH * _GATE_SCALE_G1) * _GATE_SCALE_G1 + _GATE_SHIFT_G1).astype(
+      gates_BGH.dtype
+  )
 
 
 def _lstm_activations_grad(activations_BGH):
   activations32_BGH = activations_BGH.astype(jnp.float32)
-  return (_GATE_SCALE_G1 ** 2 - (activations32_BGH - _GATE_SHIFT_G1) ** 2).astype(activations_BGH.dtype)
+  return (_GATE_SCALE_G1**2 - (activations32_BGH - _GATE_SHIFT_G1) ** 2).astype(
+      activations_BGH.dtype
+  )
 
 
 def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
@@ -147,22 +159,34 @@ def _lstm_scan_bwd(residuals, cotangents):
 
   def step(carry, inputs):
     dc_BH, dh_BH = carry
-    (c_BH, _, activations_BGH, tanh_c_BH), dout_BH, valid_B1 = inputs[0], inputs[1], inputs[2][:, None]
+    (c_BH, _, activations_BGH, tanh_c_BH), dout_BH, valid_B1 = (
+        inputs[0],
+        inputs[1],
+        inputs[2][:, None],
+    )
     i, f, g, o = (activations_BGH[:, k] for k in range(4))
     # A padding step passed the state through unchanged: its cotangent goes straight back.
     dnew_h = jnp.where(valid_B1, dh_BH + dout_BH, 0.0)
-    dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH ** 2)
-    dactivations_BGH = jnp.stack([dnew_c * g, dnew_c * c_BH, dnew_c * i, dnew_h * tanh_c_BH], axis=1)
+    dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH**2)
+    dactivations_BGH = jnp.stack(
+        [dnew_c * g, dnew_c * c_BH, dnew_c * i, dnew_h * tanh_c_BH], axis=1
+    )
     dgates_BGH = dactivations_BGH * _lstm_activations_grad(activations_BGH)
-    dh_prev = dgates_BGH.reshape(dgates_BGH.shape[0], -1) @ recurrent_T_PH + jnp.where(valid_B1, 0.0, dh_BH)
+    dh_prev = dgates_BGH.reshape(dgates_BGH.shape[0], -1) @ recurrent_T_PH + jnp.where(
+        valid_B1, 0.0, dh_BH
+    )
     dc_prev = dnew_c * f + jnp.where(valid_B1, 0.0, dc_BH)
     return (dc_prev, dh_prev), dgates_BGH
 
-  dcarry, dgates_TBGH = jax.lax.scan(step, (dc_final, dh_final), (saved, doutputs_TBH, valid_TB), reverse=True)
+  dcarry, dgates_TBGH = jax.lax.scan(
+      step, (dc_final, dh_final), (saved, doutputs_TBH, valid_TB), reverse=True
+  )
   # Steps and examples flattened into one contracting axis first: contracting (t, b) as two axes,
   # XLA transposed the whole [T, B, 4, H] gate gradient to (b, t) order before the matmul.
   h_prev_NH = saved[1].reshape(-1, hidden)
-  drecurrent_HGH = (h_prev_NH.T @ dgates_TBGH.reshape(h_prev_NH.shape[0], -1)).reshape(recurrent_HGH.shape)
+  drecurrent_HGH = (h_prev_NH.T @ dgates_TBGH.reshape(h_prev_NH.shape[0], -1)).reshape(
+      recurrent_HGH.shape
+  )
   drecurrent_HGH = drecurrent_HGH.astype(recurrent_HGH.dtype)
   return drecurrent_HGH, dcarry, dgates_TBGH, None
 
@@ -177,9 +201,12 @@ class Recurrent(nn.Module):
   the final carry is the state at the true end; `reverse=True` runs each sequence from its true
   end back to its start (outputs stay aligned with the inputs).
   """
+
   cell: CellKind
   hidden_size: int
-  forget_bias: float = 1.0  # initial forget-gate bias of the LSTM: remember by default (Jozefowicz et al. 2015)
+  forget_bias: float = (
+      1.0  # initial forget-gate bias of the LSTM: remember by default (Jozefowicz et al. 2015)
+  )
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -190,34 +217,57 @@ class Recurrent(nn.Module):
     batch, length, width = x_BTD.shape
     check_lengths(lengths_B, length)
     gates, hidden = NUM_GATES[self.cell], self.hidden_size
-    input_kernel = self.param("input_kernel", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=0, out_axis=(1, 2)),
-        ("embed", None, "mlp")), (width, gates, hidden), self.param_dtype)
-    recurrent_kernel = self.param("recurrent_kernel", nn.with_logical_partitioning(
-        _orthogonal_per_gate, (None, None, "mlp")), (hidden, gates, hidden), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(self._bias_init, (None, "mlp")),
-                      (gates, hidden), self.param_dtype)
+    input_kernel = self.param(
+        "input_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=0, out_axis=(1, 2)),
+            ("embed", None, "mlp"),
+        ),
+        (width, gates, hidden),
+        self.param_dtype,
+    )
+    recurrent_kernel = self.param(
+        "recurrent_kernel",
+        nn.with_logical_partitioning(_orthogonal_per_gate, (None, None, "mlp")),
+        (hidden, gates, hidden),
+        self.param_dtype,
+    )
+    bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(self._bias_init, (None, "mlp")),
+        (gates, hidden),
+        self.param_dtype,
+    )
     recurrent_bias = None
     if self.cell == "gru":
-      recurrent_bias = self.param("recurrent_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "mlp")),
-                                  (gates, hidden), self.param_dtype)
+      recurrent_bias = self.param(
+          "recurrent_bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, (None, "mlp")),
+          (gates, hidden),
+          self.param_dtype,
+      )
       recurrent_bias = recurrent_bias.astype(self.dtype)
 
     if lengths_B is None:
       lengths_B = jnp.full((batch,), length, jnp.int32)
     if reverse:
       x_BTD = reverse_within_lengths(x_BTD, lengths_B)
-    xproj_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD.astype(self.dtype), input_kernel.astype(self.dtype)) + \
-        bias.astype(self.dtype)
+    xproj_BTGH = jnp.einsum(
+        "btd,dgh->btgh", x_BTD.astype(self.dtype), input_kernel.astype(self.dtype)
+    ) + bias.astype(self.dtype)
     valid_TB = jnp.arange(length)[:, None] < lengths_B[None, :]
-    carry = zero_carry(self.cell, batch, hidden, self.dtype) if initial_carry is None else initial_carry
+    carry = (
+        zero_carry(self.cell, batch, hidden, self.dtype) if initial_carry is None else initial_carry
+    )
     recurrent_kernel = recurrent_kernel.astype(self.dtype)
 
     xproj_TBGH = xproj_BTGH.transpose(1, 0, 2, 3)
     if self.cell == "lstm":
       carry, outputs_TBH = lstm_scan(recurrent_kernel, tuple(carry), xproj_TBGH, valid_TB)
     else:
-      carry, outputs_TBH = _masked_scan(self.cell, recurrent_kernel, recurrent_bias, carry, xproj_TBGH, valid_TB)
+      carry, outputs_TBH = _masked_scan(
+          self.cell, recurrent_kernel, recurrent_bias, carry, xproj_TBGH, valid_TB
+      )
     outputs_BTH = outputs_TBH.transpose(1, 0, 2)
     if reverse:
       outputs_BTH = reverse_within_lengths(outputs_BTH, lengths_B)
@@ -244,6 +294,7 @@ class RecurrentStack(nn.Module):
   `initial_carries`, if given, is a sequence like the returned carries (e.g. from a previous call,
   to continue decoding).
   """
+
   cell: CellKind
   hidden_size: int
   num_layers: int = 1
@@ -254,12 +305,16 @@ class RecurrentStack(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD, lengths_B=None, initial_carries: Sequence | None = None, *, train: bool = False):
+  def __call__(
+      self, x_BTD, lengths_B=None, initial_carries: Sequence | None = None, *, train: bool = False
+  ):
     directions = (False, True) if self.bidirectional else (False,)
     expected = self.num_layers * len(directions)
     if initial_carries is not None and len(initial_carries) != expected:
-      raise UserError(f"got {len(initial_carries)} initial states, expected {expected} "
-                      f"({self.num_layers} layers x {len(directions)} directions)")
+      raise UserError(
+          f"got {len(initial_carries)} initial states, expected {expected} "
+          f"({self.num_layers} layers x {len(directions)} directions)"
+      )
     carries = []
     for layer in range(self.num_layers):
       if layer > 0:
@@ -268,8 +323,9 @@ class RecurrentStack(nn.Module):
       for reverse in directions:
         name = f"layer{layer}_{'backward' if reverse else 'forward'}"
         initial = None if initial_carries is None else initial_carries[len(carries)]
-        out_BTH, carry = Recurrent(self.cell, self.hidden_size, self.forget_bias, self.dtype, self.param_dtype,
-                                   name=name)(x_BTD, lengths_B, initial, reverse=reverse)
+        out_BTH, carry = Recurrent(
+            self.cell, self.hidden_size, self.forget_bias, self.dtype, self.param_dtype, name=name
+        )(x_BTD, lengths_B, initial, reverse=reverse)
         outputs.append(out_BTH)
         carries.append(carry)
       x_BTD = jnp.concatenate(outputs, axis=-1) if len(outputs) > 1 else outputs[0]
@@ -280,6 +336,7 @@ class RecurrentStack(nn.Module):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RNNConfig:
   """The recurrent part shared by the language model and the classifier."""
+
   cell: CellKind = "lstm"
   hidden_size: int
   num_layers: int = 1
@@ -302,13 +359,24 @@ class RNNConfig:
     checks.float_dtype(self, "param_dtype")
 
   def stack(self, name: str = "rnn") -> RecurrentStack:
-    return RecurrentStack(self.cell, self.hidden_size, self.num_layers, self.bidirectional, self.dropout_rate,
-                          self.forget_bias, jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), name=name)
+    return RecurrentStack(
+        self.cell,
+        self.hidden_size,
+        self.num_layers,
+        self.bidirectional,
+        self.dropout_rate,
+        self.forget_bias,
+        jnp.dtype(self.dtype),
+        jnp.dtype(self.param_dtype),
+        name=name,
+    )
 
   def check_length(self, length: int) -> None:
     if length > self.max_len:
-      raise UserError(f"sequence length {length} exceeds the model's max_len={self.max_len}; "
-                      "raise max_len or shorten the sequences")
+      raise UserError(
+          f"sequence length {length} exceeds the model's max_len={self.max_len}; "
+          "raise max_len or shorten the sequences"
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -323,10 +391,15 @@ class RNNLMConfig(RNNConfig):
     checks.positive_int(self, "embed_dim")
     checks.boolean(self, "tie_embeddings")
     if self.bidirectional:
-      checks.fail(self, "bidirectional=True cannot be a language model: it would see the tokens it predicts")
+      checks.fail(
+          self, "bidirectional=True cannot be a language model: it would see the tokens it predicts"
+      )
     if self.tie_embeddings and self.embed_dim != self.hidden_size:
-      checks.fail(self, f"tie_embeddings=True needs embed_dim={self.embed_dim} == "
-                        f"hidden_size={self.hidden_size}")
+      checks.fail(
+          self,
+          f"tie_embeddings=True needs embed_dim={self.embed_dim} == "
+          f"hidden_size={self.hidden_size}",
+      )
 
 
 class RNNLM(nn.Module):
@@ -335,31 +408,54 @@ class RNNLM(nn.Module):
   With `return_state=True` it also returns the final carries, which `initial_state` accepts to
   continue from where a previous call stopped (decoding one token at a time).
   """
+
   config: RNNLMConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, initial_state=None, return_state: bool = False, train: bool = False):
+  def __call__(
+      self, tokens_BT, *, initial_state=None, return_state: bool = False, train: bool = False
+  ):
     cfg = self.config
     cfg.check_length(tokens_BT.shape[1])
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, name="token_embed",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("vocab", "embed")))
+    embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.embed_dim,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="token_embed",
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=0.1), ("vocab", "embed")
+        ),
+    )
     x_BTD = nn.Dropout(cfg.dropout_rate)(embed(tokens_BT), deterministic=not train)
     h_BTH, state = cfg.stack()(x_BTD, None, initial_state, train=train)
     h_BTH = nn.Dropout(cfg.dropout_rate)(h_BTH, deterministic=not train)
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("bth,vh->btv", h_BTH, embed.embedding.astype(h_BTH.dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = jnp.einsum(
+          "bth,vh->btv",
+          h_BTH,
+          embed.embedding.astype(h_BTH.dtype),
+          preferred_element_type=jnp.float32,
+      )
     else:
-      logits_BTV = nn.Dense(cfg.vocab_size, dtype=jnp.float32, param_dtype=param_dtype, name="head",
-                            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "vocab")),
-                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(h_BTH)
+      logits_BTV = nn.Dense(
+          cfg.vocab_size,
+          dtype=jnp.float32,
+          param_dtype=param_dtype,
+          name="head",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("mlp", "vocab")
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+      )(h_BTH)
     return (logits_BTV, state) if return_state else logits_BTV
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RNNClassifierConfig(RNNConfig):
   """Classifies [B, T, D] sequences; an image [B, H, W, C] is read row by row (T = H, D = W * C)."""
+
   num_classes: int
   input_shape: tuple[int, ...]
   pool: Literal["last", "mean"] = "last"  # final state(s), or the mean output over real steps
@@ -367,11 +463,16 @@ class RNNClassifierConfig(RNNConfig):
   def __post_init__(self):
     super().__post_init__()
     checks.positive_int(self, "num_classes")
-    checks.positive_ints(self, "input_shape", nonempty=True, meaning="steps, then the features of each step")
+    checks.positive_ints(
+        self, "input_shape", nonempty=True, meaning="steps, then the features of each step"
+    )
     checks.one_of(self, "pool", ("last", "mean"))
     if self.input_shape[0] > self.max_len:
-      checks.fail(self, f"input_shape={tuple(self.input_shape)} has {self.input_shape[0]} steps, more than "
-                        f"max_len={self.max_len}; raise max_len")
+      checks.fail(
+          self,
+          f"input_shape={tuple(self.input_shape)} has {self.input_shape[0]} steps, more than "
+          f"max_len={self.max_len}; raise max_len",
+      )
 
 
 class RNNClassifier(nn.Module):
@@ -381,9 +482,11 @@ class RNNClassifier(nn.Module):
   def __call__(self, inputs, lengths_B=None, *, train: bool = False):
     cfg = self.config
     if tuple(inputs.shape[1:]) != tuple(cfg.input_shape):
-      raise UserError(f"inputs have shape {tuple(inputs.shape)} but the model expects "
-                      f"[batch, {', '.join(map(str, cfg.input_shape))}]; set the model's input_shape "
-                      f"(--model_override='input_shape={tuple(inputs.shape[1:])}')")
+      raise UserError(
+          f"inputs have shape {tuple(inputs.shape)} but the model expects "
+          f"[batch, {', '.join(map(str, cfg.input_shape))}]; set the model's input_shape "
+          f"(--model_override='input_shape={tuple(inputs.shape[1:])}')"
+      )
     x_BTD = inputs.reshape(inputs.shape[0], inputs.shape[1], -1).astype(jnp.dtype(cfg.dtype))
     cfg.check_length(x_BTD.shape[1])
     h_BTH, carries = cfg.stack()(x_BTD, lengths_B, train=train)
@@ -397,6 +500,13 @@ class RNNClassifier(nn.Module):
       valid_BT1 = (jnp.arange(length)[None, :] < lengths[:, None])[..., None]
       pooled = jnp.sum(h_BTH * valid_BT1, axis=1) / jnp.maximum(lengths[:, None], 1)
     pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
-    return nn.Dense(cfg.num_classes, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype), name="head",
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "classes")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)))(pooled)
+    return nn.Dense(
+        cfg.num_classes,
+        dtype=jnp.float32,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        name="head",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("mlp", "classes")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+    )(pooled)

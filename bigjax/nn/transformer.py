@@ -49,6 +49,7 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Everything that shapes a Transformer; one instance configures every layer."""
+
   vocab_size: int
   num_layers: int
   embed_dim: int
@@ -66,21 +67,29 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-  mlp: Literal["dense", "gated"] = "dense"  # gated: wo(activation(x wi_gate) * (x wi_up)), SwiGLU with silu
+  mlp: Literal["dense", "gated"] = (
+      "dense"  # gated: wo(activation(x wi_gate) * (x wi_up)), SwiGLU with silu
+  )
   activation: str = "gelu"
-  use_bias: bool = True  # every bias (LayerNorm's too), unless one of the three below says otherwise
+  use_bias: bool = (
+      True  # every bias (LayerNorm's too), unless one of the three below says otherwise
+  )
   qkv_bias: bool | None = None  # None: as use_bias
   attn_out_bias: bool | None = None  # None: as use_bias
   mlp_bias: bool | None = None  # None: as use_bias
   qk_norm: bool = False  # RMS-normalise each query and key head before rotary (Qwen3)
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-5  # the epsilon of every norm: LayerNorm, RMSNorm and the q/k norms
+  layer_norm_epsilon: float = (
+      1e-5  # the epsilon of every norm: LayerNorm, RMSNorm and the q/k norms
+  )
   block: str = "pre_norm"  # a register_block name
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage
   remat: str = "none"  # a REMAT_POLICIES name
-  scan_layers: bool = False  # one block under nn.scan, parameters stacked on a leading "layers" axis
+  scan_layers: bool = (
+      False  # one block under nn.scan, parameters stacked on a leading "layers" axis
+  )
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim", "max_len"):
@@ -99,7 +108,9 @@ class TransformerConfig:
     for name in ("qkv_bias", "attn_out_bias", "mlp_bias"):
       if getattr(self, name) is not None:
         checks.boolean(self, name)
-    checks.one_of(self, "block", _BLOCKS, "block type (register a new one with transformer.register_block)")
+    checks.one_of(
+        self, "block", _BLOCKS, "block type (register a new one with transformer.register_block)"
+    )
     checks.fraction(self, "dropout_rate")
     checks.positive_number(self, "layer_norm_epsilon")
     checks.float_dtype(self, "dtype")
@@ -113,11 +124,16 @@ class TransformerConfig:
     if self.position == "sinusoidal" and self.embed_dim % 2:
       checks.fail(self, f"embed_dim={self.embed_dim} must be even for sinusoidal positions")
     if self.position == "rotary" and self.resolved_head_dim % 2:
-      head_dim = f"head_dim={self.head_dim}" if self.head_dim else \
-          f"embed_dim // num_heads = {self.resolved_head_dim}"
+      head_dim = (
+          f"head_dim={self.head_dim}"
+          if self.head_dim
+          else f"embed_dim // num_heads = {self.resolved_head_dim}"
+      )
       checks.fail(self, f"{head_dim} must be even for rotary positions")
     if self.rope_scaling != "none" and self.position != "rotary":
-      checks.fail(self, f"rope_scaling={self.rope_scaling!r} needs position='rotary', got {self.position!r}")
+      checks.fail(
+          self, f"rope_scaling={self.rope_scaling!r} needs position='rotary', got {self.position!r}"
+      )
 
   def _check_llama3_scaling(self):
     for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
@@ -125,8 +141,11 @@ class TransformerConfig:
     checks.positive_int(self, "rope_original_max_len")
     if self.rope_high_freq_factor <= self.rope_low_freq_factor:
       # The blend between the two wavelength bands divides by their difference.
-      checks.fail(self, f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
-                        f"rope_low_freq_factor={self.rope_low_freq_factor}")
+      checks.fail(
+          self,
+          f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+          f"rope_low_freq_factor={self.rope_low_freq_factor}",
+      )
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -144,8 +163,12 @@ class TransformerConfig:
   def rotary_scaling(self) -> "position.Llama3Scaling | None":
     if self.rope_scaling == "none":
       return None
-    return position.Llama3Scaling(self.rope_scaling_factor, self.rope_low_freq_factor,
-                                  self.rope_high_freq_factor, self.rope_original_max_len)
+    return position.Llama3Scaling(
+        self.rope_scaling_factor,
+        self.rope_low_freq_factor,
+        self.rope_high_freq_factor,
+        self.rope_original_max_len,
+    )
 
   def bias(self, part: Literal["qkv", "attn_out", "mlp"]) -> bool:
     """Whether the projections of `part` have biases: its own switch, else use_bias."""
@@ -153,22 +176,34 @@ class TransformerConfig:
     return self.use_bias if own is None else own
 
 
-def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], init, name: str) -> nn.Dense:
+def _dense(
+    cfg: TransformerConfig, features: int, axes: tuple[str, str], init, name: str
+) -> nn.Dense:
   return nn.Dense(
-      features, use_bias=cfg.bias("mlp"), dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name=name,
+      features,
+      use_bias=cfg.bias("mlp"),
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      name=name,
       kernel_init=nn.with_logical_partitioning(init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+  )
 
 
 class Mlp(nn.Module):
   """Position-wise feed-forward: Dense(mlp_dim), activation, Dense(embed_dim)."""
+
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.config
-    h_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), nn.initializers.normal(stddev=0.02), "wi")(x_BTD)
-    h_BTF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](h_BTF), ("batch", "length", "act_mlp"))
+    h_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), nn.initializers.normal(stddev=0.02), "wi")(
+        x_BTD
+    )
+    h_BTF = nn.with_logical_constraint(
+        _ACTIVATIONS[cfg.activation](h_BTF), ("batch", "length", "act_mlp")
+    )
     return _dense(cfg, x_BTD.shape[-1], ("mlp", "embed"), _residual_init(cfg), "wo")(h_BTF)
 
 
@@ -177,6 +212,7 @@ class GatedMlp(nn.Module):
 
   SwiGLU with activation="silu" (Llama, Mistral, Qwen), GeGLU with "gelu" (Gemma).
   """
+
   config: TransformerConfig
 
   @nn.compact
@@ -185,8 +221,9 @@ class GatedMlp(nn.Module):
     init = nn.initializers.normal(stddev=0.02)
     gate_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), init, "wi_gate")(x_BTD)
     up_BTF = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), init, "wi_up")(x_BTD)
-    h_BTF = nn.with_logical_constraint(_ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF,
-                                       ("batch", "length", "act_mlp"))
+    h_BTF = nn.with_logical_constraint(
+        _ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF, ("batch", "length", "act_mlp")
+    )
     return _dense(cfg, x_BTD.shape[-1], ("mlp", "embed"), _residual_init(cfg), "wo")(h_BTF)
 
 
@@ -199,27 +236,41 @@ def _residual_init(cfg: TransformerConfig):
 # The parts a block composes, built from the config. A registered block uses them too, so it reads
 # the same fields (norm, mlp, biases, rotary) as the standard one.
 
+
 def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
   """The config's norm over the model width: LayerNorm (bias if use_bias) or RMSNorm."""
   if cfg.norm == "rmsnorm":
     return norm_lib.RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.storage_dtype, name=name)
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_epsilon, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-      param_dtype=cfg.storage_dtype, name=name,
+      epsilon=cfg.layer_norm_epsilon,
+      use_bias=cfg.use_bias,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+  )
 
 
 def make_attention(cfg: TransformerConfig, name: str = "attn") -> attention.MultiHeadAttention:
   """Self-attention as the config describes it, with a KV cache of max_len positions."""
   rotary = cfg.position == "rotary"
   return attention.MultiHeadAttention(
-      num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim, num_kv_heads=cfg.num_kv_heads,
-      use_bias=cfg.bias("qkv"), out_bias=cfg.bias("attn_out"), dropout_rate=cfg.dropout_rate,
+      num_heads=cfg.num_heads,
+      head_dim=cfg.resolved_head_dim,
+      num_kv_heads=cfg.num_kv_heads,
+      use_bias=cfg.bias("qkv"),
+      out_bias=cfg.bias("attn_out"),
+      dropout_rate=cfg.dropout_rate,
       qk_norm_epsilon=cfg.layer_norm_epsilon if cfg.qk_norm else None,
-      rotary_base=cfg.rotary_base if rotary else None, rotary_scaling=cfg.rotary_scaling if rotary else None,
-      cache_len=cfg.max_len, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-      out_kernel_init=_residual_init(cfg), name=name)
+      rotary_base=cfg.rotary_base if rotary else None,
+      rotary_scaling=cfg.rotary_scaling if rotary else None,
+      cache_len=cfg.max_len,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      out_kernel_init=_residual_init(cfg),
+      name=name,
+  )
 
 
 def make_mlp(cfg: TransformerConfig, name: str = "mlp") -> nn.Module:
@@ -234,13 +285,19 @@ def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
   TransformerBlock; any KV cache lives in its "cache" collection (make_attention's does). Its
   parameters and caches then get the layers axis under scan_layers, and remat wraps it whole.
   """
+
   def add(block_cls: type[nn.Module]) -> type[nn.Module]:
     if name in _BLOCKS:
-      raise ValueError(f"block type {name!r} is already registered (by {_BLOCKS[name].__qualname__})")
+      raise ValueError(
+          f"block type {name!r} is already registered (by {_BLOCKS[name].__qualname__})"
+      )
     if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
-      raise TypeError(f"register_block({name!r}) takes a flax.linen Module class, got {block_cls!r}")
+      raise TypeError(
+          f"register_block({name!r}) takes a flax.linen Module class, got {block_cls!r}"
+      )
     _BLOCKS[name] = block_cls
     return block_cls
+
   return add
 
 
@@ -254,22 +311,45 @@ class TransformerBlock(nn.Module):
 
   A decoder block is causal, an encoder (ViT) block is not.
   """
+
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS=None, positions_BT=None, *, causal: bool = False, train: bool = False,
-               decode: bool = False):
+  def __call__(
+      self,
+      x_BTD,
+      mask_B1TS=None,
+      positions_BT=None,
+      *,
+      causal: bool = False,
+      train: bool = False,
+      decode: bool = False,
+  ):
     cfg = self.config
-    h_BTD = make_attention(cfg)(make_norm(cfg, "ln_attn")(x_BTD), mask_B1TS, positions_BT, causal=causal,
-                                train=train, decode=decode)
+    h_BTD = make_attention(cfg)(
+        make_norm(cfg, "ln_attn")(x_BTD),
+        mask_B1TS,
+        positions_BT,
+        causal=causal,
+        train=train,
+        decode=decode,
+    )
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     h_BTD = make_mlp(cfg)(make_norm(cfg, "ln_mlp")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=not train)
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
 
-def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, causal: bool, train: bool,
-                 decode: bool):
+def apply_blocks(
+    cfg: TransformerConfig,
+    x_BTD,
+    mask_B1TS,
+    positions_BT,
+    *,
+    causal: bool,
+    train: bool,
+    decode: bool,
+):
   """Runs `cfg.num_layers` blocks of type `cfg.block` (call inside a compact method): as block_0,
   block_1, ..., or with `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV
   caches) have a leading layers axis, which compiles one block instead of num_layers. `cfg.remat`
@@ -288,10 +368,16 @@ def apply_blocks(cfg: TransformerConfig, x_BTD, mask_B1TS, positions_BT, *, caus
       x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask_B1TS, positions_BT)
     return x_BTD
   scanned = nn.scan(
-      lambda module, x_BTD, mask_B1TS, positions_BT: (block(module, x_BTD, mask_B1TS, positions_BT), None),
-      variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"})
+      lambda module, x_BTD, mask_B1TS, positions_BT: (
+          block(module, x_BTD, mask_B1TS, positions_BT),
+          None,
+      ),
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
   x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask_B1TS, positions_BT)
   return x_BTD
 
@@ -305,11 +391,20 @@ class TransformerLM(nn.Module):
   `decode=True` runs with a KV cache (the `cache` collection, see bigjax.sample): pass the new
   tokens and their absolute `positions_BT`.
   """
+
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, positions_BT=None, valid_BT=None, segment_ids_BT=None, train: bool = False,
-               decode: bool = False):
+  def __call__(
+      self,
+      tokens_BT,
+      *,
+      positions_BT=None,
+      valid_BT=None,
+      segment_ids_BT=None,
+      train: bool = False,
+      decode: bool = False,
+  ):
     cfg = self.config
     length = tokens_BT.shape[1]
     if length > cfg.max_len:
@@ -317,40 +412,64 @@ class TransformerLM(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.arange(length)[None, :]
     embed = nn.Embed(
-        cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="token_embed",
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+        cfg.vocab_size,
+        cfg.embed_dim,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype,
+        name="token_embed",
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+        ),
+    )
     x_BTD = embed(tokens_BT)
     if cfg.position == "learned":
       x_BTD += position.LearnedPositions(
-          cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-          name="position_embed")(positions_BT)
+          cfg.max_len,
+          cfg.embed_dim,
+          dtype=cfg.compute_dtype,
+          param_dtype=cfg.storage_dtype,
+          name="position_embed",
+      )(positions_BT)
     elif cfg.position == "sinusoidal":
-      x_BTD += position.SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(positions_BT)
+      x_BTD += position.SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(
+          positions_BT
+      )
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
     mask = attention.combine_masks(
         None if valid_BT is None else attention.padding_mask(valid_BT),
-        None if segment_ids_BT is None else attention.segment_mask(segment_ids_BT))
+        None if segment_ids_BT is None else attention.segment_mask(segment_ids_BT),
+    )
     x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, causal=True, train=train, decode=decode)
     x_BTD = make_norm(cfg, "ln_final")(x_BTD)
 
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(x_BTD.dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = jnp.einsum(
+          "btd,vd->btv",
+          x_BTD,
+          embed.embedding.astype(x_BTD.dtype),
+          preferred_element_type=jnp.float32,
+      )
     else:
       logits_BTV = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=cfg.storage_dtype, name="head",
-          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "vocab")),
+          cfg.vocab_size,
+          use_bias=False,
+          dtype=jnp.float32,
+          param_dtype=cfg.storage_dtype,
+          name="head",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=0.02), ("embed", "vocab")
+          ),
       )(x_BTD)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
-
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """Vision Transformer (Dosovitskiy et al. 2021): patches by a strided convolution, pre-LN encoder
   blocks (no causal mask), a class token or mean pooling, and a linear head."""
+
   num_classes: int
   input_shape: tuple[int, int, int]  # height, width, channels
   patch_size: int
@@ -386,12 +505,17 @@ class ViTConfig:
     checks.boolean(self, "scan_layers")
     height, width, _ = self.input_shape
     if height % self.patch_size or width % self.patch_size:
-      checks.fail(self, f"patch_size={self.patch_size} must divide the image's height and width "
-                        f"(input_shape={tuple(self.input_shape)})")
+      checks.fail(
+          self,
+          f"patch_size={self.patch_size} must divide the image's height and width "
+          f"(input_shape={tuple(self.input_shape)})",
+      )
     checks.divides(self, "num_heads", "embed_dim")
     if self.position == "sinusoidal_2d" and self.embed_dim % 4:
       # Half the dimensions encode the row and half the column, each as sine-cosine pairs.
-      checks.fail(self, f"embed_dim={self.embed_dim} must be divisible by 4 for sinusoidal_2d positions")
+      checks.fail(
+          self, f"embed_dim={self.embed_dim} must be divisible by 4 for sinusoidal_2d positions"
+      )
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -401,14 +525,25 @@ class ViTConfig:
     """The encoder blocks' settings, in the decoder's config type (vocabulary and length unused)."""
     return TransformerConfig(
         vocab_size=1,  # unused by the blocks; 1 passes the decoder's check
-        num_layers=self.num_layers, embed_dim=self.embed_dim, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim, max_len=self.grid[0] * self.grid[1] + 1, position="none",
-        activation=self.activation, dropout_rate=self.dropout_rate, layer_norm_epsilon=self.layer_norm_epsilon,
-        dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers)
+        num_layers=self.num_layers,
+        embed_dim=self.embed_dim,
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        max_len=self.grid[0] * self.grid[1] + 1,
+        position="none",
+        activation=self.activation,
+        dropout_rate=self.dropout_rate,
+        layer_norm_epsilon=self.layer_norm_epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        remat=self.remat,
+        scan_layers=self.scan_layers,
+    )
 
 
 class ViT(nn.Module):
   """Image classifier; returns float32 logits [B, num_classes]."""
+
   config: ViTConfig
 
   @nn.compact
@@ -418,25 +553,43 @@ class ViT(nn.Module):
     block_cfg = cfg.block_config()
     dtype = block_cfg.compute_dtype
     p = cfg.patch_size
-    x = conv.Conv(cfg.embed_dim, (p, p), strides=(p, p), dtype=dtype,
-                  param_dtype=block_cfg.storage_dtype, name="patch_embed",
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                           (None, None, "conv_in", "embed")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(images_BHWC.astype(dtype))
+    x = conv.Conv(
+        cfg.embed_dim,
+        (p, p),
+        strides=(p, p),
+        dtype=dtype,
+        param_dtype=block_cfg.storage_dtype,
+        name="patch_embed",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(images_BHWC.astype(dtype))
     batch = x.shape[0]
     x_BTD = x.reshape(batch, -1, cfg.embed_dim)
     num_patches = x_BTD.shape[1]
     if cfg.position == "learned":
-      pos_TD = self.param("position_embed",
-                          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
-                          (num_patches + (cfg.pool == "cls"), cfg.embed_dim), block_cfg.storage_dtype)
+      pos_TD = self.param(
+          "position_embed",
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+          (num_patches + (cfg.pool == "cls"), cfg.embed_dim),
+          block_cfg.storage_dtype,
+      )
     else:
       table = jnp.asarray(position.sinusoidal_2d(*cfg.grid, cfg.embed_dim))
-      pos_TD = jnp.concatenate([jnp.zeros((1, cfg.embed_dim)), table]) if cfg.pool == "cls" else table
+      pos_TD = (
+          jnp.concatenate([jnp.zeros((1, cfg.embed_dim)), table]) if cfg.pool == "cls" else table
+      )
     if cfg.pool == "cls":
-      cls_11D = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-                           (1, 1, cfg.embed_dim), block_cfg.storage_dtype)
-      x_BTD = jnp.concatenate([jnp.broadcast_to(cls_11D.astype(dtype), (batch, 1, cfg.embed_dim)), x_BTD], axis=1)
+      cls_11D = self.param(
+          "cls_token",
+          nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+          (1, 1, cfg.embed_dim),
+          block_cfg.storage_dtype,
+      )
+      x_BTD = jnp.concatenate(
+          [jnp.broadcast_to(cls_11D.astype(dtype), (batch, 1, cfg.embed_dim)), x_BTD], axis=1
+      )
     x_BTD = x_BTD + pos_TD.astype(dtype)[None]
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = apply_blocks(block_cfg, x_BTD, None, None, causal=False, train=train, decode=False)
