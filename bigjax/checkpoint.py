@@ -184,10 +184,12 @@ class Checkpointer:
       every: int,
       keep: int = 3,
       best_metric: str | None = None,
+      best_is_highest: bool = False,
       read_only: bool = False,
   ):
     """Keeps the newest `keep` checkpoints and, with `best_metric` (say "eval_loss"), also the one
-    with the best value of that metric (highest for accuracies, lowest otherwise). A read-only
+    with the best value of that metric: the highest with `best_is_highest` (the task says which
+    metrics those are: bigjax.tasks.higher_is_better), else the lowest. A read-only
     one (evaluation, export, sampling) neither writes nor cleans up: a run may be saving there."""
     self.directory = os.path.abspath(directory)
     self.every = every
@@ -197,11 +199,11 @@ class Checkpointer:
       policies.append(
           checkpoint_managers.BestN(
               get_metric_fn=lambda metrics: metrics[best_metric],
-              reverse="accuracy" not in best_metric,
+              reverse=not best_is_highest,  # reverse=True keeps the lowest value
               n=1,
               keep_checkpoints_without_metrics=False,
           )
-      )  # reverse=True keeps the lowest value
+      )
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -57,6 +57,12 @@ EXPORT_FORMAT = flags.DEFINE_enum(
     "from_pretrained; Transformer language models of the gpt2, llama, qwen2 and qwen3 families).",
 )
 MODEL = flags.DEFINE_string("model", None, "Model preset name (see bigjax.models.names()).")
+TASK = flags.DEFINE_string(
+    "task",
+    "",
+    "A task registered with bigjax.tasks.register (in a module --import_modules imports) in place "
+    "of the experiment's own (language modelling, classification); it is given that one to reuse.",
+)
 IMPORT_MODULES = flags.DEFINE_list(
     "import_modules",
     [],
@@ -443,7 +449,7 @@ class Experiment:
   def run(self, *, task, train_data, eval_data) -> dict:
     """--mode=train: fit (resuming if the workdir has a checkpoint); --mode=eval: evaluate the
     newest checkpoint. Returns the last record."""
-    task = _with_losses(task, self.losses)
+    task = _with_losses(tasks.create(TASK.value, task) if TASK.value else task, self.losses)
     if MODE.value == "eval":
       record = train.evaluate_checkpoint(
           model=self.model,
@@ -536,7 +542,7 @@ def _merged_adapters(model, params):
 def _with_losses(task, losses: tasks.Losses):
   """The task with --label_smoothing and --z_loss; a task of a fork's own without a `losses` field
   runs as it is unless they are set."""
-  if any(field.name == "losses" for field in dataclasses.fields(task)):
+  if dataclasses.is_dataclass(task) and any(f.name == "losses" for f in dataclasses.fields(task)):
     return dataclasses.replace(task, losses=losses)
   if losses != tasks.Losses():
     raise UserError(
@@ -557,6 +563,8 @@ def experiment() -> Experiment:
   # --init_from a Hugging Face directory or an export gives the architecture: no --model needed
   require(*([] if hf_init_dir() or _takes_export_model() else [MODEL]), DATASET, WORKDIR)
   model = build_model()  # before the claim: a model that cannot be built leaves no workdir behind
+  if TASK.value:
+    tasks.check_registered(TASK.value)
   adapters = lora_config()
   if adapters is not None:
     model = lora_lib.Lora(model, adapters)

@@ -6,6 +6,13 @@ from bigjax import sample
 from bigjax.errors import UserError
 
 
+def takes_segment_ids(model) -> bool | None:
+  """What the model class declares (`takes_segment_ids`): True when it keeps attention inside each
+  packed document given segment_ids_BT and positions_BT, False when it reads a packed window as one
+  stream on purpose, None when it says nothing."""
+  return getattr(type(model), "takes_segment_ids", None)
+
+
 def _model_field(model, name: str):
   return getattr(getattr(model, "config", None), name, None)
 

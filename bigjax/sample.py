@@ -1,5 +1,6 @@
-"""Autoregressive sampling from a language model: a KV cache for Transformers, the carried state for
-RNNs, one jitted loop for both. Temperature, top-k and top-p (nucleus) filtering."""
+"""Autoregressive sampling from any language model with a decode interface (`decoder`: a KV cache
+for TransformerLM, the carried state for RNNLM), in one jitted loop. Temperature, top-k and top-p
+(nucleus) filtering."""
 
 import dataclasses
 import functools
@@ -12,8 +13,6 @@ import numpy as np
 from bigjax import config_checks as checks
 from bigjax.errors import UserError
 from bigjax.nn import lora
-from bigjax.nn import recurrent
-from bigjax.nn import transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,44 +55,18 @@ def choose_tokens(logits_BV, rng, cfg: SamplingConfig):
 
 
 def _decoder(model: nn.Module):
-  """(start(params, prompt) -> (logits, carry), step(params, carry, tokens, position) -> (logits, carry))."""
-  architecture = lora.base_of(model)  # a Lora samples as its base does, through its own apply
-  if isinstance(architecture, transformer.TransformerLM):
-
-    def start(params, prompt_BP):
-      # Only the cache's shapes are needed: an empty cache is all zeros.
-      init = functools.partial(model.init, decode=True)  # decode stays a Python bool, not a tracer
-      cache_shapes = jax.eval_shape(init, jax.random.PRNGKey(0), prompt_BP[:, :1])["cache"]
-      cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache_shapes)
-      return step(params, cache, prompt_BP, 0)
-
-    def step(params, cache, tokens_BT, start_position):
-      positions_BT = start_position + jnp.arange(tokens_BT.shape[1])[None, :]
-      logits, variables = model.apply(
-          {"params": params, "cache": cache},
-          tokens_BT,
-          positions_BT=positions_BT,
-          decode=True,
-          mutable=["cache"],
-      )
-      return logits[:, -1], variables["cache"]
-
-    return start, step
-  if isinstance(architecture, recurrent.RNNLM):
-
-    def start(params, prompt_BP):
-      logits, state = model.apply({"params": params}, prompt_BP, return_state=True)
-      return logits[:, -1], state
-
-    def step(params, state, tokens_BT, start_position):
-      del start_position  # the state carries it
-      logits, state = model.apply(
-          {"params": params}, tokens_BT, initial_state=state, return_state=True
-      )
-      return logits[:, -1], state
-
-    return start, step
-  raise UserError(f"cannot sample from {type(architecture).__name__}: use a TransformerLM or RNNLM")
+  """The model's decode interface: its architecture's `decoder(apply_model)` method, returning
+  (start(params, prompt_BP) -> (logits_BV, carry), step(params, carry, tokens_BT, position) ->
+  (logits_BV, carry)); TransformerLM and RNNLM have one. A Lora samples as its base does, through
+  its own apply."""
+  architecture = lora.base_of(model)
+  make = getattr(architecture, "decoder", None)
+  if make is None:
+    raise UserError(
+        f"cannot sample from {type(architecture).__name__}: it has no decoder(apply_model) method "
+        "(bigjax.sample's decode interface, as TransformerLM and RNNLM have)"
+    )
+  return make(model)
 
 
 def length_limit(model: nn.Module) -> int | None:

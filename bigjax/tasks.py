@@ -2,19 +2,106 @@
 
 A task's `loss_sums` returns sums that add up over batches, steps and devices (loss summed over
 targets, target count, ...), so the train loop can average them over any interval and evaluation
-over any number of batches without a task-specific branch. Every task's sums hold "loss" (the plain
-cross-entropy, which is reported), "objective" (what training differentiates: the loss with label
-smoothing and the z-loss term when they are on) and "count" (what both are summed over).
+over any number of batches without a task-specific branch. `Task` writes the interface down; a
+fork's task is any class that has its members (no base class to inherit).
 """
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from bigjax import config_checks as checks
+from bigjax.errors import UserError
+
+# What every task's sums hold: "loss" (the plain loss, which is reported), "objective" (what training
+# differentiates: the loss with label smoothing and the z-loss term when they are on) and "count"
+# (what both are summed over: gradients and reported means divide by it).
+REQUIRED_SUMS = ("loss", "objective", "count")
+
+
+class Task(Protocol):
+  """The interface the train loop, evaluation and checkpointing use.
+
+  Attributes:
+    unit: what the speed counts, per second ("tokens", "images").
+    higher_is_better: the names of the metrics (as `metrics` returns them) that are better when
+      higher, such as "accuracy"; every other metric is better lower. --keep_best_metric reads it.
+  """
+
+  unit: str
+  higher_is_better: ClassVar[frozenset[str]]
+
+  def init(self, model, rng, batch) -> Mapping[str, Any]:
+    """The model's variables, initialised on inputs shaped like `batch`'s."""
+    ...
+
+  def loss_sums(self, model, variables, batch, *, rngs=None, train: bool = False):
+    """(sums, updated model state): sums over the batch's examples, holding REQUIRED_SUMS and any
+    others `metrics` needs, each additive over batches and devices."""
+    ...
+
+  def metrics(self, sums) -> dict[str, float]:
+    """The reported metrics (means) from sums added over any number of batches."""
+    ...
+
+
+# name -> a callable taking the experiment's own task (LanguageModelling for experiments.transformer,
+# Classification for experiments.cnn) and returning the task to train with (--task=NAME).
+_TASKS: dict[str, Callable[[Any], Task]] = {}
+
+
+def register(name: str):
+  """Decorator adding a task under `name` for `--task=NAME`: a class (or function) called with the
+  experiment's own task, which it may keep to reuse (its init, its metrics, its token bytes)."""
+
+  def add(make: Callable[[Any], Task]):
+    if name in _TASKS:
+      raise ValueError(f"task {name!r} is already registered (by {_TASKS[name].__qualname__})")
+    _TASKS[name] = make
+    return make
+
+  return add
+
+
+def names() -> list[str]:
+  return sorted(_TASKS)
+
+
+def check_registered(name: str) -> None:
+  if name not in _TASKS:
+    known = f"registered tasks: {', '.join(names())}" if _TASKS else "no task is registered"
+    raise UserError(
+        f"unknown task {name!r}; {known} (a task registered in a module of your own needs that "
+        f"module imported first: --import_modules=MODULE)"
+    )
+
+
+def create(name: str, default) -> Task:
+  """The task registered under `name`, made from the experiment's own task `default`."""
+  check_registered(name)
+  return _TASKS[name](default)
+
+
+def checked_sums(task, sums) -> dict:
+  """`sums` when it holds REQUIRED_SUMS, else a one-line error naming the task and what is missing."""
+  missing = [name for name in REQUIRED_SUMS if name not in sums]
+  if missing:
+    raise UserError(
+        f"{type(task).__name__}.loss_sums returned sums without {', '.join(missing)}; every task's "
+        f"sums hold {', '.join(REQUIRED_SUMS)} (bigjax.tasks.Task)"
+    )
+  return sums
+
+
+def higher_is_better(task, metric: str) -> bool:
+  """Whether `metric` ("eval_accuracy", "train_loss", "accuracy") is better higher for `task`."""
+  name = metric.removeprefix("eval_").removeprefix("train_")
+  return name in getattr(task, "higher_is_better", frozenset())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +164,7 @@ class LanguageModelling:
   token_bytes: tuple[int, ...] | None = None
   unit: str = "tokens"
   losses: Losses = Losses()
+  higher_is_better: ClassVar[frozenset[str]] = frozenset({"accuracy", "exact_match"})
 
   def init(self, model, rng, batch):
     """Model variables, initialised on inputs shaped like the batch's."""
@@ -135,6 +223,7 @@ class Classification:
 
   unit: str = "images"
   losses: Losses = Losses()
+  higher_is_better: ClassVar[frozenset[str]] = frozenset({"accuracy"})
 
   def init(self, model, rng, batch):
     return model.init({"params": rng, "dropout": rng}, batch["image"], train=False)

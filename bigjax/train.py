@@ -23,6 +23,7 @@ import optax
 from bigjax import checkpoint
 from bigjax import optim
 from bigjax import sharding
+from bigjax import tasks
 from bigjax import metrics as metrics_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
@@ -176,6 +177,7 @@ def _grads_and_sums(params, model_state, batch, rngs, *, model, task, trained):
     sums, new_model_state = task.loss_sums(
         model, {"params": merged, **model_state}, batch, rngs=rngs, train=True
     )
+    sums = tasks.checked_sums(task, sums)
     return sums["objective"], (sums, new_model_state)
 
   trainable = jax.tree.map(lambda p, m: p if m else None, params, trained)
@@ -249,7 +251,7 @@ def train_step(state: TrainState, batch, *, model, tx, task, grad_accum: int = 1
 
 def eval_step(state: TrainState, batch, *, model, task):
   sums, _ = task.loss_sums(model, {"params": state.params, **state.model_state}, batch, train=False)
-  return sums
+  return tasks.checked_sums(task, sums)
 
 
 def evaluate(eval_fn, state, batches: Iterable, mesh, task) -> dict[str, float]:
@@ -383,14 +385,15 @@ def fit(
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   with workdir_lib.claim(config.workdir):
     checkpoints = os.path.join(config.workdir, "checkpoints")
-    workdir_lib.check_writable(
-        checkpoints
-    )  # before Orbax, which waits minutes on a read-only directory
+    # Before Orbax, which waits minutes on a read-only directory.
+    workdir_lib.check_writable(checkpoints)
+    best = config.keep_best_metric
     ckpt = checkpoint.Checkpointer(
         checkpoints,
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
-        best_metric=config.keep_best_metric,
+        best_metric=best,
+        best_is_highest=bool(best) and tasks.higher_is_better(task, best),
     )
     try:
       return _fit(
@@ -893,7 +896,7 @@ def _train_loop(
       write(step, fetched, evals)
     if evals:
       key = next(iter(evals))
-      better = (lambda a, b: a > b) if "accuracy" in key else (lambda a, b: a < b)
+      better = (lambda a, b: a > b) if tasks.higher_is_better(task, key) else (lambda a, b: a < b)
       if best is None or better(evals[key], best[0]):
         best = (evals[key], step, key)
     if stop.received is not None:

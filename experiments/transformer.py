@@ -5,8 +5,6 @@
       --mode=sample --prompt="def " --num_tokens=200 --temperature=0.8
 """
 
-import inspect
-
 import jax
 import numpy as np
 from absl import flags
@@ -23,7 +21,6 @@ from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
-from bigjax.nn import recurrent
 
 DOCUMENT_MASKS = flags.DEFINE_bool(
     "document_masks",
@@ -134,19 +131,15 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
     )
   tokenizer = open_tokenizer(exp, train_split)
   lm_inputs.check_vocab(exp.base_model, tokenizer)
-  # Segment ids only for models that keep attention inside a document (a recurrent LM reads the
-  # packed stream as it comes).
-  takes_segments = "segment_ids_BT" in inspect.signature(exp.base_model.__call__).parameters
-  segments = DOCUMENT_MASKS.value and takes_segments
-  if (
-      DOCUMENT_MASKS.value
-      and not takes_segments
-      and not isinstance(exp.base_model, recurrent.RNNLM)
-  ):
+  # Segment ids for the models that declare they keep attention inside a document with them.
+  declared = lm_inputs.takes_segment_ids(exp.base_model)
+  segments = DOCUMENT_MASKS.value and bool(declared)
+  if DOCUMENT_MASKS.value and declared is None:
     metrics.console(
-        f"note: {type(exp.base_model).__name__}.__call__ takes no segment_ids_BT, so documents packed "
-        f"into one window attend across their ends; give it that argument (as TransformerLM has) "
-        f"or pass --nodocument_masks to say that is intended"
+        f"note: {type(exp.base_model).__name__} does not declare takes_segment_ids, so documents "
+        f"packed into one window attend across their ends; declare it True and take segment_ids_BT "
+        f"and positions_BT (as TransformerLM does), or False (or pass --nodocument_masks) to say "
+        f"that is intended"
     )
   windows = {
       split: lm.open_windows(

@@ -432,7 +432,12 @@ def test_init_from_loads_parameters_and_names_the_first_mismatch(tmp_path, data_
     "metric,values", [("eval_loss", [3.0, 1.0, 2.0, 4.0]), ("eval_accuracy", [0.3, 0.9, 0.5, 0.1])]
 )
 def test_keep_best_keeps_the_best_and_the_newest(tmp_path, metric, values):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, best_metric=metric)
+  highest = tasks.higher_is_better(
+      tasks.Classification(), metric
+  )  # the task says which way is better
+  ckpt = checkpoint.Checkpointer(
+      str(tmp_path), every=1, keep=1, best_metric=metric, best_is_highest=highest
+  )
   state = {"w": jax.numpy.ones(3)}
   for step, value in enumerate(values, start=1):
     ckpt.save(step, state, metrics={metric: value})

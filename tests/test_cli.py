@@ -260,6 +260,7 @@ def test_saved_flags_list_ours_always_and_other_modules_only_where_set():
 
 
 _FORK_MODULE = """
+import flax.linen as nn
 from bigjax import models
 from bigjax.nn import transformer
 
@@ -269,9 +270,12 @@ def fork_lm(**overrides):
       "vocab_size": 256, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "max_len": 64,
       "position": "rotary", "num_kv_heads": 1, **overrides}))
 
-class NoSegmentsLM(transformer.TransformerLM):
+class NoSegmentsLM(nn.Module):  # declares no takes_segment_ids
+  config: transformer.TransformerConfig
+
+  @nn.compact
   def __call__(self, tokens_BT, *, train: bool = False):
-    return super().__call__(tokens_BT, train=train)
+    return transformer.TransformerLM(self.config, name="lm")(tokens_BT, train=train)
 
 @models.register("fork-lm-without-segments")
 def fork_lm_without_segments(**overrides):
@@ -307,6 +311,6 @@ def test_a_preset_registered_in_a_module_of_your_own_trains_with_import_modules(
       f"--workdir={tmp_path / 'unmasked'}",
   )
   assert unmasked.returncode == 0, unmasked.stderr
-  assert "note: NoSegmentsLM.__call__ takes no segment_ids_BT" in unmasked.stdout
+  assert "note: NoSegmentsLM does not declare takes_segment_ids" in unmasked.stdout
   missing = run("--import_modules=not_my_presets", "--model=fork-lm", "--num_steps=2")
   _assert_one_line_error(missing, 1, "--import_modules: cannot import 'not_my_presets'")

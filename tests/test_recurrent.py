@@ -60,7 +60,7 @@ def test_scanned_layer_equals_a_step_by_step_loop(cell):
   for b in range(x.shape[0]):
     want, h, c = _naive_run(cell, params, np.asarray(x[b], np.float64))
     np.testing.assert_allclose(outputs[b], want, atol=1e-5)
-    np.testing.assert_allclose(recurrent.carry_output(cell, carry)[b], h, atol=1e-5)
+    np.testing.assert_allclose(recurrent.get_cell(cell).output(carry)[b], h, atol=1e-5)
     if cell == "lstm":
       np.testing.assert_allclose(carry[0][b], c, atol=1e-5)
 
@@ -91,12 +91,12 @@ def test_backward_direction_starts_at_each_true_end(cell):
     truncated_reversed = np.asarray(x[b, :length][::-1], np.float64)
     want, h, _ = _naive_run(cell, params["layer0_backward"], truncated_reversed)
     np.testing.assert_allclose(outputs[b, :length, 4:], want[::-1], atol=1e-5)
-    np.testing.assert_allclose(recurrent.carry_output(cell, carries[1])[b], h, atol=1e-5)
+    np.testing.assert_allclose(recurrent.get_cell(cell).output(carries[1])[b], h, atol=1e-5)
     fwd, h_fwd, _ = _naive_run(
         cell, params["layer0_forward"], np.asarray(x[b, :length], np.float64)
     )
     np.testing.assert_allclose(outputs[b, :length, :4], fwd, atol=1e-5)
-    np.testing.assert_allclose(recurrent.carry_output(cell, carries[0])[b], h_fwd, atol=1e-5)
+    np.testing.assert_allclose(recurrent.get_cell(cell).output(carries[0])[b], h_fwd, atol=1e-5)
     assert np.all(outputs[b, length:] == 0)
 
 

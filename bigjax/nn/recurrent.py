@@ -1,20 +1,16 @@
-"""Recurrent layers: Elman RNN, LSTM and GRU cells run over time with `jax.lax.scan`.
+"""Recurrent layers: cells (Elman RNN, LSTM, GRU, and any registered with `register_cell`) run
+over time.
 
 Shapes: B batch, T time, D input width, H hidden size, G gates. Each layer projects the whole input
 sequence through its input kernel in one matmul before the scan (the part that does not depend on
-the previous state), so the scan body holds only the recurrent matmul.
-
-Gate layouts (the G axis of the kernels and biases):
-  rnn:  [candidate]                      h' = tanh(x Wx + h Wh + b)
-  lstm: [input, forget, cell, output]    c' = s(f) c + s(i) tanh(g),  h' = s(o) tanh(c')
-  gru:  [reset, update, candidate]       n = tanh(x Wn + bn + r (h Un + un)),  h' = (1 - z) n + z h
-        (PyTorch/cuDNN convention: the reset gate applies after the recurrent matmul, which
-        has its own bias u.)
+the previous state), so the scan body holds only the recurrent matmul. Each cell class writes its
+equations and its gate layout (the G axis of the kernels and biases); bigjax.ops.recurrent runs
+them over time.
 """
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax
@@ -23,9 +19,7 @@ import numpy as np
 
 from bigjax import config_checks as checks
 from bigjax.errors import UserError
-
-CellKind = Literal["rnn", "lstm", "gru"]
-NUM_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+from bigjax.ops import recurrent as recurrent_ops
 
 
 def check_lengths(lengths_B, padded_length: int) -> None:
@@ -51,147 +45,148 @@ def reverse_within_lengths(x_BT, lengths_B):
   )
 
 
-def zero_carry(cell: CellKind, batch: int, hidden: int, dtype=jnp.float32):
-  """The zero initial state: (c, h) for the LSTM, h for the others."""
-  zeros = jnp.zeros((batch, hidden), dtype)
-  return (zeros, zeros) if cell == "lstm" else zeros
+class Cell:
+  """A recurrent cell, behind the interface Recurrent uses: one class and a `register_cell` make a
+  new cell available to every recurrent model (`cell=NAME` in its config).
+
+  The layer owns the input kernel [D, G, H], bias [G, H] and recurrent kernel [H, G, H]; a cell
+  says how many gates G it has, may add parameters of its own (`extra_params`), and computes one
+  step from the precomputed input projection. `scan` runs it over time (the reference scan unless
+  the cell has a fast path).
+  """
+
+  num_gates: ClassVar[int]
+
+  def zero_carry(self, batch: int, hidden: int, dtype):
+    return jnp.zeros((batch, hidden), dtype)
+
+  def output(self, carry):
+    """The hidden state h that a carry exposes."""
+    return carry
+
+  def bias_init(self, forget_bias: float):
+    del forget_bias  # the LSTM's only
+    return nn.initializers.zeros
+
+  def extra_params(self, layer: nn.Module, gates: int, hidden: int) -> dict:
+    """Parameters beyond the layer's three, created on `layer` (with layer.param)."""
+    del layer, gates, hidden
+    return {}
+
+  def step(self, carry, xproj_BGH, recurrent_HGH, extra: dict):
+    """The new carry after one time step."""
+    raise NotImplementedError
+
+  def scan(self, carry, xproj_TBGH, valid_TB, recurrent_HGH, extra: dict):
+    """(final carry, outputs [T, B, H]) over all steps (see bigjax.ops.recurrent)."""
+    step = lambda carry, xproj_BGH: self.step(carry, xproj_BGH, recurrent_HGH, extra)
+    return recurrent_ops.masked_scan(step, self.output, carry, xproj_TBGH, valid_TB)
 
 
-def carry_output(cell: CellKind, carry):
-  """The hidden state h that a carry exposes."""
-  return carry[1] if cell == "lstm" else carry
+_CELLS: dict[str, Cell] = {}
 
 
-def cell_step(cell: CellKind, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH):
-  """One time step from the precomputed input projection; returns the new carry."""
-  if cell == "lstm":
+def register_cell(name: str):
+  """Class decorator adding a Cell subclass under `name` (for `cell=name` in a config)."""
+
+  def add(cell_cls: type[Cell]) -> type[Cell]:
+    if name in _CELLS:
+      raise ValueError(
+          f"cell {name!r} is already registered (by {type(_CELLS[name]).__qualname__})"
+      )
+    if not (isinstance(cell_cls, type) and issubclass(cell_cls, Cell)):
+      raise TypeError(
+          f"register_cell({name!r}) takes a subclass of recurrent.Cell, got {cell_cls!r}"
+      )
+    _CELLS[name] = cell_cls()
+    return cell_cls
+
+  return add
+
+
+def cell_names() -> list[str]:
+  return sorted(_CELLS)
+
+
+def get_cell(name: str) -> Cell:
+  if name not in _CELLS:
+    raise UserError(
+        f"unknown cell {name!r}: use one of {', '.join(cell_names())} (a cell of your own needs "
+        "register_cell, in a module --import_modules imports)"
+    )
+  return _CELLS[name]
+
+
+def _recurrent_matmul(h_BH, recurrent_HGH):
+  return jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH)
+
+
+@register_cell("rnn")
+class ElmanCell(Cell):
+  """h' = tanh(x Wx + h Wh + b)."""
+
+  num_gates = 1
+
+  def step(self, carry, xproj_BGH, recurrent_HGH, extra):
+    return jnp.tanh(xproj_BGH[:, 0] + _recurrent_matmul(carry, recurrent_HGH)[:, 0])
+
+
+@register_cell("lstm")
+class LSTMCell(Cell):
+  """Gates [input, forget, cell, output]: c' = s(f) c + s(i) tanh(g), h' = s(o) tanh(c').
+  The carry is (c, h); the forget gate's bias starts at `forget_bias`."""
+
+  num_gates = 4
+
+  def zero_carry(self, batch, hidden, dtype):
+    zeros = jnp.zeros((batch, hidden), dtype)
+    return zeros, zeros
+
+  def output(self, carry):
+    return carry[1]
+
+  def bias_init(self, forget_bias):
+    def init(key, shape, dtype):
+      del key
+      return jnp.zeros(shape, dtype).at[1].set(forget_bias)
+
+    return init
+
+  def step(self, carry, xproj_BGH, recurrent_HGH, extra):
     c_BH, h_BH = carry
-    gates_BGH = xproj_BGH + jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH)
+    gates_BGH = xproj_BGH + _recurrent_matmul(h_BH, recurrent_HGH)
     i, f, g, o = (gates_BGH[:, k] for k in range(4))
     c_BH = nn.sigmoid(f) * c_BH + nn.sigmoid(i) * jnp.tanh(g)
     return c_BH, nn.sigmoid(o) * jnp.tanh(c_BH)
-  if cell == "gru":
-    h_BH = carry
-    hproj_BGH = jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH) + recurrent_bias_GH
+
+  def scan(self, carry, xproj_TBGH, valid_TB, recurrent_HGH, extra):
+    # The fast path: the same recurrence with its backward written out (bigjax.ops.recurrent).
+    return recurrent_ops.lstm_scan(recurrent_HGH, tuple(carry), xproj_TBGH, valid_TB)
+
+
+@register_cell("gru")
+class GRUCell(Cell):
+  """Gates [reset, update, candidate]: n = tanh(x Wn + bn + r (h Un + un)), h' = (1 - z) n + z h,
+  the PyTorch/cuDNN convention: the reset gate applies after the recurrent matmul, which has its
+  own bias u (`recurrent_bias`)."""
+
+  num_gates = 3
+
+  def extra_params(self, layer, gates, hidden):
+    bias = layer.param(
+        "recurrent_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, (None, "mlp")),
+        (gates, hidden),
+        layer.param_dtype,
+    )
+    return {"recurrent_bias": bias.astype(layer.dtype)}
+
+  def step(self, carry, xproj_BGH, recurrent_HGH, extra):
+    hproj_BGH = _recurrent_matmul(carry, recurrent_HGH) + extra["recurrent_bias"]
     r = nn.sigmoid(xproj_BGH[:, 0] + hproj_BGH[:, 0])
     z = nn.sigmoid(xproj_BGH[:, 1] + hproj_BGH[:, 1])
     n = jnp.tanh(xproj_BGH[:, 2] + r * hproj_BGH[:, 2])
-    return (1.0 - z) * n + z * h_BH
-  if cell == "rnn":
-    return jnp.tanh(xproj_BGH[:, 0] + jnp.einsum("bh,hgk->bgk", carry, recurrent_HGH)[:, 0])
-  raise ValueError(f"unknown cell {cell!r}: use rnn, lstm or gru")
-
-
-def _masked_scan(cell: CellKind, recurrent_HGH, recurrent_bias_GH, carry, xproj_TBGH, valid_TB):
-  """The recurrence under plain autodiff: (final carry, outputs [T, B, H])."""
-
-  def step(carry, inputs):
-    xproj_BGH, valid_B = inputs
-    new_carry = cell_step(cell, carry, xproj_BGH, recurrent_HGH, recurrent_bias_GH)
-    # Padding steps keep the old state, so the final carry is the state at each true end.
-    new_carry = jax.tree.map(
-        lambda new, old: jnp.where(valid_B[:, None], new, old), new_carry, carry
-    )
-    return new_carry, jnp.where(valid_B[:, None], carry_output(cell, new_carry), 0.0)
-
-  return jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
-
-
-@jax.custom_vjp
-def lstm_scan(recurrent_HGH, carry, xproj_TBGH, valid_TB):
-  """The LSTM recurrence (as _masked_scan) with its backward written out. Under autodiff the
-  scan's backward accumulates the recurrent kernel's gradient at every step (a [B, H] x [B, 4H]
-  matmul with only B to contract, plus a full-kernel add) and copies its stacked residuals; here
-  each backward step only propagates dh through the kernel, and the kernel's gradient is one
-  matmul over all T x B steps after the loop."""
-  return _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB)[0]
-
-
-# All four LSTM activations as one elementwise pass over the [B, 4, H] gates: sigmoid(z) =
-# 0.5 tanh(0.5 z) + 0.5 and tanh(z) = 1 tanh(1 z) + 0, so a = tanh(scale z) scale + shift with a
-# per-gate scale and shift. XLA's CPU backend otherwise emits a separate loop (and a slice of the
-# gates) per activation plus a concatenation to save them; its derivative is just as uniform:
-# da/dz = scale^2 - (a - shift)^2 (= a (1 - a) for a sigmoid gate, 1 - a^2 for the tanh gate).
-# Both are computed in float32: in bfloat16, 0.5 tanh + 0.5 would round small sigmoids to zero
-# and the derivative's difference would cancel.
-_GATE_SCALE_G1 = np.array([0.5, 0.5, 1.0, 0.5], np.float32)[:, None]
-_GATE_SHIFT_G1 = np.array([0.5, 0.5, 0.0, 0.5], np.float32)[:, None]
-
-
-def _lstm_activations(gates_BGH):
-  gates32_BGH = gates_BGH.astype(jnp.float32)
-  return (jnp.tanh(gates32_BGH * _GATE_SCALE_G1) * _GATE_SCALE_G1 + _GATE_SHIFT_G1).astype(
-      gates_BGH.dtype
-  )
-
-
-def _lstm_activations_grad(activations_BGH):
-  activations32_BGH = activations_BGH.astype(jnp.float32)
-  return (_GATE_SCALE_G1**2 - (activations32_BGH - _GATE_SHIFT_G1) ** 2).astype(
-      activations_BGH.dtype
-  )
-
-
-def _lstm_scan_fwd(recurrent_HGH, carry, xproj_TBGH, valid_TB):
-  def step(carry, inputs):
-    c_BH, h_BH = carry
-    xproj_BGH, valid_B1 = inputs[0], inputs[1][:, None]
-    activations_BGH = _lstm_activations(xproj_BGH + jnp.einsum("bh,hgk->bgk", h_BH, recurrent_HGH))
-    i, f, g, o = (activations_BGH[:, k] for k in range(4))
-    new_c_BH = f * c_BH + i * g
-    tanh_c_BH = jnp.tanh(new_c_BH)
-    new_h_BH = o * tanh_c_BH
-    carry_out = (jnp.where(valid_B1, new_c_BH, c_BH), jnp.where(valid_B1, new_h_BH, h_BH))
-    saved = (c_BH, h_BH, activations_BGH, tanh_c_BH)
-    return carry_out, (jnp.where(valid_B1, new_h_BH, 0.0), saved)
-
-  final, (outputs_TBH, saved) = jax.lax.scan(step, carry, (xproj_TBGH, valid_TB))
-  return (final, outputs_TBH), (recurrent_HGH, valid_TB, saved)
-
-
-def _lstm_scan_bwd(residuals, cotangents):
-  recurrent_HGH, valid_TB, saved = residuals
-  (dc_final, dh_final), doutputs_TBH = cotangents
-  hidden, gates, _ = recurrent_HGH.shape
-  # Transposed once here: XLA does not hoist the loop-invariant transpose out of the loop body and
-  # would copy the whole kernel at every step.
-  recurrent_T_PH = recurrent_HGH.reshape(hidden, gates * hidden).T
-
-  def step(carry, inputs):
-    dc_BH, dh_BH = carry
-    (c_BH, _, activations_BGH, tanh_c_BH), dout_BH, valid_B1 = (
-        inputs[0],
-        inputs[1],
-        inputs[2][:, None],
-    )
-    i, f, g, o = (activations_BGH[:, k] for k in range(4))
-    # A padding step passed the state through unchanged: its cotangent goes straight back.
-    dnew_h = jnp.where(valid_B1, dh_BH + dout_BH, 0.0)
-    dnew_c = jnp.where(valid_B1, dc_BH, 0.0) + dnew_h * o * (1.0 - tanh_c_BH**2)
-    dactivations_BGH = jnp.stack(
-        [dnew_c * g, dnew_c * c_BH, dnew_c * i, dnew_h * tanh_c_BH], axis=1
-    )
-    dgates_BGH = dactivations_BGH * _lstm_activations_grad(activations_BGH)
-    dh_prev = dgates_BGH.reshape(dgates_BGH.shape[0], -1) @ recurrent_T_PH + jnp.where(
-        valid_B1, 0.0, dh_BH
-    )
-    dc_prev = dnew_c * f + jnp.where(valid_B1, 0.0, dc_BH)
-    return (dc_prev, dh_prev), dgates_BGH
-
-  dcarry, dgates_TBGH = jax.lax.scan(
-      step, (dc_final, dh_final), (saved, doutputs_TBH, valid_TB), reverse=True
-  )
-  # Steps and examples flattened into one contracting axis first: contracting (t, b) as two axes,
-  # XLA transposed the whole [T, B, 4, H] gate gradient to (b, t) order before the matmul.
-  h_prev_NH = saved[1].reshape(-1, hidden)
-  drecurrent_HGH = (h_prev_NH.T @ dgates_TBGH.reshape(h_prev_NH.shape[0], -1)).reshape(
-      recurrent_HGH.shape
-  )
-  drecurrent_HGH = drecurrent_HGH.astype(recurrent_HGH.dtype)
-  return drecurrent_HGH, dcarry, dgates_TBGH, None
-
-
-lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+    return (1.0 - z) * n + z * carry
 
 
 class Recurrent(nn.Module):
@@ -202,21 +197,19 @@ class Recurrent(nn.Module):
   end back to its start (outputs stay aligned with the inputs).
   """
 
-  cell: CellKind
+  cell: str  # a registered Cell's name (register_cell)
   hidden_size: int
-  forget_bias: float = (
-      1.0  # initial forget-gate bias of the LSTM: remember by default (Jozefowicz et al. 2015)
-  )
+  # The LSTM's initial forget-gate bias: remember by default (Jozefowicz et al. 2015).
+  forget_bias: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BTD, lengths_B=None, initial_carry=None, *, reverse: bool = False):
-    if self.cell not in NUM_GATES:
-      raise UserError(f"unknown cell {self.cell!r}: use rnn, lstm or gru")
+    cell = get_cell(self.cell)
     batch, length, width = x_BTD.shape
     check_lengths(lengths_B, length)
-    gates, hidden = NUM_GATES[self.cell], self.hidden_size
+    gates, hidden = cell.num_gates, self.hidden_size
     input_kernel = self.param(
         "input_kernel",
         nn.with_logical_partitioning(
@@ -234,19 +227,11 @@ class Recurrent(nn.Module):
     )
     bias = self.param(
         "bias",
-        nn.with_logical_partitioning(self._bias_init, (None, "mlp")),
+        nn.with_logical_partitioning(cell.bias_init(self.forget_bias), (None, "mlp")),
         (gates, hidden),
         self.param_dtype,
     )
-    recurrent_bias = None
-    if self.cell == "gru":
-      recurrent_bias = self.param(
-          "recurrent_bias",
-          nn.with_logical_partitioning(nn.initializers.zeros, (None, "mlp")),
-          (gates, hidden),
-          self.param_dtype,
-      )
-      recurrent_bias = recurrent_bias.astype(self.dtype)
+    extra = cell.extra_params(self, gates, hidden)
 
     if lengths_B is None:
       lengths_B = jnp.full((batch,), length, jnp.int32)
@@ -256,28 +241,19 @@ class Recurrent(nn.Module):
         "btd,dgh->btgh", x_BTD.astype(self.dtype), input_kernel.astype(self.dtype)
     ) + bias.astype(self.dtype)
     valid_TB = jnp.arange(length)[:, None] < lengths_B[None, :]
-    carry = (
-        zero_carry(self.cell, batch, hidden, self.dtype) if initial_carry is None else initial_carry
+    if initial_carry is None:
+      initial_carry = cell.zero_carry(batch, hidden, self.dtype)
+    carry, outputs_TBH = cell.scan(
+        initial_carry,
+        xproj_BTGH.transpose(1, 0, 2, 3),
+        valid_TB,
+        recurrent_kernel.astype(self.dtype),
+        extra,
     )
-    recurrent_kernel = recurrent_kernel.astype(self.dtype)
-
-    xproj_TBGH = xproj_BTGH.transpose(1, 0, 2, 3)
-    if self.cell == "lstm":
-      carry, outputs_TBH = lstm_scan(recurrent_kernel, tuple(carry), xproj_TBGH, valid_TB)
-    else:
-      carry, outputs_TBH = _masked_scan(
-          self.cell, recurrent_kernel, recurrent_bias, carry, xproj_TBGH, valid_TB
-      )
     outputs_BTH = outputs_TBH.transpose(1, 0, 2)
     if reverse:
       outputs_BTH = reverse_within_lengths(outputs_BTH, lengths_B)
     return outputs_BTH, carry
-
-  def _bias_init(self, key, shape, dtype):
-    bias = jnp.zeros(shape, dtype)
-    if self.cell == "lstm":
-      bias = bias.at[1].set(self.forget_bias)
-    return bias
 
 
 def _orthogonal_per_gate(key, shape, dtype):
@@ -295,7 +271,7 @@ class RecurrentStack(nn.Module):
   to continue decoding).
   """
 
-  cell: CellKind
+  cell: str
   hidden_size: int
   num_layers: int = 1
   bidirectional: bool = False
@@ -337,7 +313,7 @@ class RecurrentStack(nn.Module):
 class RNNConfig:
   """The recurrent part shared by the language model and the classifier."""
 
-  cell: CellKind = "lstm"
+  cell: str = "lstm"  # a registered Cell's name
   hidden_size: int
   num_layers: int = 1
   bidirectional: bool = False
@@ -348,7 +324,7 @@ class RNNConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    checks.one_of(self, "cell", NUM_GATES)
+    checks.one_of(self, "cell", cell_names())
     checks.positive_int(self, "hidden_size")
     checks.positive_int(self, "num_layers")
     checks.boolean(self, "bidirectional")
@@ -410,6 +386,26 @@ class RNNLM(nn.Module):
   """
 
   config: RNNLMConfig
+  # It reads a packed window as one stream, its state running across documents' ends, as intended.
+  takes_segment_ids: ClassVar[bool] = False
+
+  @nn.nowrap
+  def decoder(self, apply_model: nn.Module):
+    """bigjax.sample's decode interface: (start, step) running `apply_model` (this model, or a
+    wrapper that computes as it does), the recurrent state as the carry."""
+
+    def start(params, prompt_BP):
+      logits, state = apply_model.apply({"params": params}, prompt_BP, return_state=True)
+      return logits[:, -1], state
+
+    def step(params, state, tokens_BT, start_position):
+      del start_position  # the state carries it
+      logits, state = apply_model.apply(
+          {"params": params}, tokens_BT, initial_state=state, return_state=True
+      )
+      return logits[:, -1], state
+
+    return start, step
 
   @nn.compact
   def __call__(
@@ -493,7 +489,8 @@ class RNNClassifier(nn.Module):
     if cfg.pool == "last":
       # The top layer's final state in each direction: forward at the true end, backward at the start.
       directions = 2 if cfg.bidirectional else 1
-      pooled = jnp.concatenate([carry_output(cfg.cell, c) for c in carries[-directions:]], axis=-1)
+      output = get_cell(cfg.cell).output
+      pooled = jnp.concatenate([output(c) for c in carries[-directions:]], axis=-1)
     else:
       length = x_BTD.shape[1]
       lengths = jnp.full((x_BTD.shape[0],), length) if lengths_B is None else lengths_B

@@ -8,9 +8,10 @@ then work for it unchanged.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import flax.linen as nn
 import jax
@@ -393,6 +394,33 @@ class TransformerLM(nn.Module):
   """
 
   config: TransformerConfig
+  # Packed windows give it segment ids and within-document positions (bigjax.lm_inputs).
+  takes_segment_ids: ClassVar[bool] = True
+
+  @nn.nowrap
+  def decoder(self, apply_model: nn.Module):
+    """bigjax.sample's decode interface: (start, step) running `apply_model` (this model, or a
+    wrapper that computes as it does, such as a Lora) with a KV cache."""
+
+    def start(params, prompt_BP):
+      # Only the cache's shapes are needed: an empty cache is all zeros.
+      init = functools.partial(apply_model.init, decode=True)  # decode stays a Python bool
+      cache_shapes = jax.eval_shape(init, jax.random.PRNGKey(0), prompt_BP[:, :1])["cache"]
+      cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache_shapes)
+      return step(params, cache, prompt_BP, 0)
+
+    def step(params, cache, tokens_BT, start_position):
+      positions_BT = start_position + jnp.arange(tokens_BT.shape[1])[None, :]
+      logits, variables = apply_model.apply(
+          {"params": params, "cache": cache},
+          tokens_BT,
+          positions_BT=positions_BT,
+          decode=True,
+          mutable=["cache"],
+      )
+      return logits[:, -1], variables["cache"]
+
+    return start, step
 
   @nn.compact
   def __call__(

@@ -1,11 +1,12 @@
-"""The LSTM recurrence with its hand-written backward (recurrent.lstm_scan) against autodiff of the
-generic scan (recurrent._masked_scan over recurrent.cell_step)."""
+"""bigjax.ops.recurrent: the LSTM's fast path (lstm_scan, its backward written out) against the
+reference (masked_scan of LSTMCell.step under autodiff), values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bigjax.nn import recurrent
+from bigjax.ops import recurrent as recurrent_ops
 
 
 def test_lstm_scan_matches_autodiff_with_padding_and_initial_state():
@@ -21,15 +22,21 @@ def test_lstm_scan_matches_autodiff_with_padding_and_initial_state():
       jax.random.normal(keys[6], (length, batch, hidden)),
   )
 
+  cell = recurrent.get_cell("lstm")
+
   def value_and_grads(fn):
     out, vjp = jax.vjp(lambda w, c, x: fn(w, c, x), kernel, carry, xproj)
     return out, vjp(cotangents)
 
   with jax.default_matmul_precision("highest"):
-    got = jax.jit(lambda: value_and_grads(lambda w, c, x: recurrent.lstm_scan(w, c, x, valid)))()
+    got = jax.jit(
+        lambda: value_and_grads(lambda w, c, x: recurrent_ops.lstm_scan(w, c, x, valid))
+    )()
     want = jax.jit(
         lambda: value_and_grads(
-            lambda w, c, x: recurrent._masked_scan("lstm", w, None, c, x, valid)
+            lambda w, c, x: recurrent_ops.masked_scan(
+                lambda carry, xp: cell.step(carry, xp, w, {}), cell.output, c, x, valid
+            )
         )
     )()
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -45,8 +52,8 @@ def test_fused_gate_activations_keep_relative_precision_in_bfloat16():
   z = np.asarray(gates[0, 0], np.float32)
   want = np.stack([jax.nn.sigmoid(z), jax.nn.sigmoid(z), np.tanh(z), jax.nn.sigmoid(z)])
   want_grad = np.stack([want[0] * (1 - want[0])] * 2 + [1 - want[2] ** 2, want[3] * (1 - want[3])])
-  got = recurrent._lstm_activations(gates)
-  got_grad = recurrent._lstm_activations_grad(got)
+  got = recurrent_ops._lstm_activations(gates)
+  got_grad = recurrent_ops._lstm_activations_grad(got)
   assert got.dtype == got_grad.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got[0], np.float32), want, rtol=1e-2, atol=1e-6)
   # The derivative from a bfloat16 activation a: a (1 - a) keeps its relative precision where a is
