@@ -23,6 +23,7 @@ from bigjax import host_memory
 from bigjax import metrics
 from bigjax import models
 from bigjax import optim
+from bigjax import run as run_lib
 from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
@@ -424,138 +425,11 @@ def compute_dtype() -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-  """What every experiment builds the same way from the shared flags. `model` is the module that
-  trains, evaluates and samples: with --lora_rank, a lora.Lora around the architecture, base_model.
-  """
-
-  model: Any
-  mesh: jax.sharding.Mesh
-  config: train.TrainConfig
-  optim: optim.OptimConfig
-  dataset: str
-  data_dir: str | None
-  losses: tasks.Losses = tasks.Losses()
-
-  @property
-  def base_model(self):
-    return lora_lib.base_of(self.model)
-
-  @property
-  def tx(self):
-    return optim.make_optimizer(self.optim, self.config.num_steps)
-
-  def run(self, *, task, train_data, eval_data) -> dict:
-    """--mode=train: fit (resuming if the workdir has a checkpoint); --mode=eval: evaluate the
-    newest checkpoint. Returns the last record."""
-    task = _with_losses(tasks.create(TASK.value, task) if TASK.value else task, self.losses)
-    if MODE.value == "eval":
-      record = train.evaluate_checkpoint(
-          model=self.model,
-          task=task,
-          tx=self.tx,
-          eval_data=eval_data,
-          config=self.config,
-          mesh=self.mesh,
-      )
-      metrics.console(metrics.format_record(record, record["step"], task.unit))
-      return record
-    if MODE.value == "export":
-      require(EXPORT_DIR)
-      if EXPORT_EMA.value and not self.optim.ema_decay:
-        raise UserError(
-            f"--export_ema needs --ema_decay: export with the run's own flags "
-            f"(--flagfile={os.path.join(self.config.workdir, 'flags.txt')}), or drop --export_ema"
-        )
-      hf_format = EXPORT_FORMAT.value == "hf"
-      if hf_format:
-        hf.check_exportable(
-            self.base_model
-        )  # a model transformers has no counterpart for fails before loading
-      example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
-      with train.mesh_context(self.mesh):
-        state, step, _ = train.load_checkpoint(
-            model=self.model,
-            task=task,
-            tx=self.tx,
-            example_batch=example_batch,
-            config=self.config,
-            mesh=self.mesh,
-        )
-        if EXPORT_EMA.value:
-          state = train.ema_state(state, "--export_ema")
-        variables = {"params": _merged_adapters(self.model, state.params), **state.model_state}
-        if hf_format:
-          directory = models.save_hf(EXPORT_DIR.value, self.base_model, variables)
-        else:
-          directory = checkpoint.export(
-              EXPORT_DIR.value, variables, *model_identity(self.base_model)
-          )
-      metrics.console(f"exported step {step} of {self.config.workdir} to {directory}")
-      return {"step": step}
-    if MODE.value != "train":
-      raise UserError(f"--mode={MODE.value} is not available for this experiment")
-    if COMPILE_ONLY.value or SHOW_SHARDING.value:
-      example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
-      metrics.console(
-          train.describe_shardings(
-              model=self.model,
-              task=task,
-              tx=self.tx,
-              example_batch=example_batch,
-              mesh=self.mesh,
-              seed=self.config.seed,
-          )
-      )
-    if COMPILE_ONLY.value:
-      report = train.compile_report(
-          model=self.model,
-          task=task,
-          tx=self.tx,
-          example_batch=example_batch,
-          config=self.config,
-          mesh=self.mesh,
-      )
-      metrics.console(train.format_compile_report(report, self.mesh))
-      return report
-    return train.fit(
-        model=self.model,
-        task=task,
-        tx=self.tx,
-        learning_rate=optim.make_schedule(self.optim, self.config.num_steps),
-        train_data=train_data,
-        eval_data=eval_data,
-        config=self.config,
-        mesh=self.mesh,
-        on_start=lambda: save_flags(self.config.workdir),
-    )
-
-
-def _merged_adapters(model, params):
-  """The parameters of the architecture: LoRA's adapters folded into the kernels they adapt."""
-  if not isinstance(model, lora_lib.Lora):
-    return params
-  return jax.jit(lora_lib.merged, static_argnums=1)(params, model.config)
-
-
-def _with_losses(task, losses: tasks.Losses):
-  """The task with --label_smoothing and --z_loss; a task of a fork's own without a `losses` field
-  runs as it is unless they are set."""
-  if dataclasses.is_dataclass(task) and any(f.name == "losses" for f in dataclasses.fields(task)):
-    return dataclasses.replace(task, losses=losses)
-  if losses != tasks.Losses():
-    raise UserError(
-        f"{type(task).__name__} takes no --label_smoothing or --z_loss (it has no `losses` field)"
-    )
-  return task
-
-
 # What a run holds until its process ends (the workdir's lock): closed by `run`.
 _RUN_RESOURCES = contextlib.ExitStack()
 
 
-def experiment() -> Experiment:
+def experiment() -> run_lib.Experiment:
   """Starts the multi-process runtime if this is one process of many, checks the required flags,
   claims the workdir for a training run (before anything, a tokenizer included, is written there),
   logs the devices, and builds the model, mesh and configs."""
@@ -571,7 +445,7 @@ def experiment() -> Experiment:
   if MODE.value == "train" and not COMPILE_ONLY.value:
     _RUN_RESOURCES.enter_context(workdir_lib.claim(WORKDIR.value))
   log_devices()
-  return Experiment(
+  return run_lib.Experiment(
       model=model,
       mesh=sharding.make_mesh(MESH.value),
       config=train_config(),
@@ -579,6 +453,26 @@ def experiment() -> Experiment:
       dataset=DATASET.value,
       data_dir=DATA_DIR.value,
       losses=loss_config(),
+      run_config=run_config(lora_lib.base_of(model)),
+  )
+
+
+def run_config(base_model) -> run_lib.RunConfig:
+  """--mode and what it needs, --task, and what an export and a training run record of the flags."""
+  if MODE.value == "export":
+    require(EXPORT_DIR)
+  exports_bigjax = MODE.value == "export" and EXPORT_FORMAT.value == "bigjax"
+  return run_lib.RunConfig(
+      mode=MODE.value,
+      task=TASK.value,
+      export_dir=EXPORT_DIR.value,
+      export_format=EXPORT_FORMAT.value,
+      export_ema=EXPORT_EMA.value,
+      compile_only=COMPILE_ONLY.value,
+      show_sharding=SHOW_SHARDING.value,
+      # Only a bigjax export needs it, and a model without a preset has none.
+      model_identity=model_identity(base_model) if exports_bigjax else None,
+      flags_text=run_flags_text(),
   )
 
 
@@ -656,14 +550,6 @@ def model_identity(model) -> tuple[str, dict]:
   if hf_init_dir() is None:
     return _preset_and_overrides()
   return models.full_config_preset(model), dataclasses.asdict(model.config)
-
-
-def save_flags(workdir: str) -> str:
-  """Writes the run's flags to `workdir/flags.txt`: `--flagfile=` that file repeats the run."""
-  path = os.path.join(workdir, "flags.txt")
-  if jax.process_index() == 0:
-    workdir_lib.replace_file(path, run_flags_text())
-  return path
 
 
 def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:

@@ -6,6 +6,7 @@ python -m experiments.cnn --flagfile=experiments/configs/cnn_tiny.flags
 from absl import flags
 
 from bigjax import flags as bigjax_flags
+from bigjax import run as bigjax_run
 from bigjax import metrics
 from bigjax import tasks
 from bigjax.data import images
@@ -22,7 +23,7 @@ CROP_PADDING = flags.DEFINE_integer(
 )
 
 
-def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
+def fit_classifier(exp: bigjax_run.Experiment) -> dict:
   """Image classification on the experiment's data set."""
   keys = {"image_key": bigjax_flags.IMAGE_KEY.value, "label_key": bigjax_flags.LABEL_KEY.value}
   eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
@@ -47,7 +48,7 @@ def fit_classifier(exp: bigjax_flags.Experiment) -> dict:
   )
 
 
-def check_num_classes(exp: bigjax_flags.Experiment, label_key: str) -> None:
+def check_num_classes(exp: bigjax_run.Experiment, label_key: str) -> None:
   """Labels past the model's last output would train on garbage: stop with the fix instead."""
   classes = sources.num_classes(exp.dataset, label_key, exp.data_dir)
   outputs = getattr(getattr(exp.base_model, "config", None), "num_classes", None)

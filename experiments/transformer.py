@@ -10,6 +10,7 @@ import numpy as np
 from absl import flags
 
 from bigjax import flags as bigjax_flags
+from bigjax import run as bigjax_run
 from bigjax import lm_inputs
 from bigjax import metrics
 from bigjax import sample
@@ -59,7 +60,7 @@ TOP_P = flags.DEFINE_float(
 )
 
 
-def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
+def sample_language_model(exp: bigjax_run.Experiment) -> list[str]:
   """Continues --prompt from the newest checkpoint in --workdir and prints each continuation."""
   cfg = sample.SamplingConfig(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
   tokenizer = tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir)
@@ -97,12 +98,12 @@ def sample_language_model(exp: bigjax_flags.Experiment) -> list[str]:
   return texts
 
 
-def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
+def fit_language_model(exp: bigjax_run.Experiment) -> dict:
   """Language modelling on the experiment's text data set (bytes or SentencePiece tokens), or on
   its (inputs, targets) pairs with the loss on the targets only; --mode picks training,
   evaluation or sampling."""
   lm_inputs.check_seq_len(exp.base_model, SEQ_LEN.value)
-  if bigjax_flags.MODE.value == "sample":
+  if exp.run_config.mode == "sample":
     return {"samples": sample_language_model(exp)}
   train_split = bigjax_flags.TRAIN_SPLIT.value
   eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
@@ -168,7 +169,7 @@ def fit_language_model(exp: bigjax_flags.Experiment) -> dict:
   )
 
 
-def open_tokenizer(exp: bigjax_flags.Experiment, train_split: str):
+def open_tokenizer(exp: bigjax_run.Experiment, train_split: str):
   """--tokenizer, trained on the training split's text the first time a workdir needs it."""
 
   def training_text():
