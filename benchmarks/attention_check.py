@@ -1,7 +1,7 @@
 """cuDNN's fused attention checked against bigjax's own attention on this device.
 
 bigjax's Transformers call `jax.nn.dot_product_attention(implementation="cudnn")` on an Ampere or
-newer GPU in bfloat16 (`bigjax.nn.attention.flash_attention`); everywhere else they run bigjax's
+newer GPU in bfloat16 (`bigjax.ops.attention.cudnn_attention`); everywhere else they run bigjax's
 own attention with its written-out backward. This runs both on the same bfloat16 inputs, the
 fused kernel in bfloat16 and bigjax's in float32, and compares the output and the gradients with
 respect to q, k and v, for causal multi-head and grouped-query attention at GPT-2 medium's shapes.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app
 from absl import flags
 
-from bigjax.nn import attention
+from bigjax.ops import attention as attention_ops
 
 IMPLEMENTATION = flags.DEFINE_enum(
     "attention_implementation",
@@ -51,7 +51,7 @@ def outputs_and_grads(attend, q_BTHK, k_BTGK, v_BTGK, cotangent_BTHK):
 def bigjax_attention(q_BTHK, k_BTGK, v_BTGK):
   """bigjax's own causal attention, in float32, in the fused call's [B, T, heads, K] layout."""
   to_heads_first = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)
-  out_BHTK = attention.dot_product_attention(
+  out_BHTK = attention_ops.grouped_attention(
       to_heads_first(q_BTHK), to_heads_first(k_BTGK), to_heads_first(v_BTGK), causal=True
   )
   return out_BHTK.transpose(0, 2, 1, 3)
@@ -73,7 +73,7 @@ def check(case, implementation: str) -> dict:
       for key, n in zip(keys[:3], (heads, kv_heads, kv_heads))
   )
   cotangent = jax.random.normal(keys[3], (batch, length, heads, width), jnp.float32)
-  fused = lambda q, k, v: attention.flash_attention(
+  fused = lambda q, k, v: attention_ops.cudnn_attention(
       q, k, v, causal=True, implementation=implementation
   )
   got = jax.jit(lambda *a: outputs_and_grads(fused, *a))(q, k, v, cotangent)

@@ -46,7 +46,7 @@ from benchmarks import throughput
 from bigjax import flags as bigjax_flags
 from bigjax import train
 from bigjax.errors import UserError
-from bigjax.nn import attention
+from bigjax.ops import attention as attention_ops
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
 
@@ -82,13 +82,13 @@ def _attention_without_core(
 
 def without_attention_core(workload: throughput.Workload):
   """loss_gradient with the attention core replaced; compiled (traced) while replaced."""
-  original = attention.dot_product_attention
-  attention.dot_product_attention = _attention_without_core
+  original = attention_ops.grouped_attention
+  attention_ops.grouped_attention = _attention_without_core
   try:
     grad_fn, params = loss_gradient(workload)
     jax.block_until_ready(grad_fn(params))
   finally:
-    attention.dot_product_attention = original
+    attention_ops.grouped_attention = original
   return grad_fn, params
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from bigjax import models
 from bigjax.nn import attention
+from bigjax.ops import attention as attention_ops
 from bigjax.nn import transformer
 
 
@@ -73,7 +74,7 @@ def test_fully_masked_query_gives_finite_output():
 def test_scores_and_softmax_are_float32_under_bfloat16_compute():
   q = jnp.ones((1, 2, 3, 4), jnp.bfloat16)
   k = jnp.ones((1, 2, 3, 4), jnp.bfloat16)
-  assert attention.attention_weights(q, k).dtype == jnp.float32
+  assert attention_ops.probabilities(q, k).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "rotary", "none"])

@@ -52,7 +52,7 @@ def test_breakdown_skeleton_flops_and_attention_ablation():
   """The dense skeleton's stated FLOPs are 3 x its counted forward matmuls; the ablation without the
   attention core changes the gradient, and puts the real attention back afterwards."""
   from benchmarks import breakdown
-  from bigjax.nn import attention
+  from bigjax.ops import attention as attention_ops
 
   model = models.create("transformer-tiny", num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)
   chain, params, stated = breakdown.dense_skeleton(model.config, tokens=8)
@@ -63,7 +63,7 @@ def test_breakdown_skeleton_flops_and_attention_ablation():
   )
   real_fn, real_params = breakdown.loss_gradient(workload)
   ablated_fn, ablated_params = breakdown.without_attention_core(workload)
-  assert attention.dot_product_attention is not breakdown._attention_without_core
+  assert attention_ops.grouped_attention is not breakdown._attention_without_core
   real, ablated = real_fn(real_params), ablated_fn(ablated_params)
   query_grad = lambda g: g["block_0"]["attn"]["query"]["kernel"]  # noqa: E731
   assert np.all(np.isfinite(query_grad(ablated)))

@@ -1,3 +1,6 @@
+"""Convolutions and the CNN, ResNet and ViT models: bigjax.ops.convolution's matmul form against XLA's
+convolution (values and gradients), the implementation picked per shape, and the models' outputs."""
+
 import functools
 
 import flax.linen as nn
@@ -12,6 +15,7 @@ from bigjax.errors import UserError
 from bigjax.nn import conv
 from bigjax.nn import mlp
 from bigjax.nn import transformer
+from bigjax.ops import convolution as conv_ops
 from tests.test_sharding import run_steps
 
 # Published parameter counts (torchvision resnets, timm ViTs at 224x224, 1000 classes).
@@ -95,7 +99,10 @@ def test_matmul_conv_matches_lax_conv_in_value_and_gradient(kernel, stride, size
   cotangent = jax.random.normal(kc, _lax_conv(x, w, stride, pad).shape)
   with jax.default_matmul_precision("highest"):
     got = jax.jit(_value_and_vjp, static_argnums=0)(
-        lambda a, b: conv.conv_as_matmul(a, b, (stride, stride), [(pad, pad)] * 2), x, w, cotangent
+        lambda a, b: conv_ops.matmul_convolution(a, b, (stride, stride), [(pad, pad)] * 2),
+        x,
+        w,
+        cotangent,
     )
     want = jax.jit(_value_and_vjp, static_argnums=0)(
         lambda a, b: _lax_conv(a, b, stride, pad), x, w, cotangent
@@ -144,7 +151,7 @@ def test_matmul_conv_leaves_out_only_taps_that_read_padding(kernel, strides, sha
     )
     cotangent = jax.random.normal(kc, want_value.shape)
     got = jax.jit(_value_and_vjp, static_argnums=0)(
-        lambda a, b: conv.conv_as_matmul(a, b, strides, padding), x, w, cotangent
+        lambda a, b: conv_ops.matmul_convolution(a, b, strides, padding), x, w, cotangent
     )
     want = jax.jit(_value_and_vjp, static_argnums=0)(
         lambda a, b: _im2col_every_tap(a, b, strides, padding), x, w, cotangent
@@ -201,7 +208,7 @@ def test_resnet_is_the_same_function_with_either_conv_impl():
 
 def test_auto_conv_impl_is_xla_on_accelerators_and_chosen_per_map_size_on_cpu():
   def choose(in_hw, kernel_hw, strides, out_hw, impl="auto"):
-    return conv.resolve_conv_impl(impl, in_hw, kernel_hw, strides, out_hw)
+    return conv_ops.implementation(impl, in_hw, kernel_hw, strides, out_hw)
 
   assert choose((2, 2), (3, 3), (1, 1), (2, 2), impl="xla") == "xla"
   assert choose((8, 8), (3, 3), (1, 1), (8, 8), impl="matmul") == "matmul"

@@ -185,6 +185,7 @@ def test_packed_windows_hold_only_stream_tokens_and_mark_their_documents(data_di
 
 def test_segment_mask_stops_attention_across_documents_by_gradient():
   from bigjax.nn import attention
+  from bigjax.ops import attention as attention_ops
 
   segment_ids = lm.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)["segment_ids"][
       None
@@ -193,7 +194,7 @@ def test_segment_mask_stops_attention_across_documents_by_gradient():
   q, k, v = (jax.numpy.asarray(rng.normal(size=(1, 2, 8, 4)), jax.numpy.float32) for _ in range(3))
 
   def doc2_output(k, v, mask):
-    return attention.dot_product_attention(q, k, v, mask)[:, :, 3:7].sum()
+    return attention_ops.grouped_attention(q, k, v, mask)[:, :, 3:7].sum()
 
   packed = attention.combine_masks(
       attention.causal_mask(8), attention.segment_mask(jax.numpy.asarray(segment_ids))

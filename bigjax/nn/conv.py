@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bigjax import config_checks as checks
 from bigjax.errors import UserError
+from bigjax.ops import convolution as ops
 
 _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 NORMS = ("batch", "layer", "none")
@@ -71,114 +70,17 @@ def _norm(kind: str, train: bool, dtype, param_dtype, name: str, zero_scale: boo
   raise UserError(f"unknown norm {kind!r}; use batch, layer or none")
 
 
-ConvImpl = Literal["auto", "xla", "matmul"]
-CONV_IMPLS = ("auto", "xla", "matmul")
-
-
-def _check_conv_impl(impl: str) -> None:
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"unknown conv_impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
-
-
-def resolve_conv_impl(
-    impl: str,
-    in_hw: tuple[int, int],
-    kernel_hw: tuple[int, int],
-    strides: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> str:
-  """'auto' is XLA's convolution (cuDNN, the TPU's MXU) on GPU and TPU. On CPU it is chosen per
-  convolution (benchmarks/README.md, "Convolution on CPU"): XLA's own ran forward + backward
-  1.2-4.5x faster than the matmul form where its kernel fits the map, but 6-16x slower (one pass
-  up to 26x) where the kernel is larger than the input map or the output has fewer than 16
-  positions (ResNet's last stages at 32 x 32 input), where the matmul form also leaves out the taps
-  that read only padding; and for non-overlapping patches (stride = kernel, ViT's patch
-  embedding) the matmul form is a plain reshape and matmul, 1.4x faster."""
-  _check_conv_impl(impl)
-  if impl != "auto":
-    return impl
-  if jax.default_backend() != "cpu":
-    return "xla"
-  kernel_fits = all(k <= n for k, n in zip(kernel_hw, in_hw))
-  patches = tuple(strides) == tuple(kernel_hw)
-  return "xla" if kernel_fits and not patches and out_hw[0] * out_hw[1] >= 16 else "matmul"
-
-
-def conv_output_size(in_size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
-  return (in_size + pad[0] + pad[1] - kernel) // stride + 1
-
-
-def _reads_real_input(tap: int, stride: int, out_size: int, pad_before: int, in_size: int) -> bool:
-  """Whether a kernel tap, slid over every output position, reads at least one unpadded element."""
-  return any(pad_before <= tap + stride * k < pad_before + in_size for k in range(out_size))
-
-
-def conv_as_matmul(
-    x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
-):
-  """Cross-correlation as one matmul: each of the kh x kw kernel taps is a strided slice of the
-  padded input, the slices are concatenated on the channel axis (tap-major, as the kernel's
-  [kh, kw, in] flattens) and contracted with the flattened kernel. Same result as
-  lax.conv_general_dilated with NHWC/HWIO layouts, no dilation and one feature group.
-
-  Taps that read only padding at every output position contribute exact zeros, so they are left
-  out of the matmul (their kernel gradient is zero either way). On small feature maps that is most
-  of the work: a 3 x 3 convolution of a 1 x 1 map (ResNet's last stage at 32 x 32 input) keeps 1
-  tap of 9."""
-  kh, kw, cin, cout = kernel_HWIO.shape
-  if x_BHWC.shape[-1] != cin:
-    raise UserError(
-        f"convolution input has {x_BHWC.shape[-1]} channels but the kernel expects {cin}"
-    )
-  sh, sw = strides
-  (pad_top, pad_bottom), (pad_left, pad_right) = (tuple(p) for p in padding)
-  batch, in_h, in_w, _ = x_BHWC.shape
-  out_h = conv_output_size(in_h, kh, sh, (pad_top, pad_bottom))
-  out_w = conv_output_size(in_w, kw, sw, (pad_left, pad_right))
-  rows = [i for i in range(kh) if _reads_real_input(i, sh, out_h, pad_top, in_h)]
-  cols = [j for j in range(kw) if _reads_real_input(j, sw, out_w, pad_left, in_w)]
-  if not rows or not cols:  # padding wider than the kernel's reach: every output is zero
-    return jnp.zeros((batch, out_h, out_w, cout), jnp.result_type(x_BHWC, kernel_HWIO))
-  x_BHWC = jnp.pad(x_BHWC, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
-  taps = [
-      jax.lax.slice(
-          x_BHWC,
-          (0, i, j, 0),
-          (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin),
-          (1, sh, sw, 1),
-      )
-      for i in rows
-      for j in cols
-  ]
-  patches_BHWP = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  if (
-      len(rows) < kh or len(cols) < kw
-  ):  # not always contiguous: a stride wider than the input leaves gaps
-    kernel_HWIO = kernel_HWIO[np.ix_(rows, cols)]
-  return jnp.einsum("bhwp,po->bhwo", patches_BHWP, kernel_HWIO.reshape(-1, cout))
-
-
-def conv_xla(x_BHWC, kernel_HWIO, strides: tuple[int, int], padding: Sequence[tuple[int, int]]):
-  return jax.lax.conv_general_dilated(
-      x_BHWC,
-      kernel_HWIO,
-      strides,
-      [tuple(p) for p in padding],
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )
-
-
 class Conv(nn.Module):
   """A 2-D convolution with nn.Conv's parameters ("kernel" [kh, kw, in, out], "bias" [out]), so
-  presets and checkpoints do not depend on which implementation `impl` picks (see resolve_conv_impl).
-  """
+  presets and checkpoints do not depend on which implementation `impl` picks
+  (bigjax.ops.convolution.implementation)."""
 
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
   use_bias: bool = True
-  impl: ConvImpl = "auto"
+  impl: ops.ConvImpl = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = _conv_init
@@ -200,19 +102,7 @@ class Conv(nn.Module):
     x_BHWC, kernel_HWIO, bias_O = nn.dtypes.promote_dtype(
         x_BHWC, kernel_HWIO, bias_O, dtype=self.dtype
     )
-    in_hw, strides, padding = (
-        x_BHWC.shape[1:3],
-        tuple(self.strides),
-        [tuple(p) for p in self.padding],
-    )
-    out_hw = tuple(
-        conv_output_size(n, k, s, p)
-        for n, k, s, p in zip(in_hw, self.kernel_size, strides, padding)
-    )
-    impl = resolve_conv_impl(self.impl, in_hw, self.kernel_size, strides, out_hw)
-    y_BHWO = (conv_as_matmul if impl == "matmul" else conv_xla)(
-        x_BHWC, kernel_HWIO, strides, padding
-    )
+    y_BHWO = ops.convolution(x_BHWC, kernel_HWIO, self.strides, self.padding, self.impl)
     return y_BHWO if bias_O is None else y_BHWO + bias_O
 
 
@@ -226,7 +116,7 @@ def conv(
     param_dtype,
     name: str,
     kernel_init=_conv_init,
-    impl: ConvImpl = "auto",
+    impl: ops.ConvImpl = "auto",
 ) -> Conv:
   """A k x k convolution with 'SAME'-style symmetric padding (k // 2) and logically named kernel axes."""
   return Conv(
@@ -254,7 +144,7 @@ class ConvBlock(nn.Module):
   activation: str = "relu"
   pool: Literal["max", "avg", "none"] = "none"
   pool_size: int = 2
-  conv_impl: ConvImpl = "auto"
+  conv_impl: ops.ConvImpl = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -308,7 +198,9 @@ class CNNConfig:
   activation: str = "relu"
   dense: Sequence[int] = (128,)
   dropout_rate: float = 0.0
-  conv_impl: ConvImpl = "auto"  # see resolve_conv_impl; parameters are the same for every choice
+  conv_impl: ops.ConvImpl = (
+      "auto"  # see ops.convolution.implementation; parameters are the same for every choice
+  )
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -322,7 +214,7 @@ class CNNConfig:
     checks.one_of(self, "activation", _ACTIVATIONS)
     checks.positive_ints(self, "dense", meaning="widths of the dense layers")
     checks.fraction(self, "dropout_rate")
-    checks.one_of(self, "conv_impl", CONV_IMPLS)
+    checks.one_of(self, "conv_impl", ops.CONV_IMPLS)
     checks.float_dtype(self, "dtype")
     checks.float_dtype(self, "param_dtype")
     height, width = (self.feature_map_size(n) for n in self.input_shape[:2])
@@ -342,7 +234,7 @@ class CNNConfig:
     pad = self.kernel // 2
     for _ in self.features:
       for _ in range(self.convs_per_stage):
-        size = conv_output_size(size, self.kernel, 1, (pad, pad))
+        size = ops.conv_output_size(size, self.kernel, 1, (pad, pad))
       size //= 2
     return size
 
@@ -399,7 +291,9 @@ class ResNetConfig:
   width: int = 64
   stem: Literal["imagenet", "small"] = "imagenet"
   zero_init_residual: bool = False  # last BN scale of each block at zero (Goyal et al. 2017)
-  conv_impl: ConvImpl = "auto"  # see resolve_conv_impl; parameters are the same for every choice
+  conv_impl: ops.ConvImpl = (
+      "auto"  # see ops.convolution.implementation; parameters are the same for every choice
+  )
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -411,7 +305,7 @@ class ResNetConfig:
     checks.positive_int(self, "width")
     checks.one_of(self, "stem", ("imagenet", "small"))
     checks.boolean(self, "zero_init_residual")
-    checks.one_of(self, "conv_impl", CONV_IMPLS)
+    checks.one_of(self, "conv_impl", ops.CONV_IMPLS)
     checks.float_dtype(self, "dtype")
     checks.float_dtype(self, "param_dtype")
 
@@ -423,7 +317,7 @@ class ResidualBlock(nn.Module):
   strides: int
   bottleneck: bool
   zero_init_residual: bool = False
-  conv_impl: ConvImpl = "auto"
+  conv_impl: ops.ConvImpl = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
