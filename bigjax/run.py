@@ -5,7 +5,7 @@ call alike, with every choice in the configs it is given.
     exp = run.Experiment(model=..., mesh=..., config=train.TrainConfig(...), optim=optim.OptimConfig(...),
                          dataset="python_stdlib_text", data_dir=None,
                          run_config=run.RunConfig(mode="train"))
-    exp.run(task=tasks.LanguageModelling(), train_data=..., eval_data=...)
+    run.run(exp, task=tasks.LanguageModelling(), train_data=..., eval_data=...)
 """
 
 import dataclasses
@@ -82,10 +82,6 @@ class Experiment:
   @property
   def tx(self):
     return optim.make_optimizer(self.optim, self.config.num_steps)
-
-  def run(self, *, task, train_data, eval_data) -> dict:
-    """run(self, ...): see the module function."""
-    return run(self, task=task, train_data=train_data, eval_data=eval_data)
 
 
 def run(exp: Experiment, *, task, train_data, eval_data) -> dict:

@@ -396,18 +396,64 @@ def fit(
         best_is_highest=bool(best) and tasks.higher_is_better(task, best),
     )
     try:
-      return _fit(
-          model=model,
-          task=task,
-          tx=tx,
-          train_data=train_data,
-          eval_data=eval_data,
-          config=config,
-          mesh=mesh,
-          learning_rate=learning_rate,
-          on_start=on_start,
-          ckpt=ckpt,
-      )
+      example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
+      rng = jax.random.PRNGKey(config.seed)
+      with mesh_context(mesh):
+        steps = compile_steps(
+            model=model,
+            tx=tx,
+            task=task,
+            example_batch=example_batch,
+            mesh=mesh,
+            rng=rng,
+            grad_accum=config.grad_accum,
+            xla_options=config.xla_options,
+        )
+        state, start, train_iter = _restore_or_init(
+            steps, rng, ckpt, train_data, config, model, mesh
+        )
+        evaluated_state(
+            state, config
+        )  # --eval_with_ema without an average fails before the first step
+        _check_best_metric(steps, state, example_batch, task, config, eval_data)
+        if start and start >= config.num_steps:
+          metrics_lib.console(
+              f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
+              f"--num_steps={config.num_steps}; raise --num_steps to train further"
+          )
+          return {"step": start}
+        if on_start is not None:
+          on_start()
+        _, adapters = lora.split_adapters(state.params)
+        trained = (
+            f" ({count_params(adapters):,} of them in LoRA adapters, the rest frozen)"
+            if adapters
+            else ""
+        )
+        metrics_lib.console(
+            f"model: {count_params(state.params):,} parameters{trained}; mesh: {sharding.describe(mesh)}"
+            + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items())
+        )
+        log = metrics_lib.MetricsLog(
+            config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start
+        )
+        # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
+        with _StopSignals() as stop:
+          return _train_loop(
+              state,
+              start,
+              train_iter,
+              steps.train_step,
+              steps.eval_step,
+              eval_data,
+              config,
+              mesh,
+              task,
+              ckpt,
+              log,
+              learning_rate,
+              stop,
+          )
     finally:
       ckpt.close()
 
@@ -485,75 +531,6 @@ def _check_best_metric(steps, state, example_batch, task, config: TrainConfig, e
         f"--keep_best_metric={name} is not a metric this run's evaluation reports; choose one of "
         f"{', '.join(reported)}"
     )
-
-
-def _fit(
-    *,
-    model,
-    task,
-    tx,
-    train_data,
-    eval_data,
-    config: TrainConfig,
-    mesh,
-    learning_rate,
-    on_start,
-    ckpt,
-) -> dict:
-  example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
-  rng = jax.random.PRNGKey(config.seed)
-  with mesh_context(mesh):
-    steps = compile_steps(
-        model=model,
-        tx=tx,
-        task=task,
-        example_batch=example_batch,
-        mesh=mesh,
-        rng=rng,
-        grad_accum=config.grad_accum,
-        xla_options=config.xla_options,
-    )
-    state, start, train_iter = _restore_or_init(steps, rng, ckpt, train_data, config, model, mesh)
-    evaluated_state(state, config)  # --eval_with_ema without an average fails before the first step
-    _check_best_metric(steps, state, example_batch, task, config, eval_data)
-    if start and start >= config.num_steps:
-      metrics_lib.console(
-          f"nothing to train: the checkpoint in {ckpt.directory} is at step {start} and "
-          f"--num_steps={config.num_steps}; raise --num_steps to train further"
-      )
-      return {"step": start}
-    if on_start is not None:
-      on_start()
-    _, adapters = lora.split_adapters(state.params)
-    trained = (
-        f" ({count_params(adapters):,} of them in LoRA adapters, the rest frozen)"
-        if adapters
-        else ""
-    )
-    metrics_lib.console(
-        f"model: {count_params(state.params):,} parameters{trained}; mesh: {sharding.describe(mesh)}"
-        + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items())
-    )
-    log = metrics_lib.MetricsLog(
-        config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start
-    )
-    # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
-    with _StopSignals() as stop:
-      return _train_loop(
-          state,
-          start,
-          train_iter,
-          steps.train_step,
-          steps.eval_step,
-          eval_data,
-          config,
-          mesh,
-          task,
-          ckpt,
-          log,
-          learning_rate,
-          stop,
-      )
 
 
 def describe_shardings(*, model, task, tx, example_batch, mesh, seed: int = 0) -> str:

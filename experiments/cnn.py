@@ -37,7 +37,8 @@ def fit_classifier(exp: bigjax_run.Experiment) -> dict:
   check_num_classes(exp, keys["label_key"])
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
   workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
-  return exp.run(
+  return bigjax_run.run(
+      exp,
       task=tasks.Classification(),
       train_data=images.train_batches(
           train_source, exp.config.batch_size, exp.config.seed, augment, workers=workers, **keys

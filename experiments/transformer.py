@@ -121,7 +121,8 @@ def fit_language_model(exp: bigjax_run.Experiment) -> dict:
     metrics.console(
         f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs"
     )
-    return exp.run(
+    return bigjax_run.run(
+        exp,
         task=tasks.LanguageModelling(bytes_per_token=None),
         train_data=pipeline.train_batches(
             train_pairs, exp.config.batch_size, exp.config.seed, workers=workers
@@ -158,7 +159,8 @@ def fit_language_model(exp: bigjax_run.Experiment) -> dict:
       f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
       f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})"
   )
-  return exp.run(
+  return bigjax_run.run(
+      exp,
       task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
       train_data=lm.train_batches(
           windows[train_split], exp.config.batch_size, exp.config.seed, workers

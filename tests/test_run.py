@@ -47,24 +47,25 @@ def test_train_eval_export_and_compile_only_from_configs(tmp_path, data_dir):
       train_data=lm.train_batches(windows["train"], 8, seed=0),
       eval_data=lm.eval_batches(windows["validation"], 8, max_batches=2),
   )
-  trained = _experiment(tmp_path, flags_text="--seed=0\n").run(**data)
+  trained = run.run(_experiment(tmp_path, flags_text="--seed=0\n"), **data)
   assert trained["step"] == 3 and np.isfinite(trained["eval_loss"])
   assert (tmp_path / "flags.txt").read_text() == "--seed=0\n"
-  evaluated = _experiment(tmp_path, mode="eval").run(**data)
+  evaluated = run.run(_experiment(tmp_path, mode="eval"), **data)
   assert evaluated["step"] == 3 and evaluated["eval_loss"] == pytest.approx(trained["eval_loss"])
   export_dir = tmp_path / "export"
-  exported = _experiment(
+  exporting = _experiment(
       tmp_path,
       mode="export",
       export_dir=str(export_dir),
       model_identity=("transformer-tiny", OVERRIDES),
-  ).run(**data)
+  )
+  exported = run.run(exporting, **data)
   assert exported == {"step": 3}
   assert json.loads((export_dir / "model.json").read_text())["overrides"]["embed_dim"] == 32
   model, variables = models.load(str(export_dir))
   tokens = data["eval_data"][0]["tokens"][:2, :-1]
   assert model.apply(variables, tokens).shape == (2, 32, 256)
-  report = _experiment(tmp_path / "compiled", compile_only=True).run(**data)
+  report = run.run(_experiment(tmp_path / "compiled", compile_only=True), **data)
   assert report["flops_per_step"] > 0 and not (tmp_path / "compiled").exists()
 
 
