@@ -26,6 +26,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import pipeline
 from experiments import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ BENCH_STEPS = flags.DEFINE_integer(
 
 def loader_rate(windows, batch_size: int, seed: int, workers: int, seconds: float) -> dict:
   """Batches per second from a fresh loader, after its first batches (worker start-up) are out."""
-  iterator = iter(lm.train_batches(windows, batch_size, seed, workers=workers))
+  iterator = iter(pipeline.train_batches(windows, batch_size, seed, workers=workers))
   for _ in range(max(8, 4 * workers)):
     next(iterator)
   count, start = 0, time.perf_counter()
@@ -115,7 +116,7 @@ def main(argv):
         f"{rate['tokens_per_sec']:,.0f} tokens/s",
         flush=True,
     )
-  batch = lm.train_batches(windows, batch_size, bigjax_flags.SEED.value)[0]
+  batch = pipeline.train_batches(windows, batch_size, bigjax_flags.SEED.value)[0]
   step_tokens = train_step_rate(batch, BENCH_STEPS.value)
   slowest = min(r["tokens_per_sec"] for r in loaders)
   print(

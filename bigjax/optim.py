@@ -182,9 +182,8 @@ class Optimizer(NamedTuple):
 
   init: Callable
   update: Callable
-  trained: Callable | None = (
-      None  # params -> a tree like them of bools; None: every parameter trains
-  )
+  # params -> a tree like them of bools; None: every parameter trains
+  trained: Callable | None = None
 
 
 def trained_mask(tx, params):

@@ -50,9 +50,8 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
-  init_from: str | None = (
-      None  # export dir, workdir or Hugging Face directory whose parameters start a fresh run
-  )
+  # Export dir, workdir or Hugging Face directory whose parameters start a fresh run
+  init_from: str | None = None
   keep_best_metric: str | None = None  # e.g. "eval_loss": also keep the checkpoint that did best
   grad_accum: int = 1  # micro-batches per optimizer step
   # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
@@ -412,9 +411,8 @@ def fit(
         state, start, train_iter = _restore_or_init(
             steps, rng, ckpt, train_data, config, model, mesh
         )
-        evaluated_state(
-            state, config
-        )  # --eval_with_ema without an average fails before the first step
+        # --eval_with_ema without an average fails before the first step
+        evaluated_state(state, config)
         _check_best_metric(steps, state, example_batch, task, config, eval_data)
         if start and start >= config.num_steps:
           metrics_lib.console(
@@ -492,9 +490,8 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
         f"{', '.join(moved)}"
         + (f"; the earlier run's metrics kept as {', '.join(kept)}" if kept else "")
     )
-    train_iter = iter(
-        train_data
-    )  # the failed restores moved the old one: a restart draws a fresh run's batches
+    # The failed restores moved the old one: a restart draws a fresh run's batches
+    train_iter = iter(train_data)
   return _fresh_state(steps, rng, config, model, mesh), 0, train_iter
 
 
@@ -791,9 +788,8 @@ def _train_loop(
       s % config.eval_every == 0 or s == config.num_steps
   )
   interval_sums, record = None, {}
-  first_loss = (
-      None  # (step, mean loss) of this process's first step: what divergence is measured from
-  )
+  # (step, mean loss) of this process's first step: what divergence is measured from
+  first_loss = None
   speed = metrics_lib.Throughput()
   compile_start = time.perf_counter()
 

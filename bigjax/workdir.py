@@ -74,9 +74,8 @@ def _pid_alive(pid: int, start: str | None) -> bool:
   fields = _proc_stat(pid)
   if fields is None:  # no /proc: the signal is all we know
     return True
-  return fields[0] != "Z" and (
-      start is None or fields[19] == start
-  )  # a zombie has stopped for good
+  # A zombie has stopped for good
+  return fields[0] != "Z" and (start is None or fields[19] == start)
 
 
 def _this_process() -> dict:

@@ -68,9 +68,8 @@ def sample_language_model(exp: bigjax_run.Experiment) -> list[str]:
   if not len(prompt):
     raise UserError("the prompt is empty; give at least one character to continue")
   lm_inputs.check_vocab(exp.base_model, tokenizer)
-  lm_inputs.check_sample_length(
-      exp.base_model, len(prompt), NUM_TOKENS.value
-  )  # before the checkpoint: none is needed
+  # Before the checkpoint: none is needed
+  lm_inputs.check_sample_length(exp.base_model, len(prompt), NUM_TOKENS.value)
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
   single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(single_device):
@@ -162,10 +161,10 @@ def fit_language_model(exp: bigjax_run.Experiment) -> dict:
   return bigjax_run.run(
       exp,
       task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
-      train_data=lm.train_batches(
-          windows[train_split], exp.config.batch_size, exp.config.seed, workers
+      train_data=pipeline.train_batches(
+          windows[train_split], exp.config.batch_size, exp.config.seed, workers=workers
       ),
-      eval_data=lm.eval_batches(
+      eval_data=pipeline.eval_batches(
           windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value
       ),
   )

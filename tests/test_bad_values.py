@@ -288,7 +288,7 @@ def _replace(config, **changes):
         (_replace("RNNConfig", hidden_size=-5), "hidden_size=-5 must be an integer >= 1"),
         (_replace("RNNConfig", num_layers=0), "num_layers=0 must be an integer >= 1"),
         (_replace("RNNConfig", max_len=0), "max_len=0 must be an integer >= 1"),
-        (_replace("RNNConfig", cell="lstmx"), "unknown cell 'lstmx'; use one of rnn, lstm, gru"),
+        (_replace("RNNConfig", cell="lstmx"), "unknown cell 'lstmx'; use one of gru, lstm, rnn"),
         (_replace("RNNConfig", forget_bias=math.nan), "forget_bias=nan must be a finite number"),
         (_replace("RNNLMConfig", vocab_size=0), "vocab_size=0 must be an integer >= 1"),
         (
@@ -505,9 +505,8 @@ def test_vocab_smaller_than_the_tokenizer():
       "--model_override=vocab_size=256"
   )
   lm_inputs.check_vocab(_lm(), tokenizers.ByteTokenizer())
-  lm_inputs.check_vocab(
-      models.create("gpt2-small"), tokenizers.ByteTokenizer()
-  )  # spare ids are harmless
+  # Spare ids are harmless
+  lm_inputs.check_vocab(models.create("gpt2-small"), tokenizers.ByteTokenizer())
 
 
 def test_the_vit_blocks_config_is_valid():

@@ -21,6 +21,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import pipeline
 from bigjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,9 +218,8 @@ def test_resuming_with_other_optimizer_flags_is_refused_and_changes_nothing(
       and "opt_state/" in error[0]
   )
   assert f"--flagfile={workdir}/flags.txt" in error[0]
-  assert (
-      sorted(os.listdir(workdir / "checkpoints")) == steps_before
-  )  # nothing set aside as "unreadable"
+  # Nothing set aside as "unreadable"
+  assert sorted(os.listdir(workdir / "checkpoints")) == steps_before
   assert {name: (workdir / name).read_text() for name in before} == before
   again = _run("transformer", workdir, data_dir, "--num_steps=2")
   assert (
@@ -310,7 +310,7 @@ def test_fsdp_checkpoint_restores_on_one_device_with_the_same_eval_loss(tmp_path
       workdir=str(tmp_path), num_steps=4, batch_size=8, eval_every=4, checkpoint_every=4
   )
   tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=0), config.num_steps)
-  eval_data = lm.eval_batches(
+  eval_data = pipeline.eval_batches(
       lm.open_windows("python_stdlib_text", "validation", 32, data_dir), 8, max_batches=3
   )
   train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
@@ -318,7 +318,7 @@ def test_fsdp_checkpoint_restores_on_one_device_with_the_same_eval_loss(tmp_path
       model=model,
       task=task,
       tx=tx,
-      train_data=lm.train_batches(train_windows, 8, seed=0),
+      train_data=pipeline.train_batches(train_windows, 8, seed=0),
       eval_data=eval_data,
       config=config,
       mesh=sharding.make_mesh("data:2,fsdp:4,tensor:1"),
@@ -366,7 +366,7 @@ def _fit_tiny(workdir, data_dir, model, num_steps=4, init_from=None):
       log_every=1,
   )
   tx = optim.make_optimizer(optim.OptimConfig(warmup_steps=0), config.num_steps)
-  eval_data = lm.eval_batches(
+  eval_data = pipeline.eval_batches(
       lm.open_windows("python_stdlib_text", "validation", 32, data_dir), 8, max_batches=3
   )
   train_windows = lm.open_windows("python_stdlib_text", "train", 32, data_dir)
@@ -374,7 +374,7 @@ def _fit_tiny(workdir, data_dir, model, num_steps=4, init_from=None):
       model=model,
       task=task,
       tx=tx,
-      train_data=lm.train_batches(train_windows, 8, seed=0),
+      train_data=pipeline.train_batches(train_windows, 8, seed=0),
       eval_data=eval_data,
       config=config,
       mesh=sharding.make_mesh("data:-1"),
@@ -415,9 +415,8 @@ def test_init_from_loads_parameters_and_names_the_first_mismatch(tmp_path, data_
       tmp_path / "finetune", data_dir, _tiny_lm(), num_steps=1, init_from=str(tmp_path / "pretrain")
   )
   rows = metrics.read_jsonl(tmp_path / "finetune" / metrics.METRICS_FILE)
-  assert rows[0]["train_loss"] < 0.97 * np.log(
-      256
-  )  # starts where the pretraining left off, not at ln 256
+  # Starts where the pretraining left off, not at ln 256
+  assert rows[0]["train_loss"] < 0.97 * np.log(256)
   with pytest.raises(
       UserError,
       match=r"parameter params/block_0/mlp/wi/bias has shape \(64,\) but the model "
@@ -432,9 +431,8 @@ def test_init_from_loads_parameters_and_names_the_first_mismatch(tmp_path, data_
     "metric,values", [("eval_loss", [3.0, 1.0, 2.0, 4.0]), ("eval_accuracy", [0.3, 0.9, 0.5, 0.1])]
 )
 def test_keep_best_keeps_the_best_and_the_newest(tmp_path, metric, values):
-  highest = tasks.higher_is_better(
-      tasks.Classification(), metric
-  )  # the task says which way is better
+  # The task says which way is better
+  highest = tasks.higher_is_better(tasks.Classification(), metric)
   ckpt = checkpoint.Checkpointer(
       str(tmp_path), every=1, keep=1, best_metric=metric, best_is_highest=highest
   )

@@ -54,9 +54,10 @@ def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tin
   first = _run(*tiny, "--num_steps=4", "--checkpoint_every=2", "--eval_every=2")
   assert first.returncode == 0, first.stderr
   assert "step 4/4" in first.stdout and "tokens/s" in first.stdout
+  # The flagfile's XLA option is applied and said
   assert (
       "; XLA option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE" in first.stdout
-  )  # flagfile
+  )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   second = _run(*tiny, "--num_steps=6", "--checkpoint_every=2", "--eval_every=2")
   assert second.returncode == 0, second.stderr

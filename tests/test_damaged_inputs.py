@@ -146,6 +146,7 @@ def test_link_loops_in_an_image_folder_add_nothing_through_the_cli(images):
   _link_loops(images)
   # A one-output model stops the run at the class check, just after the counts are printed: the
   # counts are the point here, and training on them is tested elsewhere.
+  # Glob's walk of these loops never ends
   result = _run(
       "experiments.cnn",
       *SMALL_CNN,
@@ -153,7 +154,7 @@ def test_link_loops_in_an_image_folder_add_nothing_through_the_cli(images):
       "--model_override=num_classes=1",
       f"--workdir={images.parent / 'run'}",
       timeout=120,
-  )  # glob's walk of these loops never ends
+  )
   assert (
       f"imagefolder:{images}: {2 * TRAIN_PER_CLASS} train / 2 eval images" in result.stdout
   ), result.stderr
@@ -203,12 +204,10 @@ def test_text_globs_read_each_real_file_once_whatever_the_links(tmp_path):
   (corpus / "two.txt").write_text("third line\n")
   os.symlink(corpus, corpus / "notes" / "loop")
   os.symlink(corpus, corpus / "notes" / "loop2")  # two loops in one folder: exponential for glob
-  os.symlink(
-      "notes", corpus / "also_notes"
-  )  # a second way to one folder: its files under the first path
-  os.symlink(
-      "two.txt", corpus / "three.txt"
-  )  # a second name for one file: the first in sorted order names it
+  # A second way to one folder: its files under the first path
+  os.symlink("notes", corpus / "also_notes")
+  # A second name for one file: the first in sorted order names it
+  os.symlink("two.txt", corpus / "three.txt")
   os.link(corpus / "two.txt", corpus / "zz_hard.txt")
   documents = _within(
       20, lambda: files.open_split(f"textfiles:{corpus}/**/*.txt", "train+validation")

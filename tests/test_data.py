@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from bigjax.data import lm
+
+from bigjax.data import pipeline
 from bigjax.data import python_text
 from bigjax.data import sources
 from bigjax.errors import UserError
@@ -38,22 +40,22 @@ def test_windows_overlap_by_one_token_so_every_target_appears_once():
 
 def test_train_batches_are_seeded_and_resume_from_iterator_state():
   windows = lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=7)
-  a = iter(lm.train_batches(windows, 4, seed=1))
+  a = iter(pipeline.train_batches(windows, 4, seed=1))
   first = [next(a)["tokens"] for _ in range(5)]
   state = a.get_state()
   expected_next = [next(a)["tokens"] for _ in range(3)]
-  b = iter(lm.train_batches(windows, 4, seed=1))
+  b = iter(pipeline.train_batches(windows, 4, seed=1))
   b.set_state(state)
   for want in expected_next:
     np.testing.assert_array_equal(next(b)["tokens"], want)
-  c = iter(lm.train_batches(windows, 4, seed=2))
+  c = iter(pipeline.train_batches(windows, 4, seed=2))
   assert not np.array_equal(next(c)["tokens"], first[0])
   assert first[0].shape == (4, 8) and first[0].dtype == np.int32
 
 
 def test_eval_batches_cover_every_window_once_with_padding_weights():
   windows = lm.TokenWindows(np.arange(100, dtype=np.uint8), seq_len=9)  # 11 windows
-  batches = lm.eval_batches(windows, 4, max_batches=0)
+  batches = pipeline.eval_batches(windows, 4, max_batches=0)
   assert len(batches) == 3
   weights = np.concatenate([b["weights"] for b in batches])
   assert weights.sum() == 11 and len(weights) == 12
@@ -63,8 +65,8 @@ def test_eval_batches_cover_every_window_once_with_padding_weights():
 
 def test_eval_sample_is_fixed():
   windows = lm.TokenWindows(np.arange(250, dtype=np.uint8), seq_len=4)
-  a = lm.eval_batches(windows, 4, max_batches=2)
-  b = lm.eval_batches(windows, 4, max_batches=2)
+  a = pipeline.eval_batches(windows, 4, max_batches=2)
+  b = pipeline.eval_batches(windows, 4, max_batches=2)
   assert len(a) == 2
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])

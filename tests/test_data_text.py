@@ -88,19 +88,19 @@ def test_a_restored_loader_yields_exactly_the_batches_of_the_uninterrupted_one(
 ):
   """Also across worker counts: the saved position is a batch index, whoever computed the batches."""
   windows = lm.TokenWindows(np.arange(3000, dtype=np.int64) % 251, seq_len=7)
-  uninterrupted = _take(iter(lm.train_batches(windows, 4, seed=3, workers=0)), 12)
-  first = iter(lm.train_batches(windows, 4, seed=3, workers=workers))
+  uninterrupted = _take(iter(pipeline.train_batches(windows, 4, seed=3, workers=0)), 12)
+  first = iter(pipeline.train_batches(windows, 4, seed=3, workers=workers))
   head = _take(first, 5)
   state = first.get_state()
   first.close()
-  resumed = iter(lm.train_batches(windows, 4, seed=3, workers=resumed_workers))
+  resumed = iter(pipeline.train_batches(windows, 4, seed=3, workers=resumed_workers))
   resumed.set_state(state)
   tail = _take(resumed, 7)
   resumed.close()
   for want, got in zip(uninterrupted, head + tail, strict=True):
     np.testing.assert_array_equal(want, got)
   assert not np.array_equal(
-      uninterrupted[0], _take(iter(lm.train_batches(windows, 4, seed=4)), 1)[0]
+      uninterrupted[0], _take(iter(pipeline.train_batches(windows, 4, seed=4)), 1)[0]
   )
 
 
@@ -179,7 +179,7 @@ def test_packed_windows_hold_only_stream_tokens_and_mark_their_documents(data_di
     new_document = np.diff(segments) == 1
     np.testing.assert_array_equal(new_document, tokens[:-1] == lm.DOCUMENT_SEPARATOR)
     np.testing.assert_array_equal(positions[1:][new_document], 0)
-  batch = next(iter(lm.train_batches(windows, 8, seed=0, workers=0)))
+  batch = next(iter(pipeline.train_batches(windows, 8, seed=0, workers=0)))
   assert batch["tokens"].shape == batch["segment_ids"].shape == (8, 65)
 
 
@@ -203,9 +203,8 @@ def test_segment_mask_stops_attention_across_documents_by_gradient():
   assert np.all(np.asarray(grad_k)[:, :, :3] == 0) and np.all(np.asarray(grad_v)[:, :, :3] == 0)
   assert np.all(np.abs(np.asarray(grad_v)[:, :, 3:7]).sum(-1) > 0)  # its own document does reach it
   _, leaky = jax.grad(doc2_output, argnums=(0, 1))(k, v, attention.causal_mask(8))
-  assert np.all(
-      np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0
-  )  # without the segment mask it leaks
+  # Without the segment mask it leaks
+  assert np.all(np.abs(np.asarray(leaky)[:, :, :3]).sum(-1) > 0)
 
 
 def test_a_packed_transformer_sees_each_document_as_if_it_were_alone():

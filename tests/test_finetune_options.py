@@ -22,6 +22,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import pipeline
 from bigjax.errors import UserError
 from tests.test_cli import _assert_one_line_error
 
@@ -69,9 +70,8 @@ def test_language_modelling_label_smoothing_and_z_loss_equal_hand_computed_value
   for name, value in want.items():
     np.testing.assert_allclose(float(sums[name]), value, rtol=1e-5, err_msg=name)
   reported = task.metrics(jax.device_get(sums))
-  np.testing.assert_allclose(
-      reported["loss"], want["loss"] / 16, rtol=1e-5
-  )  # the plain loss, per target
+  # The plain loss, per target
+  np.testing.assert_allclose(reported["loss"], want["loss"] / 16, rtol=1e-5)
   np.testing.assert_allclose(reported["log_z_squared"], want["log_z_squared"] / 16, rtol=1e-5)
 
 
@@ -289,8 +289,8 @@ def test_frozen_parameters_stay_those_of_init_from_through_a_sharded_run(tmp_pat
       task=task,
       tx=optim.make_optimizer(optim_cfg, 3),
       learning_rate=optim.make_schedule(optim_cfg, 3),
-      train_data=lm.train_batches(windows, 8, seed=0),
-      eval_data=lm.eval_batches(windows, 8, max_batches=2),
+      train_data=pipeline.train_batches(windows, 8, seed=0),
+      eval_data=pipeline.eval_batches(windows, 8, max_batches=2),
       config=cfg,
       mesh=sharding.make_mesh("data:2,fsdp:2,tensor:2"),
   )
@@ -404,8 +404,8 @@ def _fit_lm(workdir, data_dir, num_steps, *, init_from=None, **optim_fields):
       task=tasks.LanguageModelling(),
       tx=optim.make_optimizer(optim_cfg, num_steps),
       learning_rate=optim.make_schedule(optim_cfg, num_steps),
-      train_data=lm.train_batches(windows, 8, seed=0),
-      eval_data=lm.eval_batches(windows, 8, max_batches=2),
+      train_data=pipeline.train_batches(windows, 8, seed=0),
+      eval_data=pipeline.eval_batches(windows, 8, max_batches=2),
       config=cfg,
       mesh=sharding.make_mesh("data:2,fsdp:2,tensor:2"),
   )
@@ -451,7 +451,7 @@ def test_the_average_is_sharded_checkpointed_and_resumed_exactly(tmp_path, data_
   task, model = tasks.LanguageModelling(), _tiny_lm()
   sums = [
       jax.device_get(task.loss_sums(model, {"params": average}, batch)[0])
-      for batch in lm.eval_batches(windows, 8, max_batches=2)
+      for batch in pipeline.eval_batches(windows, 8, max_batches=2)
   ]
   by_hand = task.metrics(jax.tree.map(lambda *x: sum(x), *sums))["loss"]
   np.testing.assert_allclose(unbroken_rows[-1]["eval_loss"], by_hand, rtol=1e-5)

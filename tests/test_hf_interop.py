@@ -353,9 +353,8 @@ def test_sliding_window_shorter_than_the_context_is_refused(hf_dirs, tmp_path):
 
 def test_biases_the_config_does_not_announce_are_refused(hf_dirs, tmp_path):
   directory = _copy(hf_dirs, "qwen2", tmp_path)
-  _edit_config(
-      directory, model_type="llama", attention_bias=False
-  )  # Llama: q/k/v biases only if announced
+  # Llama: q/k/v biases only if announced
+  _edit_config(directory, model_type="llama", attention_bias=False)
   _assert_one_line_error(
       directory,
       "tensor 'model.layers.0.self_attn.k_proj.bias' has no place in the bigjax model .*config",

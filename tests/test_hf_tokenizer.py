@@ -62,9 +62,8 @@ def test_round_trips_exactly_and_counts_every_byte_once(hf_tokenizer_dir):
     assert ids.dtype == np.int32 and len(ids) < len(text)
     assert ids.tolist() == reference(text.decode(), add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
-    assert int(token_bytes[ids].sum()) == len(
-        text
-    )  # bits per byte divide by the text's real length
+    # Bits per byte divide by the text's real length
+    assert int(token_bytes[ids].sum()) == len(text)
 
 
 def test_sentencepiece_style_pieces_count_their_text(tmp_path):

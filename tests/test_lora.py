@@ -371,18 +371,16 @@ def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data
       ),
   )
   _, adapters = lora.split_adapters(trained["params"])
-  assert (
-      max(np.abs(np.asarray(b)).max() for b in jax.tree.leaves(adapters)) > 0
-  )  # the adapters trained
+  # The adapters trained
+  assert max(np.abs(np.asarray(b)).max() for b in jax.tree.leaves(adapters)) > 0
   for name, value in _flat(lora.split_adapters(trained["params"])[0]).items():  # the base did not
     np.testing.assert_array_equal(value, _flat(exported["params"])[name], err_msg=name)
   with jax.default_matmul_precision("highest"):
     want = np.asarray(model.apply(trained, tokens))
     plain, variables = models.load(str(tmp_path / "merged"))
     np.testing.assert_allclose(plain.apply(variables, tokens), want, rtol=1e-5, atol=1e-5)
-  assert (
-      np.abs(want - np.asarray(model.base.apply(exported, tokens))).max() > 1e-4
-  )  # LoRA moved the logits
+  # LoRA moved the logits
+  assert np.abs(want - np.asarray(model.base.apply(exported, tokens))).max() > 1e-4
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
   with torch.no_grad():
     theirs = hf_model(torch.from_numpy(np.array(tokens))).logits.numpy()

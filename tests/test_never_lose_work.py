@@ -166,9 +166,8 @@ def _lock_file(path, **holder):
 
 
 def test_a_lock_held_by_a_live_process_here_refuses_and_a_dead_ones_is_taken_over(tmp_path):
-  _lock_file(
-      tmp_path, pid_start=workdir._process_start(os.getpid())
-  )  # this (live) process holds it
+  # This (live) process holds it
+  _lock_file(tmp_path, pid_start=workdir._process_start(os.getpid()))
   with pytest.raises(
       UserError, match=f"in use by another run .host {socket.gethostname()}, pid {os.getpid()}"
   ):
@@ -409,7 +408,6 @@ def test_a_checkpoint_directory_that_turns_read_only_mid_run_fails_the_next_save
     start = time.perf_counter()
     with pytest.raises(UserError, match="read-only; the last good checkpoint is step 1"):
       ckpt.save(2, state)
-    assert (
-        time.perf_counter() - start < 30
-    )  # a tester saw Orbax wait 5 minutes on a read-only directory
+    # A tester saw Orbax wait 5 minutes on a read-only directory
+    assert time.perf_counter() - start < 30
     assert sorted(os.listdir(directory)) == ["1"]

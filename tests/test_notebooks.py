@@ -13,9 +13,8 @@ COLAB = pathlib.Path(__file__).resolve().parent.parent / "colab"
 def test_notebook_runs_end_to_end(name, tmp_path, data_dir, monkeypatch):
   monkeypatch.setenv("BIGJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # the session's prepared data sets
-  monkeypatch.setenv(
-      "TMPDIR", str(tmp_path)
-  )  # the notebooks' tempfile workdirs, removed with tmp_path
+  # The notebooks' tempfile workdirs, removed with tmp_path
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   notebook = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
   client = nbclient.NotebookClient(
       notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -17,9 +17,8 @@ def test_schedules_warm_up_linearly_to_the_peak(schedule):
     assert float(lr(0)) == float(lr(50)) == 2.0
     return
   warmup = [float(lr(s)) for s in range(11)]
-  assert warmup[0] > 0 and warmup[0] == pytest.approx(
-      0.2, rel=1e-5
-  )  # the first step already learns
+  # The first step already learns
+  assert warmup[0] > 0 and warmup[0] == pytest.approx(0.2, rel=1e-5)
   assert all(b > a for a, b in zip(warmup, warmup[1:-1]))
   np.testing.assert_allclose(np.diff(warmup[:10]), np.diff(warmup[:10])[0], rtol=1e-4)  # linear
   np.testing.assert_allclose(warmup[10], 2.0, rtol=0.05)

@@ -36,9 +36,8 @@ def test_jax_cluster_environments_are_listed_where_bigjax_reads_them():
   assert environments and all(
       hasattr(env, "opt_in_only_method") and callable(env.is_env_present) for env in environments
   )
-  assert (
-      private_apis.jax_cluster_detected() is False
-  )  # no SLURM, Cloud TPU or MPI on a test machine
+  # No SLURM, Cloud TPU or MPI on a test machine
+  assert private_apis.jax_cluster_detected() is False
 
 
 def test_tfds_builders_log_their_download_through_the_methods_bigjax_silences():

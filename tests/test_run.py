@@ -13,6 +13,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import pipeline
 from bigjax.errors import UserError
 
 OVERRIDES = dict(num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, max_len=32)
@@ -44,8 +45,8 @@ def test_train_eval_export_and_compile_only_from_configs(tmp_path, data_dir):
   }
   data = dict(
       task=tasks.LanguageModelling(),
-      train_data=lm.train_batches(windows["train"], 8, seed=0),
-      eval_data=lm.eval_batches(windows["validation"], 8, max_batches=2),
+      train_data=pipeline.train_batches(windows["train"], 8, seed=0),
+      eval_data=pipeline.eval_batches(windows["validation"], 8, max_batches=2),
   )
   trained = run.run(_experiment(tmp_path, flags_text="--seed=0\n"), **data)
   assert trained["step"] == 3 and np.isfinite(trained["eval_loss"])

@@ -11,6 +11,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import pipeline
 
 
 def _fit(
@@ -44,8 +45,8 @@ def _fit(
       task=tasks.LanguageModelling(),
       tx=optim.make_optimizer(optim_cfg, num_steps),
       learning_rate=optim.make_schedule(optim_cfg, num_steps),
-      train_data=lm.train_batches(train_windows, 8, seed=3),
-      eval_data=lm.eval_batches(eval_windows, 8, max_batches=3),
+      train_data=pipeline.train_batches(train_windows, 8, seed=3),
+      eval_data=pipeline.eval_batches(eval_windows, 8, max_batches=3),
       config=cfg,
       mesh=mesh,
   )
@@ -127,9 +128,8 @@ def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
       ).stdout.split()[-1]
       for _ in range(2)
   ]
-  assert (
-      int(hits[0]) == 0 and int(hits[1]) >= 1
-  )  # every program the second process compiles is a hit
+  # Every program the second process compiles is a hit
+  assert int(hits[0]) == 0 and int(hits[1]) >= 1
   assert any(cache.iterdir())
   blocker = tmp_path / "a_file"
   blocker.write_text("")

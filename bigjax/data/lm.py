@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 
-from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
@@ -122,16 +121,6 @@ def open_windows(
         f"of --seq_len={seq_len}"
     )
   return windows
-
-
-def train_batches(windows: TokenWindows, global_batch_size: int, seed: int, workers: int = 0):
-  """Endless shuffled {"tokens": [B, T+1]} batches of this process's windows (see pipeline)."""
-  return pipeline.train_batches(windows, global_batch_size, seed, workers=workers)
-
-
-def eval_batches(windows: TokenWindows, global_batch_size: int, max_batches: int) -> list[dict]:
-  """Fixed evaluation batches over every window (or a fixed sample), with per-window weights."""
-  return pipeline.eval_batches(windows, global_batch_size, max_batches)
 
 
 PROMPT_SEPARATOR = ord("=")

@@ -137,9 +137,8 @@ class LoaderIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     self.close_reader()
-    self._next = int(
-        state.get("next_batch", state.get("next_index", 0))
-    )  # next_index: a plain grain iterator's
+    # next_index: a plain grain iterator's
+    self._next = int(state.get("next_batch", state.get("next_index", 0)))
 
   def start_prefetch(self) -> None:
     if self._reader is None:

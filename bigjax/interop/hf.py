@@ -103,17 +103,15 @@ class _Fields:
     raise UserError(f"{self.where}: {statement}")
 
   def int(self, key: str, default=None) -> int:
-    value = (
-        default if self.hf.get(key) is None else self.hf[key]
-    )  # null means the default there too
+    # Null means the default there too
+    value = default if self.hf.get(key) is None else self.hf[key]
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
       self.fail(f"{key}={value!r} must be an integer >= 1" if value is not None else f"needs {key}")
     return value
 
   def number(self, key: str, default=None) -> float:
-    value = (
-        default if self.hf.get(key) is None else self.hf[key]
-    )  # null means the default there too
+    # Null means the default there too
+    value = default if self.hf.get(key) is None else self.hf[key]
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
       self.fail(f"{key}={value!r} must be a number" if value is not None else f"needs {key}")
     return float(value)
@@ -940,9 +938,8 @@ def _model_type(cfg) -> str:
 
 
 def _gpt2_config(cfg: transformer.TransformerConfig) -> dict:
-  rate = (
-      cfg.dropout_rate
-  )  # GPT-2 drops where bigjax does: embeddings, attention weights, residual branches
+  # GPT-2 drops where bigjax does: embeddings, attention weights, residual branches
+  rate = cfg.dropout_rate
   return {
       "vocab_size": cfg.vocab_size,
       "n_layer": cfg.num_layers,

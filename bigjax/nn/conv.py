@@ -198,9 +198,8 @@ class CNNConfig:
   activation: str = "relu"
   dense: Sequence[int] = (128,)
   dropout_rate: float = 0.0
-  conv_impl: ops.ConvImpl = (
-      "auto"  # see ops.convolution.implementation; parameters are the same for every choice
-  )
+  # See ops.convolution.implementation; parameters are the same for every choice
+  conv_impl: ops.ConvImpl = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -291,9 +290,8 @@ class ResNetConfig:
   width: int = 64
   stem: Literal["imagenet", "small"] = "imagenet"
   zero_init_residual: bool = False  # last BN scale of each block at zero (Goyal et al. 2017)
-  conv_impl: ops.ConvImpl = (
-      "auto"  # see ops.convolution.implementation; parameters are the same for every choice
-  )
+  # See ops.convolution.implementation; parameters are the same for every choice
+  conv_impl: ops.ConvImpl = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
 

@@ -34,9 +34,8 @@ ADAPTER_PATTERN = r"/lora_[ab]$"
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   rank: int = 8
-  alpha: float | None = (
-      None  # the update is scaled by alpha / rank; None means alpha = rank (scale 1)
-  )
+  # The update is scaled by alpha / rank; None means alpha = rank (scale 1)
+  alpha: float | None = None
   targets: str = DEFAULT_TARGETS  # regular expression searched in kernel paths
   dropout: float = 0.0  # on the adapter's input only, while training
 

@@ -68,29 +68,25 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-  mlp: Literal["dense", "gated"] = (
-      "dense"  # gated: wo(activation(x wi_gate) * (x wi_up)), SwiGLU with silu
-  )
+  # Gated: wo(activation(x wi_gate) * (x wi_up)), SwiGLU with silu
+  mlp: Literal["dense", "gated"] = "dense"
   activation: str = "gelu"
-  use_bias: bool = (
-      True  # every bias (LayerNorm's too), unless one of the three below says otherwise
-  )
+  # Every bias (LayerNorm's too), unless one of the three below says otherwise
+  use_bias: bool = True
   qkv_bias: bool | None = None  # None: as use_bias
   attn_out_bias: bool | None = None  # None: as use_bias
   mlp_bias: bool | None = None  # None: as use_bias
   qk_norm: bool = False  # RMS-normalise each query and key head before rotary (Qwen3)
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
-  layer_norm_epsilon: float = (
-      1e-5  # the epsilon of every norm: LayerNorm, RMSNorm and the q/k norms
-  )
+  # The epsilon of every norm: LayerNorm, RMSNorm and the q/k norms
+  layer_norm_epsilon: float = 1e-5
   block: str = "pre_norm"  # a register_block name
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage
   remat: str = "none"  # a REMAT_POLICIES name
-  scan_layers: bool = (
-      False  # one block under nn.scan, parameters stacked on a leading "layers" axis
-  )
+  # One block under nn.scan, parameters stacked on a leading "layers" axis
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim", "max_len"):
