@@ -455,17 +455,21 @@ EXPORT_PARAMS = "variables"
 EXPORT_FINGERPRINTS = "fingerprints.json"
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps a training workdir holds checkpoint directories for, oldest first."""
+  steps_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  if not os.path.isdir(steps_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit())
+
+
 def _params_location(path: str) -> tuple[str, bool]:
   """(directory, holds a whole train state) for an export directory or a training workdir."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
     return os.path.join(path, EXPORT_PARAMS), False
   steps_dir = os.path.join(path, "checkpoints")
-  steps = (
-      sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit())
-      if os.path.isdir(steps_dir)
-      else []
-  )
+  steps = saved_steps(path)
   if not steps:
     raise UserError(
         f"{path} is neither an export directory (no {EXPORT_CONFIG}) nor a workdir with "

@@ -674,7 +674,7 @@ def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainCo
   score before fine-tuning)."""
   example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
   with mesh_context(mesh):
-    if config.init_from and not _has_checkpoint(config.workdir):
+    if config.init_from and not checkpoint.saved_steps(config.workdir):
       rng = jax.random.PRNGKey(config.seed)
       steps = compile_steps(
           model=model,
@@ -694,11 +694,6 @@ def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainCo
         "step": step,
         **evaluate(steps.eval_step, evaluated_state(state, config), eval_data, mesh, task),
     }
-
-
-def _has_checkpoint(workdir: str) -> bool:
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 class _StopSignals:

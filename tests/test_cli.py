@@ -33,21 +33,22 @@ def _assert_one_line_error(result, code, message):
   assert last.startswith("error: ") and message in last, result.stderr
 
 
+# The tiny flagfile's model and batch shrunk to seconds (add --data_dir and a workdir).
+TINY_RUN = [
+    f"--flagfile={TINY_FLAGS}",
+    "--seq_len=32",
+    "--batch_size=8",
+    "--model_override=num_layers=1",
+    "--model_override=embed_dim=32",
+    "--model_override=mlp_dim=64",
+    "--eval_batches=2",
+]
+
+
 @pytest.fixture
 def tiny(tmp_path, data_dir):
-  """The tiny flagfile shrunk to seconds, with its own workdir and the shared data dir."""
-  return [
-      f"--flagfile={TINY_FLAGS}",
-      f"--workdir={tmp_path}",
-      f"--data_dir={data_dir}",
-      "--seq_len=32",
-      "--batch_size=8",
-      "--model_override=num_layers=1",
-      "--model_override=embed_dim=32",
-      "--model_override=mlp_dim=64",
-      "--eval_batches=2",
-      "--log_every=1",
-  ]
+  """TINY_RUN with its own workdir and the shared data dir."""
+  return [*TINY_RUN, f"--workdir={tmp_path}", f"--data_dir={data_dir}", "--log_every=1"]
 
 
 def test_tiny_run_checkpoints_and_a_rerun_resumes_at_the_next_step(tmp_path, tiny):

@@ -17,6 +17,7 @@ import pytest
 from bigjax import tasks
 from bigjax.nn import recurrent
 from tests.test_cli import TINY_FLAGS
+from tests.test_cli import TINY_RUN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,13 +170,8 @@ def test_a_forks_cell_trains_a_language_model_through_the_cli(fork_dir, tmp_path
 
 def test_a_forks_block_and_task_train_a_transformer_through_the_cli(fork_dir, tmp_path, data_dir):
   tiny = [
-      f"--flagfile={TINY_FLAGS}",
+      *TINY_RUN,
       f"--data_dir={data_dir}",
-      "--seq_len=32",
-      "--batch_size=8",
-      "--model_override=num_layers=1",
-      "--model_override=embed_dim=32",
-      "--model_override=mlp_dim=64",
       "--num_steps=2",
       "--eval_every=1",
       "--eval_batches=1",

@@ -2,10 +2,7 @@
 adapters trained and given optimizer state, adapters sharded with their layer, merged exports in
 bigjax's and Hugging Face's formats with the adapted model's logits, and one-line errors."""
 
-import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -22,10 +19,9 @@ from bigjax import train
 from bigjax.errors import UserError
 from bigjax.nn import attention
 from bigjax.nn import lora
-from tests.test_cli import TINY_FLAGS
+from tests.test_cli import TINY_RUN
+from tests.test_cli import _run
 from tests.test_cli import _assert_one_line_error
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _flat(tree):
@@ -287,35 +283,11 @@ def test_targets_that_match_no_projection_are_one_line_errors():
 # The command line: fine-tune from an export, export merged in both formats.
 
 
-def _transformer(*flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.transformer", *flags],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-
-
 def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data_dir):
   import torch
   import transformers
 
-  tiny = [
-      f"--flagfile={TINY_FLAGS}",
-      f"--data_dir={data_dir}",
-      "--seq_len=32",
-      "--batch_size=8",
-      "--model_override=num_layers=1",
-      "--model_override=embed_dim=32",
-      "--model_override=mlp_dim=64",
-      "--eval_batches=2",
-      "--num_steps=3",
-      "--eval_every=3",
-      "--log_every=1",
-  ]
+  tiny = [*TINY_RUN, f"--data_dir={data_dir}", "--num_steps=3", "--eval_every=3", "--log_every=1"]
   base, run = tmp_path / "base", tmp_path / "lora"
   # No --model: the architecture comes from the export's model.json.
   lora_flags = [
@@ -336,7 +308,7 @@ def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data
       [*lora_flags, "--mode=eval"],
       lora_flags,
   ):
-    result = _transformer(*tiny, *flags)
+    result = _run(*tiny, *flags)
     assert result.returncode == 0, result.stderr
     outputs.append(result.stdout)
   assert "of them in LoRA adapters, the rest frozen" in result.stdout
@@ -349,7 +321,7 @@ def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data
       ["--mode=export", f"--export_dir={tmp_path / 'merged'}"],
       ["--mode=export", "--export_format=hf", f"--export_dir={tmp_path / 'hf'}"],
   ):
-    result = _transformer(f"--flagfile={run / 'flags.txt'}", *flags)
+    result = _run(f"--flagfile={run / 'flags.txt'}", *flags)
     assert result.returncode == 0, result.stderr
   # The fine-tuned run's own parameters, base and adapters, give the reference logits.
   model = lora.Lora(
@@ -388,25 +360,14 @@ def test_cli_fine_tunes_an_export_with_lora_and_exports_it_merged(tmp_path, data
 
 
 def test_cli_lora_flags_without_a_rank_or_a_match_are_one_line_errors(tmp_path, data_dir):
-  tiny = [
-      f"--flagfile={TINY_FLAGS}",
-      f"--data_dir={data_dir}",
-      "--seq_len=32",
-      "--batch_size=8",
-      "--model_override=num_layers=1",
-      "--model_override=embed_dim=32",
-      "--model_override=mlp_dim=64",
-      "--num_steps=1",
-  ]
+  tiny = [*TINY_RUN, f"--data_dir={data_dir}", "--num_steps=1"]
   _assert_one_line_error(
-      _transformer(*tiny, f"--workdir={tmp_path / 'a'}", "--lora_alpha=8"),
+      _run(*tiny, f"--workdir={tmp_path / 'a'}", "--lora_alpha=8"),
       1,
       "--lora_alpha needs --lora_rank > 0",
   )
   _assert_one_line_error(
-      _transformer(
-          *tiny, f"--workdir={tmp_path / 'b'}", "--lora_rank=4", "--lora_targets=encoder_stack"
-      ),
+      _run(*tiny, f"--workdir={tmp_path / 'b'}", "--lora_rank=4", "--lora_targets=encoder_stack"),
       1,
       "--lora_targets='encoder_stack' matches no kernel",
   )
