@@ -444,3 +444,35 @@ def test_keep_best_keeps_the_best_and_the_newest(tmp_path, metric, values):
   ckpt.wait()
   ckpt.close()
   assert sorted(os.listdir(tmp_path)) == ["2", "5"]
+
+
+# Checkpoints written by bigjax at ec285fc, the commit before the structure change (#21): steps 1-2 of
+# a 4-step run on synthetic_sequences/reverse, with its flags.txt, and steps 3-4 as that code logged
+# them uninterrupted. Made with `python -m experiments.{transformer,rnn}` and the flags in flags.txt.
+_OLD_CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "checkpoint_ec285fc")
+
+
+@pytest.mark.parametrize("model, experiment", [("transformer", "transformer"), ("lstm", "rnn")])
+def test_a_checkpoint_written_before_the_structure_change_resumes_to_the_old_losses(
+    tmp_path, data_dir, model, experiment
+):
+  from tests.test_cli import _run_experiment
+
+  workdir = tmp_path / model
+  shutil.copytree(os.path.join(_OLD_CHECKPOINTS, model), workdir)
+  expected = metrics.read_jsonl(str(workdir / "expected_steps_3_4.jsonl"))
+  # The documented way back into a run: its own flags.txt (old flags must still parse).
+  result = _run_experiment(
+      f"experiments.{experiment}",
+      f"--flagfile={workdir}/flags.txt",
+      f"--workdir={workdir}",
+      f"--data_dir={data_dir}",
+  )
+  assert result.returncode == 0, result.stderr
+  assert "steps 3-4" in result.stdout, result.stdout
+  resumed = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if r["step"] > 2]
+  for key in ("train_loss", "grad_norm", "eval_loss", "eval_accuracy"):
+    # Not bitwise: another CPU may round differently; a wrong state or data position is ~1e-2 off.
+    np.testing.assert_allclose(
+        [r.get(key, np.nan) for r in resumed], [r.get(key, np.nan) for r in expected], rtol=1e-5
+    )
