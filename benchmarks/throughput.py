@@ -6,6 +6,11 @@
       --batch_size=64
   python -m benchmarks.throughput --model=lstm-lm --model_override=num_layers=2 --batch_size=16 --seq_len=128
 
+Language models that keep attention inside documents are timed on packed windows, as the
+experiments train them: random documents (mean length --document_len) with their segment ids and
+positions, so the step runs the attention a real run does; the record's attention_implementation
+names it, and the fused-kernel call counts in the compiled step confirm it.
+
 It times the real train step: `bigjax.train.compile_steps` for the model, the task from
 `bigjax.tasks`, the optimizer from the shared optimizer flags, on the mesh from --mesh. One random
 batch is placed on the devices once, so the figures exclude the input pipeline.
@@ -33,6 +38,7 @@ from absl import flags
 
 from benchmarks import flops
 from bigjax import flags as bigjax_flags
+from bigjax import lm_inputs
 from bigjax import models
 from bigjax import optim
 from bigjax import sharding
@@ -41,12 +47,20 @@ from bigjax import train
 from bigjax.errors import UserError
 from bigjax.nn import recurrent
 from bigjax.nn import transformer
+from bigjax.ops import attention as attention_ops
 
 SEQ_LEN = flags.DEFINE_integer(
     "seq_len", 256, "Language models: tokens per sequence.", lower_bound=1
 )
 IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "Image models: height and width (default: the preset's).", lower_bound=1
+)
+DOCUMENT_LEN = flags.DEFINE_integer(
+    "document_len",
+    512,
+    "Language models taking segment ids: mean length of the random documents packed into each "
+    "window (end-of-document tokens at random); 0 times unpacked windows with no segment ids.",
+    lower_bound=0,
 )
 BENCH_WARMUP = flags.DEFINE_integer(
     "bench_warmup", 3, "Untimed steps after compilation.", lower_bound=0
@@ -129,12 +143,22 @@ def build_model(name: str, overrides: dict, image_size: int | None) -> nn.Module
   return models.create(name, **overrides)
 
 
-def random_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict:
-  """Random tokens [B, T + 1] for a language model; random images and labels for a classifier."""
+def random_batch(
+    model: nn.Module, batch_size: int, seq_len: int, seed: int = 0, document_len: int = 0
+) -> dict:
+  """Random tokens [B, T + 1] for a language model, packed as documents of mean `document_len`
+  with segment ids and positions when the model takes them (the last vocabulary id ends a
+  document); random images and labels for a classifier."""
   rng = np.random.default_rng(seed)
   cfg = model.config
   if is_language_model(model):
-    return {"tokens": rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)}
+    tokens = rng.integers(0, cfg.vocab_size - 1, (batch_size, seq_len + 1), dtype=np.int32)
+    if not (document_len and lm_inputs.takes_segment_ids(model)):
+      return {"tokens": tokens}
+    eod_id = cfg.vocab_size - 1
+    tokens[rng.random(tokens.shape) < 1 / document_len] = eod_id
+    windows = [lm_inputs.document_segments(row, eod_id) for row in tokens]
+    return {"tokens": tokens, **{k: np.stack([w[k] for w in windows]) for k in windows[0]}}
   images = rng.standard_normal((batch_size, *cfg.input_shape), dtype=np.float32)
   return {"image": images, "label": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32)}
 
@@ -144,7 +168,9 @@ def workload_from_flags() -> Workload:
   overrides = bigjax_flags.model_overrides()
   model = build_model(bigjax_flags.MODEL.value, overrides, IMAGE_SIZE.value)
   batch_size = bigjax_flags.BATCH_SIZE.value
-  batch = random_batch(model, batch_size, SEQ_LEN.value, bigjax_flags.SEED.value)
+  batch = random_batch(
+      model, batch_size, SEQ_LEN.value, bigjax_flags.SEED.value, DOCUMENT_LEN.value
+  )
   if is_language_model(model):
     if SEQ_LEN.value > getattr(model.config, "max_len", SEQ_LEN.value):
       raise UserError(
@@ -381,15 +407,32 @@ def run_bigjax(workload: Workload) -> dict:
   record["minor_faults_per_step"] = faults_per_step
   record["mesh"] = sharding.describe(mesh)
   if isinstance(workload.model, transformer.TransformerLM):
-    record["cudnn_attention_calls"] = cudnn_attention_calls(runner.compiled_text())
+    record["packed_documents"] = "segment_ids" in workload.batch
+    record["attention_implementation"] = attention_implementation(workload)
+    record.update(fused_attention_calls(runner.compiled_text()))
   return record
 
 
-def cudnn_attention_calls(compiled_hlo: str) -> int:
-  """cuDNN fused-attention custom calls (forward and backward) in the compiled step's HLO: one of
-  each per layer, or once in the loop body of a scanned layer stack. 0 means the step's attention
-  is bigjax's own (always so on CPU and TPU)."""
-  return compiled_hlo.count('custom_call_target="__cudnn$fmha')
+def attention_implementation(workload: Workload) -> str:
+  """The implementation bigjax.ops.attention picks for this workload's self-attention."""
+  cfg = workload.model.config
+  batch, length = workload.batch["tokens"][:, :-1].shape
+  head_dim = cfg.head_dim or cfg.embed_dim // cfg.num_heads
+  q_shape = (batch, length, cfg.num_heads, head_dim)
+  k_shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim)
+  segment_ids = workload.batch.get("segment_ids")
+  mask = attention_ops.Mask(segment_ids_BT=None if segment_ids is None else segment_ids[:, :-1])
+  return attention_ops.implementation(q_shape, k_shape, cfg.compute_dtype, mask)
+
+
+def fused_attention_calls(compiled_hlo: str) -> dict:
+  """Fused-attention kernels in the compiled step's HLO, forward and backward: cuDNN's custom
+  calls (one of each per layer, or once in the loop body of a scanned layer stack) and Pallas'
+  TPU kernels (splash attention is bigjax's only one). 0 and 0: the step's attention is XLA's."""
+  return {
+      "cudnn_attention_calls": compiled_hlo.count('custom_call_target="__cudnn$fmha'),
+      "pallas_tpu_calls": compiled_hlo.count('custom_call_target="tpu_custom_call"'),
+  }
 
 
 def run_ab(workload: Workload) -> list[dict]:

@@ -2,6 +2,8 @@
 vocabulary), checked before any data is read or checkpoint loaded, each a one-line error in the
 flags' terms."""
 
+import numpy as np
+
 from bigjax import sample
 from bigjax.errors import UserError
 
@@ -68,3 +70,13 @@ def check_vocab(model, tokenizer) -> None:
         f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} token ids but the model's "
         f"vocab_size={vocab}; use --model_override=vocab_size={tokenizer.vocab_size}"
     )
+
+
+def document_segments(tokens: np.ndarray, eod_id: int) -> dict[str, np.ndarray]:
+  """Segment ids (from 1) and within-document positions of a packed window (see bigjax.data.lm.TokenWindows)."""
+  ends = tokens == eod_id
+  starts_new = np.concatenate([[False], ends[:-1]])  # the token after an end starts a document
+  segment_ids = (1 + np.cumsum(starts_new)).astype(np.int32)
+  index = np.arange(len(tokens))
+  first = np.maximum.accumulate(np.where(starts_new, index, 0))
+  return {"segment_ids": segment_ids, "positions": (index - first).astype(np.int32)}

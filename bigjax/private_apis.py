@@ -42,3 +42,25 @@ def let_grain_workers_read_flags() -> None:
   right values there. Inside an app (the CLI) the flags are parsed already and nothing changes."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def cudnn_packed_attention(q_BTHK, k_BTGK, v_BTGK, lengths_BM, offsets_BM1, *, causal: bool):
+  """cuDNN's fused attention over packed documents (its ragged "packed layout": each window holds
+  up to M documents, given by their lengths and start offsets, -1 where a window has fewer).
+  jax.nn.dot_product_attention takes only one length per example (padding), not documents; JAX's
+  cuDNN module, which it calls, takes offsets too. Needs a Hopper GPU or newer."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+
+  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  return cudnn.dot_product_attention(
+      q_BTHK,
+      k_BTGK,
+      v_BTGK,
+      q_seqlen=lengths_BM,
+      kv_seqlen=lengths_BM,
+      q_offsets=offsets_BM1,
+      kv_offsets=offsets_BM1,
+      scale=q_BTHK.shape[-1] ** -0.5,
+      mask_type=mask_type,
+      qkv_layout="BTNH",
+  )

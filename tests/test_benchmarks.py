@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import flops
 from benchmarks import throughput
@@ -187,9 +188,9 @@ sys.meta_path.insert(0, _NoDataStack())
 """
 
 
-def test_gpu_script_dry_run_on_cpu(tmp_path):
-  """benchmarks/gpu.sh with BIGJAX_GPU_DRY_RUN=1: every step of the GPU run, with the same presets
-  and flags at toy sizes, on the CPU and without grain or TFDS."""
+def _dry_run(script: str, tmp_path) -> dict:
+  """benchmarks/SCRIPT.sh with its dry-run switch on the CPU, without grain or TFDS: the records
+  of each step by name."""
   import json
   import os
   import subprocess
@@ -201,13 +202,13 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
   out = tmp_path / "out"
   env = dict(
       os.environ,
-      BIGJAX_GPU_DRY_RUN="1",
+      **{f"BIGJAX_{script.upper()}_DRY_RUN": "1"},
       OUT=str(out),
       PYTHONPATH=str(site),
       XLA_FLAGS="--xla_force_host_platform_device_count=1",
   )
   result = subprocess.run(
-      ["bash", os.path.join(repo, "benchmarks", "gpu.sh")],
+      ["bash", os.path.join(repo, "benchmarks", f"{script}.sh")],
       cwd=tmp_path,
       env=env,
       capture_output=True,
@@ -215,19 +216,67 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
       timeout=600,
   )
   assert result.returncode == 0, result.stdout[-3000:]
-  records = {
-      name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-      for name in ("attention_check", "gpt2_medium_bf16", "resnet50_bf16")
-  }
-  assert [(r["kv_heads"], r["ok"]) for r in records["attention_check"]] == [(16, True), (4, True)]
-  (gpt,), (resnet,) = records["gpt2_medium_bf16"], records["resnet50_bf16"]
-  assert (gpt["model"], gpt["dtype"], gpt["cudnn_attention_calls"]) == (
-      "gpt2-medium",
-      "bfloat16",
-      0,
-  )
-  assert gpt["tokens_per_s"] > 0 and resnet["images_per_s"] > 0
   assert "jax 0." in (out / "versions.txt").read_text()
+  return {
+      name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+      for name in ("attention_check", "gpt2_medium_bf16", "llama3_2_1b_bf16", "resnet50_bf16")
+  }
+
+
+@pytest.mark.parametrize("script, attention", [("gpu", "xla"), ("tpu", "splash")])
+def test_device_script_dry_run_on_cpu(tmp_path, script, attention):
+  """benchmarks/gpu.sh and tpu.sh at toy sizes: every step of the device run with the same
+  presets and flags, the attention check over packed documents too (tpu.sh's through splash in
+  interpret mode), each language model's record naming its attention and fused-kernel calls."""
+  records = _dry_run(script, tmp_path)
+  checks = records["attention_check"]
+  assert [(r["kv_heads"], r["packed_documents"], r["ok"]) for r in checks] == [
+      (16, False, True),
+      (4, False, True),
+      (16, True, True),
+      (4, True, True),
+  ]
+  assert {r["implementation"] for r in checks} == {attention}
+  (gpt,), (llama,), (resnet,) = (records[n] for n in list(records)[1:])
+  for record, model in ((gpt, "gpt2-medium"), (llama, "llama3.2-1b")):
+    assert (record["model"], record["dtype"], record["packed_documents"]) == (
+        model,
+        "bfloat16",
+        True,
+    )
+    # On the CPU the step's attention is XLA's: no fused calls
+    assert (record["attention_implementation"], record["cudnn_attention_calls"]) == ("xla", 0)
+    assert record["pallas_tpu_calls"] == 0 and record["tokens_per_s"] > 0
+  assert resnet["images_per_s"] > 0
+
+
+def test_throughput_times_packed_windows_and_names_the_attention_each_platform_picks():
+  """The benchmark's batch is what the experiments train on (documents with segment ids), and the
+  implementation it reports is bigjax.ops.attention's choice for those inputs."""
+  from bigjax.ops import attention as attention_ops
+
+  model = models.create("transformer-tiny", dtype="bfloat16")
+  batch = throughput.random_batch(model, 4, 256, document_len=32)
+  assert set(batch) == {"tokens", "segment_ids", "positions"}
+  ends = batch["tokens"][:, :-1] == model.config.vocab_size - 1
+  np.testing.assert_array_equal(np.diff(batch["segment_ids"], axis=1), ends)
+  assert 256 * 4 / 32 / 2 < ends.sum() < 256 * 4 / 32 * 2
+  assert set(throughput.random_batch(model, 4, 256)) == {"tokens"}  # document_len=0: unpacked
+  workload = throughput.Workload("transformer-tiny", model, None, batch, "tokens", 1024, "bfloat16")
+  assert throughput.attention_implementation(workload) == "xla"  # this CPU
+  cfg = model.config
+  shape = (4, 256, cfg.num_heads, cfg.embed_dim // cfg.num_heads)
+  mask = attention_ops.Mask(segment_ids_BT=batch["segment_ids"][:, :-1])
+  assert (
+      attention_ops.implementation(shape, shape, cfg.compute_dtype, mask, platform="tpu")
+      == "splash"
+  )
+  assert (
+      attention_ops.implementation(
+          shape, shape, cfg.compute_dtype, mask, platform="gpu", gpu_capability=9.0
+      )
+      == "cudnn_packed"
+  )
 
 
 def test_load_benchmark_writes_a_checkpoint_and_measures_its_sharded_load(tmp_path):

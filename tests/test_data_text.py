@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from bigjax import lm_inputs
 from bigjax import metrics
 from bigjax import models
 from bigjax import tasks
@@ -187,9 +188,9 @@ def test_segment_mask_stops_attention_across_documents_by_gradient():
   from bigjax.nn import attention
   from bigjax.ops import attention as attention_ops
 
-  segment_ids = lm.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)["segment_ids"][
-      None
-  ]
+  segment_ids = lm_inputs.document_segments(np.array([5, 6, 0, 7, 8, 9, 0, 1]), eod_id=0)[
+      "segment_ids"
+  ][None]
   rng = np.random.default_rng(0)
   q, k, v = (jax.numpy.asarray(rng.normal(size=(1, 2, 8, 4)), jax.numpy.float32) for _ in range(3))
 
@@ -212,7 +213,7 @@ def test_a_packed_transformer_sees_each_document_as_if_it_were_alone():
   from bigjax import models
 
   tokens = np.array([[5, 6, 0, 7, 8, 9, 0, 1, 2]], np.int32)
-  packed = lm.document_segments(tokens[0], eod_id=0)
+  packed = lm_inputs.document_segments(tokens[0], eod_id=0)
   model = models.create(
       "transformer-tiny", num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=16
   )

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from bigjax import lm_inputs
 from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
@@ -85,17 +86,7 @@ class TokenWindows:
     tokens = self.stream[start : start + self.seq_len + 1].astype(np.int32)
     if self.eod_id is None:
       return {"tokens": tokens}
-    return {"tokens": tokens, **document_segments(tokens, self.eod_id)}
-
-
-def document_segments(tokens: np.ndarray, eod_id: int) -> dict[str, np.ndarray]:
-  """Segment ids (from 1) and within-document positions of a packed window (see TokenWindows)."""
-  ends = tokens == eod_id
-  starts_new = np.concatenate([[False], ends[:-1]])  # the token after an end starts a document
-  segment_ids = (1 + np.cumsum(starts_new)).astype(np.int32)
-  index = np.arange(len(tokens))
-  first = np.maximum.accumulate(np.where(starts_new, index, 0))
-  return {"segment_ids": segment_ids, "positions": (index - first).astype(np.int32)}
+    return {"tokens": tokens, **lm_inputs.document_segments(tokens, self.eod_id)}
 
 
 def open_windows(

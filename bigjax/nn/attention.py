@@ -14,22 +14,18 @@ import numpy as np
 from bigjax.nn import norm
 from bigjax.nn import position
 from bigjax.ops import attention as ops
-from bigjax.ops.attention import combine_masks  # noqa: F401  (models build their masks with it)
+
+# Models build their masks from these (a Mask keeps the parts; the others make arrays).
+from bigjax.ops.attention import IMPLEMENTATIONS  # noqa: F401
+from bigjax.ops.attention import Mask  # noqa: F401
+from bigjax.ops.attention import combine_masks  # noqa: F401
+from bigjax.ops.attention import padding_mask  # noqa: F401
+from bigjax.ops.attention import segment_mask  # noqa: F401
 
 
 def causal_mask(length: int) -> np.ndarray:
   """[1, 1, T, T] boolean mask: query t may attend to keys s <= t (a numpy constant)."""
   return np.tril(np.ones((length, length), dtype=np.bool_))[None, None]
-
-
-def padding_mask(valid_BS: jnp.ndarray) -> jnp.ndarray:
-  """[B, 1, 1, S] boolean mask: no query attends to a padding key (valid_BS False)."""
-  return valid_BS.astype(jnp.bool_)[:, None, None, :]
-
-
-def segment_mask(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
-  """[B, 1, T, T] boolean mask: a query attends only to keys of its own packed document."""
-  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
 class _Einsum(nn.Module):
@@ -84,6 +80,8 @@ class MultiHeadAttention(nn.Module):
     rotary_base: apply rotary position embeddings to q and k with this base; None for no rotation.
     rotary_scaling: rescale the rotary frequencies (Llama 3.1); None keeps them.
     cache_len: keys and values the KV cache holds when called with `decode=True`.
+    implementation: the attention kernel (one of IMPLEMENTATIONS); None lets
+      bigjax.ops.attention pick it for the platform and inputs.
   """
 
   num_heads: int
@@ -96,6 +94,7 @@ class MultiHeadAttention(nn.Module):
   rotary_base: float | None = None
   rotary_scaling: position.Llama3Scaling | None = None
   cache_len: int = 2048
+  implementation: str | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
@@ -105,16 +104,17 @@ class MultiHeadAttention(nn.Module):
   def __call__(
       self,
       x_BTD,
-      mask_B1TS=None,
+      mask=None,
       positions_BT=None,
       *,
       causal: bool = False,
       train: bool = False,
       decode: bool = False,
   ):
-    """Query t sees the keys `mask_B1TS` allows and, with `causal`, only keys s <= t.
+    """Query t sees the keys `mask` allows (an ops.attention.Mask, which fused kernels take as it
+    is, or a boolean array broadcastable to [B, 1, T, S]) and, with `causal`, only keys s <= t.
     With `decode=True` the new keys and values are appended to the `cache` collection and the
-    queries attend causally to everything cached so far (`mask_B1TS` and `causal` are then ignored);
+    queries attend causally to everything cached so far (`mask` and `causal` are then ignored);
     rotary positions then default to the tokens' places after what is cached. The cache holds
     `cache_len` positions: decode no further (a traced index cannot be checked inside jit, and
     `bigjax.sample` stops there)."""
@@ -149,7 +149,15 @@ class MultiHeadAttention(nn.Module):
 
     width = x_BTD.shape[-1]
     if not (decode or (train and self.dropout_rate > 0.0)):
-      out_BTHK = ops.attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, causal=causal, dtype=self.dtype)
+      out_BTHK = ops.attention(
+          q_BTHK,
+          k_BTGK,
+          v_BTGK,
+          mask,
+          causal=causal,
+          dtype=self.dtype,
+          implementation_name=self.implementation,
+      )
       return self._output(out_BTHK, width)
     # Decoding (keys and values from the cache) and attention dropout work heads-first.
     q_BHTK, k_BGSK, v_BGSK = (x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK))
@@ -159,7 +167,7 @@ class MultiHeadAttention(nn.Module):
           q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype
       )
     else:  # dropout on the probabilities, under plain autodiff
-      probs_BGRTS = ops.probabilities(q_BHTK, k_BGSK, mask_B1TS, causal=causal)
+      probs_BGRTS = ops.probabilities(q_BHTK, k_BGSK, ops.as_mask(mask).dense(), causal=causal)
       probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
       out_BHTK = ops.attend(probs_BGRTS, v_BGSK, self.dtype)
     return self._output(out_BHTK.transpose(0, 2, 1, 3), width)

@@ -59,6 +59,9 @@ class TransformerConfig:
   max_len: int
   num_kv_heads: int | None = None  # None: as many as num_heads (plain multi-head attention)
   head_dim: int | None = None  # None: embed_dim // num_heads
+  # The attention kernel: "auto" lets bigjax.ops.attention pick for the platform and inputs;
+  # one of ops.attention.IMPLEMENTATIONS pins it (splash off a TPU runs in Pallas' interpreter).
+  attention: str = "auto"
   position: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
   rotary_base: float = 10_000.0
   # Llama 3.1's rotary frequency scaling (position.Llama3Scaling), used when rope_scaling="llama3".
@@ -93,6 +96,7 @@ class TransformerConfig:
       checks.positive_int(self, name)
     checks.optional_positive_int(self, "num_kv_heads")
     checks.optional_positive_int(self, "head_dim")
+    checks.one_of(self, "attention", ("auto", *attention.IMPLEMENTATIONS), "attention kernel")
     checks.one_of(self, "position", POSITIONS)
     checks.positive_number(self, "rotary_base")
     checks.one_of(self, "rope_scaling", ROPE_SCALINGS)
@@ -263,6 +267,7 @@ def make_attention(cfg: TransformerConfig, name: str = "attn") -> attention.Mult
       rotary_base=cfg.rotary_base if rotary else None,
       rotary_scaling=cfg.rotary_scaling if rotary else None,
       cache_len=cfg.max_len,
+      implementation=None if cfg.attention == "auto" else cfg.attention,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
       out_kernel_init=_residual_init(cfg),
@@ -278,9 +283,10 @@ def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
   """Class decorator adding a block type under `name`, for `TransformerConfig(block=name)`.
 
   The class is a Linen module constructed as `Block(config, name=...)` and called as
-  `block(x_BTD, mask_B1TS, positions_BT, *, causal, train, decode)` -> x_BTD, like
-  TransformerBlock; any KV cache lives in its "cache" collection (make_attention's does). Its
-  parameters and caches then get the layers axis under scan_layers, and remat wraps it whole.
+  `block(x_BTD, mask, positions_BT, *, causal, train, decode)` -> x_BTD, like TransformerBlock
+  (`mask` is what MultiHeadAttention takes: an ops.attention.Mask, an array or None); any KV
+  cache lives in its "cache" collection (make_attention's does). Its parameters and caches then
+  get the layers axis under scan_layers, and remat wraps it whole.
   """
 
   def add(block_cls: type[nn.Module]) -> type[nn.Module]:
@@ -315,7 +321,7 @@ class TransformerBlock(nn.Module):
   def __call__(
       self,
       x_BTD,
-      mask_B1TS=None,
+      mask=None,
       positions_BT=None,
       *,
       causal: bool = False,
@@ -325,7 +331,7 @@ class TransformerBlock(nn.Module):
     cfg = self.config
     h_BTD = make_attention(cfg)(
         make_norm(cfg, "ln_attn")(x_BTD),
-        mask_B1TS,
+        mask,
         positions_BT,
         causal=causal,
         train=train,
@@ -340,7 +346,7 @@ class TransformerBlock(nn.Module):
 def apply_blocks(
     cfg: TransformerConfig,
     x_BTD,
-    mask_B1TS,
+    mask,
     positions_BT,
     *,
     causal: bool,
@@ -353,8 +359,8 @@ def apply_blocks(
   wraps each block in jax.checkpoint with the named policy."""
   block_cls = _BLOCKS[cfg.block]
 
-  def block(module, x_BTD, mask_B1TS, positions_BT):
-    return module(x_BTD, mask_B1TS, positions_BT, causal=causal, train=train, decode=decode)
+  def block(module, x_BTD, mask, positions_BT):
+    return module(x_BTD, mask, positions_BT, causal=causal, train=train, decode=decode)
 
   policy = REMAT_POLICIES[cfg.remat]
   if cfg.remat != "none":
@@ -362,11 +368,11 @@ def apply_blocks(
     block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(cfg.num_layers):
-      x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask_B1TS, positions_BT)
+      x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask, positions_BT)
     return x_BTD
   scanned = nn.scan(
-      lambda module, x_BTD, mask_B1TS, positions_BT: (
-          block(module, x_BTD, mask_B1TS, positions_BT),
+      lambda module, x_BTD, mask, positions_BT: (
+          block(module, x_BTD, mask, positions_BT),
           None,
       ),
       variable_axes={"params": 0, "cache": 0},
@@ -375,7 +381,7 @@ def apply_blocks(
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
-  x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask_B1TS, positions_BT)
+  x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask, positions_BT)
   return x_BTD
 
 
@@ -461,10 +467,8 @@ class TransformerLM(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
-    mask = attention.combine_masks(
-        None if valid_BT is None else attention.padding_mask(valid_BT),
-        None if segment_ids_BT is None else attention.segment_mask(segment_ids_BT),
-    )
+    # Kept as its parts: fused attention kernels take segment ids, not a [T, T] array.
+    mask = attention.Mask(segment_ids_BT=segment_ids_BT, valid_BS=valid_BT)
     x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, causal=True, train=train, decode=decode)
     x_BTD = make_norm(cfg, "ln_final")(x_BTD)
 
