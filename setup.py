@@ -49,8 +49,17 @@ setuptools.setup(
             # tests/test_style.py: pinned, since a newer formatter may format otherwise
             "pyink==26.5.1",
             "ruff==0.17.6",
+            # tests/test_profile.py reads the trace with the viewer's own converter, and
+            # tests/test_wandb.py the offline run with wandb's own reader
+            "xprof==2.24.2",
+            "wandb==0.31.0",
         ],
         "colab": ["matplotlib>=3.8"],
+        # --profile_steps: the trace viewer, as TensorBoard's profile plugin and the standalone
+        # `xprof --logdir=WORKDIR/profile` (tensorboard-plugin-profile is now only a name for it)
+        "profile": ["xprof==2.24.2"],
+        # --wandb_project
+        "wandb": ["wandb==0.31.0"],
         # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
         # pip install torch --index-url https://download.pytorch.org/whl/cpu
         "bench": ["torch>=2.4"],

@@ -305,6 +305,22 @@ KEEP_BEST_METRIC = flags.DEFINE_string(
     "Also keep the checkpoint with the best value "
     "of this eval metric (eval_loss: lowest; eval_accuracy: highest).",
 )
+PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps",
+    None,
+    "START:END: write a jax.profiler trace of training steps START to END - 1 (END not included: "
+    "10:13 traces steps 10, 11 and 12; steps count from 1, as the console lines do) into "
+    "WORKDIR/profile/process_N, one directory per process; open it with "
+    'xprof --logdir=WORKDIR/profile (pip install -e ".[profile]").',
+)
+WANDB_PROJECT = flags.DEFINE_string(
+    "wandb_project",
+    None,
+    "Also send the metrics to a Weights & Biases run in this project "
+    '(pip install -e ".[wandb]"), with the flags as its config; a resumed run continues the same '
+    "W&B run. wandb's environment variables apply: WANDB_MODE=offline writes the run locally, "
+    "WANDB_ENTITY, WANDB_API_KEY, and WANDB_DIR for its local files (default: the workdir).",
+)
 
 
 def train_config() -> train.TrainConfig:
@@ -323,7 +339,33 @@ def train_config() -> train.TrainConfig:
       xla_options=xla_options(),
       allow_restart=ALLOW_RESTART.value,
       eval_with_ema=EVAL_WITH_EMA.value,
+      profile_steps=profile_steps(),
+      wandb=wandb_config(),
   )
+
+
+def profile_steps() -> tuple[int, int] | None:
+  """--profile_steps=START:END as (START, END); TrainConfig checks the range."""
+  text = PROFILE_STEPS.value
+  if not text:
+    return None
+  start, sep, end = text.partition(":")
+  try:
+    if sep:
+      return int(start), int(end)
+  except ValueError:
+    pass
+  raise UserError(
+      f"--profile_steps={text!r} must look like START:END, e.g. --profile_steps=10:13 (steps 10, "
+      "11 and 12)"
+  )
+
+
+def wandb_config() -> metrics.WandbConfig | None:
+  """--wandb_project's run, with the run's flags as its config; None without it."""
+  if not WANDB_PROJECT.value:
+    return None
+  return metrics.WandbConfig(project=WANDB_PROJECT.value, config=run_flag_values())
 
 
 def xla_options(holder: flags.FlagHolder = XLA_OPTIONS) -> dict[str, Any]:
@@ -552,19 +594,29 @@ def model_identity(model) -> tuple[str, dict]:
   return models.full_config_preset(model), dataclasses.asdict(model.config)
 
 
-def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
-  """One line per flag of bigjax and the experiment, set or not, and per flag of another module
-  (absl, grain, TFDS, Orbax) only where the run set it: the libraries' defaults are not part of
-  the experiment, and listing them buried its flags among ~20 of absl's and grain's."""
-  lines = []
+def _run_flags(flag_values: flags.FlagValues) -> list[flags.Flag]:
+  """Every flag of bigjax and the experiment, set or not, and each flag of another module (absl,
+  grain, TFDS, Orbax) only where the run set it: the libraries' defaults are not part of the
+  experiment, and listing them buried its flags among ~20 of absl's and grain's."""
+  run_flags = []
   for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
     ours = module.split(".")[0] in ("bigjax", "experiments") or module == sys.argv[0]
-    lines += [
-        flag.serialize()
+    run_flags += [
+        flag
         for flag in sorted(module_flags, key=lambda flag: flag.name)
         if (ours or flag.present) and flag.value is not None
     ]
-  return "\n".join(lines) + "\n"
+  return run_flags
+
+
+def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """The run's flags (see _run_flags), one line each, as a flagfile takes them."""
+  return "".join(flag.serialize() + "\n" for flag in _run_flags(flag_values))
+
+
+def run_flag_values(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+  """The run's flags (see _run_flags) by name, as a metrics service records a run's config."""
+  return {flag.name: flag.value for flag in _run_flags(flag_values)}
 
 
 def require(*required: flags.FlagHolder) -> None:

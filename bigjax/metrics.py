@@ -1,5 +1,6 @@
 """Host-side metrics: sums accumulated between log steps, written to metrics.jsonl and the console."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,10 +13,12 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from bigjax import config_checks as checks
 from bigjax import workdir
 from bigjax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"  # the W&B run that a resumed run continues
 
 
 def console(message: str) -> None:
@@ -51,11 +54,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def set_aside_previous_run(workdir: str) -> list[str]:
-  """Renames an earlier run's metrics.jsonl and TensorBoard directory (a restart from step 0
-  keeps them, never overwrites them); the new names."""
+  """Renames an earlier run's metrics.jsonl, TensorBoard directory and W&B run id (a restart from
+  step 0 keeps them, never overwrites them, and starts a W&B run of its own); the new names."""
   suffix = f".before-restart-{int(time.time())}"
   moved = []
-  for name in (METRICS_FILE, "tensorboard"):
+  for name in (METRICS_FILE, "tensorboard", WANDB_RUN_ID_FILE):
     path = os.path.join(workdir, name)
     if jax.process_index() == 0 and os.path.exists(path):
       os.rename(path, path + suffix)
@@ -89,26 +92,94 @@ class TensorBoard:
     self._writer.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """A Weights & Biases run in `project` that receives every record, with `config` (the CLI: its
+  flags) as the run's config. wandb's own environment variables apply (WANDB_MODE=offline,
+  WANDB_ENTITY, WANDB_API_KEY; WANDB_DIR, else the workdir, holds its local files)."""
+
+  project: str
+  config: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if not (isinstance(self.project, str) and self.project):
+      checks.fail(self, f"project={self.project!r} must be the name of a W&B project")
+    import_wandb()  # a missing package fails where the run is configured, not after compiling
+
+
+def import_wandb():
+  """The wandb module, an optional dependency; a one-line error naming the extra without it."""
+  try:
+    import wandb  # here, not at the top: only a run that asks for W&B needs it installed
+  except ImportError:
+    raise UserError('--wandb_project needs the wandb package: pip install -e ".[wandb]"') from None
+  return wandb
+
+
+class Wandb:
+  """Scalars as a W&B run, at the run's own step numbers. The run's id is kept in
+  `directory`/wandb_run_id.txt, so a resumed run continues the same W&B run."""
+
+  def __init__(self, cfg: WandbConfig, directory: str):
+    wandb = import_wandb()
+    id_path = os.path.join(directory, WANDB_RUN_ID_FILE)
+    run_id = None
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    try:
+      self._run = wandb.init(
+          project=cfg.project,
+          id=run_id,
+          resume="allow",
+          config=cfg.config,
+          dir=os.environ.get("WANDB_DIR", directory),
+      )
+    except wandb.errors.Error as e:  # no API key, no network, a project that is not yours
+      raise UserError(
+          f"cannot start the W&B run: {str(e).splitlines()[0]} (WANDB_MODE=offline writes it "
+          "locally, for `wandb sync` later)"
+      ) from None
+    if run_id is None:
+      workdir.replace_file(id_path, self._run.id + "\n")
+
+  def write(self, record: dict) -> None:
+    self._run.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+  def close(self) -> None:
+    self._run.finish()
+
+
 class MetricsLog:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl`, the same scalars to
-  TensorBoard event files in `workdir/tensorboard`, and prints a console line.
+  TensorBoard event files in `workdir/tensorboard` (and to a W&B run, given `wandb`), and prints a
+  console line.
 
   Only process 0 writes. On resume, records after the restored step (written by a run that died
   before its next checkpoint) are dropped, so each step appears exactly once.
   """
 
   def __init__(
-      self, workdir: str, *, unit: str, num_steps: int, resumed_step: int = 0, stream=None
+      self,
+      workdir: str,
+      *,
+      unit: str,
+      num_steps: int,
+      resumed_step: int = 0,
+      stream=None,
+      wandb: WandbConfig | None = None,
   ):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.unit, self.num_steps = unit, num_steps
     self.stream = stream or sys.stdout
     self.enabled = jax.process_index() == 0
-    self.tensorboard = None
+    self.writers = []  # where each record goes besides metrics.jsonl and the console
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._truncate_after(resumed_step)
-      self.tensorboard = TensorBoard(os.path.join(workdir, "tensorboard"))
+      self.writers.append(TensorBoard(os.path.join(workdir, "tensorboard")))
+      if wandb is not None:
+        self.writers.append(Wandb(wandb, workdir))
     self.progress = Progress(num_steps, unit, self.stream) if self.enabled else None
 
   def _truncate_after(self, step: int) -> None:
@@ -132,7 +203,8 @@ class MetricsLog:
           f"cannot append to {self.path} ({e.strerror or e}); free space or fix the directory, then "
           "rerun to resume from the last checkpoint"
       ) from None
-    self.tensorboard.write(record)
+    for writer in self.writers:
+      writer.write(record)
     self.progress.clear()
     self.stream.write(format_record(record, self.num_steps, self.unit) + "\n")
     self.stream.flush()
@@ -145,7 +217,8 @@ class MetricsLog:
   def close(self) -> None:
     if self.enabled:
       self.progress.clear()
-      self.tensorboard.close()
+      for writer in self.writers:
+        writer.close()
 
 
 def format_record(record: dict, num_steps: int, unit: str) -> str:

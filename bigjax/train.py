@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from bigjax import checkpoint
+from bigjax import config_checks as checks
 from bigjax import optim
 from bigjax import sharding
 from bigjax import tasks
@@ -61,6 +62,32 @@ class TrainConfig:
   eval_with_ema: bool = False
   # XLA compiler options for the jitted steps; see `platform_xla_options` for which apply where
   xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # (START, END): a jax.profiler trace of steps START to END - 1 into `profile_directory`
+  profile_steps: tuple[int, int] | None = None
+  # where the metrics also go besides metrics.jsonl and TensorBoard: a Weights & Biases run
+  wandb: metrics_lib.WandbConfig | None = None
+
+  def __post_init__(self):
+    window = self.profile_steps
+    if window is None:
+      return
+    if not (
+        isinstance(window, tuple)
+        and len(window) == 2
+        and all(checks.is_int(s) for s in window)
+        and 1 <= window[0] < window[1]
+    ):
+      checks.fail(
+          self,
+          f"profile_steps={window!r} must be (START, END) with 1 <= START < END "
+          "(--profile_steps=START:END traces steps START to END - 1; steps count from 1)",
+      )
+    if checks.is_int(self.num_steps) and window[0] > self.num_steps:
+      checks.fail(
+          self,
+          f"profile_steps={window!r} starts after the last step (num_steps={self.num_steps}): "
+          "nothing would be traced",
+      )
 
 
 def enable_compilation_cache(directory: str, min_compile_secs: float | None = None) -> bool:
@@ -378,8 +405,9 @@ def fit(
   one-line error, never a silent restart, and so is a workdir whose checkpoints are all
   unreadable unless `config.allow_restart`. `on_start` runs once the state is restored or
   initialised and there are steps to train (the experiments save their flags there, so a refused
-  resume leaves the workdir as it was). Returns the last logged record (with the final
-  evaluation, when `eval_data` is given).
+  resume leaves the workdir as it was). `config.profile_steps` traces those steps with jax.profiler
+  into `profile_directory`. Returns the last logged record (with the final evaluation, when
+  `eval_data` is given).
   """
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   with workdir_lib.claim(config.workdir):
@@ -433,10 +461,14 @@ def fit(
             + "".join(f"; XLA option {name}={value}" for name, value in steps.xla_options.items())
         )
         log = metrics_lib.MetricsLog(
-            config.workdir, unit=task.unit, num_steps=config.num_steps, resumed_step=start
+            config.workdir,
+            unit=task.unit,
+            num_steps=config.num_steps,
+            resumed_step=start,
+            wandb=config.wandb,
         )
         # The handlers stay until the last write is on disk, so a second signal cannot cut it short.
-        with _StopSignals() as stop:
+        with _StopSignals() as stop, _profile_trace(config, start) as profile:
           return _train_loop(
               state,
               start,
@@ -451,9 +483,22 @@ def fit(
               log,
               learning_rate,
               stop,
+              profile,
           )
     finally:
       ckpt.close()
+
+
+def _profile_trace(config: TrainConfig, start: int) -> "_ProfileTrace":
+  """The trace of the steps of `config.profile_steps` that a run from step `start` trains."""
+  steps = traced_steps(config.profile_steps, start, config.num_steps)
+  if config.profile_steps and not steps:
+    first, end = config.profile_steps
+    metrics_lib.console(
+        f"nothing profiled: steps {first}-{end - 1} (--profile_steps) were trained before step "
+        f"{start}, where this run resumes"
+    )
+  return _ProfileTrace(steps, profile_directory(config.workdir, jax.process_index()))
 
 
 def _initial_variables(init_from: str, model, abstract, mesh) -> dict:
@@ -721,6 +766,64 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
+def profile_directory(workdir: str, process: int) -> str:
+  """Where process `process` writes its --profile_steps trace: one directory per process, since
+  jax.profiler names each trace file after the host alone (processes sharing a host would overwrite
+  each other's) and each process's trace gets a directory of its own timestamp anyway. TensorBoard
+  and XProf, given WORKDIR/profile, list every process's trace as a run of its own."""
+  return os.path.join(workdir, "profile", f"process_{process}")
+
+
+def traced_steps(window: tuple[int, int] | None, start: int, num_steps: int) -> range:
+  """The steps of `window` (START, END: END not included) that a run from step `start` to
+  `num_steps` trains; empty without a window, or when a resumed run has passed it."""
+  if window is None:
+    return range(0)
+  return range(max(window[0], start + 1), min(window[1], num_steps + 1))
+
+
+class _ProfileTrace:
+  """A jax.profiler trace of `steps` into `directory`, holding their device work and no other
+  step's: dispatch returns before the device has run, so the trace starts once the step before has
+  finished (before the first traced step reads its batch) and stops once the last one's outputs are
+  ready, or when the run ends or fails inside the window."""
+
+  def __init__(self, steps: range, directory: str):
+    self.steps, self.directory = steps, directory
+    self.tracing, self.last = False, None  # the last step dispatched inside the trace
+
+  def before(self, step: int, state) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def after(self, step: int, outputs) -> None:
+    if not self.tracing:
+      return
+    self.last = step
+    if step == self.steps[-1]:
+      jax.block_until_ready(outputs)
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self.tracing = False
+    first, last = self.steps[0], self.last
+    what = f"steps {first}-{last}" if last is not None and last > first else f"step {first}"
+    metrics_lib.console(
+        f"profile of {what} written to {self.directory} (open it with "
+        f"xprof --logdir={os.path.dirname(self.directory)})"
+    )
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.tracing:  # the run stopped or failed inside the window
+      self._stop()
+
+
 # A finite loss this many times its first value (and above DIVERGED_FLOOR) has diverged: the
 # cross-entropy of a model that has learnt nothing is ln(classes), and one this far above it means
 # confidently wrong outputs (a CNN at learning rate 1e6 reached 4e23).
@@ -774,6 +877,7 @@ def _train_loop(
     log,
     learning_rate,
     stop: "_StopSignals",
+    profile: "_ProfileTrace",
 ):
   """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
   waits for the device except at evaluation and checkpoint steps. A non-finite or diverged loss
@@ -830,6 +934,7 @@ def _train_loop(
   best = None  # (value, step) of the first eval metric
   run_start = time.perf_counter()
   for step in range(start + 1, config.num_steps + 1):
+    profile.before(step, state)  # on the run's first step the trace holds the compilation too
     batch = sharding.host_to_global(next(train_iter), mesh)
     if step == start + 1:  # compile ahead of time, to report the cost before the first step runs
       step_fn = step_fn.lower(state, batch).compile()
@@ -839,6 +944,7 @@ def _train_loop(
           f"{flops / 1e9:,.2f} GFLOP per step (XLA's count; loops counted once)"
       )
     state, step_metrics = step_fn(state, batch)
+    profile.after(step, (state, step_metrics))
     if pending is not None:  # the previous step's metrics: ready by now, so this rarely waits
       previous, previous_metrics = pending
       fetched = fetch(previous, previous_metrics)
