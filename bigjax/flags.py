@@ -25,6 +25,7 @@ from bigjax import models
 from bigjax import optim
 from bigjax import run as run_lib
 from bigjax import sharding
+from bigjax import storage
 from bigjax import tasks
 from bigjax import train
 from bigjax import workdir as workdir_lib
@@ -471,12 +472,24 @@ def compute_dtype() -> str:
 _RUN_RESOURCES = contextlib.ExitStack()
 
 
+def check_remote_paths() -> None:
+  """--workdir, --export_dir and --init_from on an object store (gs://) answer within
+  storage.REACH_TIMEOUT_S: a write to the first two, a read of the third."""
+  for flag, writes in ((WORKDIR, True), (EXPORT_DIR, True), (INIT_FROM, False)):
+    if flag.value and storage.is_remote(flag.value):
+      try:
+        storage.check_reachable(flag.value, write=writes)
+      except UserError as e:
+        raise UserError(f"--{flag.name}: {e}") from None
+
+
 def experiment() -> run_lib.Experiment:
   """Starts the multi-process runtime if this is one process of many, checks the required flags,
   claims the workdir for a training run (before anything, a tokenizer included, is written there),
   logs the devices, and builds the model, mesh and configs."""
   sharding.initialize_distributed(COORDINATOR_ADDRESS.value, NUM_PROCESSES.value, PROCESS_ID.value)
   # --init_from a Hugging Face directory or an export gives the architecture: no --model needed
+  check_remote_paths()  # first: an unreachable bucket is one line, not minutes of retries
   require(*([] if hf_init_dir() or _takes_export_model() else [MODEL]), DATASET, WORKDIR)
   model = build_model()  # before the claim: a model that cannot be built leaves no workdir behind
   if TASK.value:
@@ -537,7 +550,7 @@ def hf_init_dir() -> str | None:
   """--init_from when it names a Hugging Face model directory (one with config.json), else None."""
   if not INIT_FROM.value:
     return None
-  path = os.path.abspath(os.path.expanduser(INIT_FROM.value))
+  path = storage.absolute(INIT_FROM.value)
   return path if hf.is_hf_directory(path) else None
 
 

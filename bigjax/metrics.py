@@ -1,19 +1,24 @@
 """Host-side metrics: sums accumulated between log steps, written to metrics.jsonl and the console."""
 
 import dataclasses
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer import record_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bigjax import config_checks as checks
+from bigjax import storage
 from bigjax import workdir
 from bigjax.errors import UserError
 
@@ -38,8 +43,7 @@ def add_sums(total: dict | None, sums: dict) -> dict:
 def read_jsonl(path: str) -> list[dict]:
   """The records of a JSON-lines file. A last line cut short (a crash mid-write) is left out: the
   run that resumes rewrites the file without it."""
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
   records = []
   for number, line in enumerate(lines, 1):
     try:
@@ -60,18 +64,43 @@ def set_aside_previous_run(workdir: str) -> list[str]:
   moved = []
   for name in (METRICS_FILE, "tensorboard", WANDB_RUN_ID_FILE):
     path = os.path.join(workdir, name)
-    if jax.process_index() == 0 and os.path.exists(path):
-      os.rename(path, path + suffix)
+    if jax.process_index() == 0 and storage.exists(path):
+      storage.rename(path, path + suffix)
       moved.append(path + suffix)
   return moved
 
 
-class TensorBoard:
-  """Scalars as TensorBoard event files in `directory`, written with TensorBoard's own writer (no
-  TensorFlow needed)."""
+class RewrittenEventFile:
+  """An event file on an object store, which cannot append: the events so far are kept and the
+  whole file is written again on each flush (a run's scalars are small). EventFileWriter's
+  appends there would leave only the last event."""
 
   def __init__(self, directory: str):
-    self._writer = EventFileWriter(directory)
+    name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+    self.path = os.path.join(directory, name)
+    self._buffer = io.BytesIO()
+    self._records = record_writer.RecordWriter(self._buffer)
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def add_event(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def flush(self) -> None:
+    epath.Path(self.path).write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class TensorBoard:
+  """Scalars as TensorBoard event files in `directory`, written with TensorBoard's own writer (no
+  TensorFlow needed), or rewritten whole on an object store."""
+
+  def __init__(self, directory: str):
+    if storage.is_remote(directory):
+      self._writer = RewrittenEventFile(directory)
+    else:
+      self._writer = EventFileWriter(directory)
 
   def write(self, record: dict) -> None:
     values = [
@@ -123,17 +152,16 @@ class Wandb:
   def __init__(self, cfg: WandbConfig, directory: str):
     wandb = import_wandb()
     id_path = os.path.join(directory, WANDB_RUN_ID_FILE)
-    run_id = None
-    if os.path.exists(id_path):
-      with open(id_path) as f:
-        run_id = f.read().strip()
+    run_id = storage.read_text(id_path).strip() if storage.exists(id_path) else None
+    # wandb keeps its files on the local disk: a remote workdir leaves them to wandb's default.
+    local_dir = None if storage.is_remote(directory) else directory
     try:
       self._run = wandb.init(
           project=cfg.project,
           id=run_id,
           resume="allow",
           config=cfg.config,
-          dir=os.environ.get("WANDB_DIR", directory),
+          dir=os.environ.get("WANDB_DIR", local_dir),
       )
     except wandb.errors.Error as e:  # no API key, no network, a project that is not yours
       raise UserError(
@@ -174,9 +202,13 @@ class MetricsLog:
     self.stream = stream or sys.stdout
     self.enabled = jax.process_index() == 0
     self.writers = []  # where each record goes besides metrics.jsonl and the console
+    self._remote_text = None  # on an object store: the file's contents so far
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      if not storage.is_remote(workdir):
+        os.makedirs(workdir, exist_ok=True)
       self._truncate_after(resumed_step)
+      if storage.is_remote(workdir):
+        self._remote_text = storage.read_text(self.path) if storage.exists(self.path) else ""
       self.writers.append(TensorBoard(os.path.join(workdir, "tensorboard")))
       if wandb is not None:
         self.writers.append(Wandb(wandb, workdir))
@@ -184,10 +216,9 @@ class MetricsLog:
 
   def _truncate_after(self, step: int) -> None:
     """Drops records after `step` and a torn last line; rewrites the file only when that changes it."""
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return
-    with open(self.path) as f:
-      before = f.read()
+    before = storage.read_text(self.path)
     kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= step)
     if kept != before:
       workdir.replace_file(self.path, kept)
@@ -195,9 +226,14 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    line = json.dumps(record) + "\n"
     try:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      if self._remote_text is not None:  # an object store cannot append: rewritten whole
+        self._remote_text += line
+        storage.write_whole(self.path, self._remote_text)
+      else:
+        with open(self.path, "a") as f:
+          f.write(line)
     except OSError as e:
       raise UserError(
           f"cannot append to {self.path} ({e.strerror or e}); free space or fix the directory, then "

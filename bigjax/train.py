@@ -24,6 +24,7 @@ from bigjax import checkpoint
 from bigjax import config_checks as checks
 from bigjax import optim
 from bigjax import sharding
+from bigjax import storage
 from bigjax import tasks
 from bigjax import metrics as metrics_lib
 from bigjax import workdir as workdir_lib
@@ -507,7 +508,7 @@ def _initial_variables(init_from: str, model, abstract, mesh) -> dict:
   model takes its base parameters from there; its adapters are the caller's (fresh) ones."""
   base_params, _ = lora.split_adapters(abstract.params)
   wanted = {"params": base_params, **abstract.model_state}
-  if hf.is_hf_directory(os.path.abspath(os.path.expanduser(init_from))):
+  if hf.is_hf_directory(storage.absolute(init_from)):
     _, variables = hf.load(init_from, mesh=mesh, **dataclasses.asdict(lora.base_of(model).config))
     return jax.device_put(variables, jax.tree.map(lambda a: a.sharding, wanted))
   return checkpoint.load_variables(init_from, wanted)
@@ -671,9 +672,9 @@ def format_compile_report(report: dict, mesh) -> str:
 def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh):
   """The newest checkpoint's (state, step), placed on `mesh` (call in mesh_context), and the
   compiled steps. Fails with a one-line error when `config.workdir` holds no checkpoint."""
-  directory = os.path.abspath(os.path.join(config.workdir, "checkpoints"))
+  directory = os.path.join(storage.absolute(config.workdir), "checkpoints")
   missing = UserError(f"no checkpoint in {directory}; train first with the same --workdir")
-  if not os.path.isdir(directory):  # checked first: the Checkpointer would create it
+  if not storage.is_dir(directory):  # checked first: the Checkpointer would create it
     raise missing
   ckpt = checkpoint.Checkpointer(directory, every=0, read_only=True)
   rng = jax.random.PRNGKey(config.seed)

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bigjax import storage
 from bigjax.errors import UserError
 
 LOCK_FILE = "lock"
@@ -133,7 +134,10 @@ def write_probe(directory: str) -> float:
 
 
 def check_writable(directory: str) -> float:
-  """write_probe, with a one-line error when the directory cannot be written."""
+  """write_probe, with a one-line error when the directory cannot be written (a remote one: when
+  it cannot be reached in time either); the file system's clock."""
+  if storage.is_remote(directory):
+    return storage.check_reachable(directory)
   try:
     return write_probe(directory)
   except OSError as e:
@@ -141,8 +145,12 @@ def check_writable(directory: str) -> float:
 
 
 def replace_file(path: str, text: str) -> None:
-  """Writes `path` whole or not at all (a temporary file renamed over it); a failed write (a full
-  disk) leaves the old file and no temporary one, and is a one-line error."""
+  """Writes `path` whole or not at all (a temporary file renamed over it; on an object store, one
+  object); a failed write (a full disk) leaves the old file and no temporary one, and is a
+  one-line error."""
+  if storage.is_remote(path):
+    storage.write_whole(path, text)
+    return
   tmp = f"{path}.tmp"
   try:
     with open(tmp, "w") as f:
@@ -162,8 +170,10 @@ class WorkdirLock:
   """Process 0's hold on a workdir; see the module docstring. Use `claim(workdir)`."""
 
   def __init__(self, workdir: str):
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = storage.absolute(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
+    # On an object store: exclusive creates by if-generation-match, times by the store's clock.
+    self.remote = storage.is_remote(self.workdir)
     self.me = _this_process()
     self._stop = threading.Event()
     self._heartbeat = None
@@ -171,9 +181,12 @@ class WorkdirLock:
   def _read(self) -> tuple[dict | None, float] | None:
     """(holder or None when unreadable, modification time), or None when there is no lock."""
     try:
-      with open(self.path) as f:
-        text = f.read()
-      mtime = os.stat(self.path).st_mtime
+      if self.remote:
+        text, mtime = storage.read_text(self.path), storage.modified_time(self.path)
+      else:
+        with open(self.path) as f:
+          text = f.read()
+        mtime = os.stat(self.path).st_mtime
     except FileNotFoundError:
       return None
     try:
@@ -192,6 +205,8 @@ class WorkdirLock:
 
   def _create(self) -> bool:
     """Writes the lock if there is none; whether it did."""
+    if self.remote:
+      return storage.create_exclusive(self.path, json.dumps(self.me))
     try:
       fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -205,22 +220,15 @@ class WorkdirLock:
   def _take_over(self, dead: tuple[dict | None, float]) -> bool:
     """Replaces the dead holder's lock with ours, unless another run got there first."""
     mutex = self.path + ".takeover"
-    try:
-      os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    except FileExistsError:
+    if not self._create_mutex(mutex):
       with contextlib.suppress(OSError):
-        if time.time() - os.stat(mutex).st_mtime > TAKEOVER_STALE_S:
-          os.remove(mutex)
+        if self._clock() - self._mtime(mutex) > TAKEOVER_STALE_S:
+          self._remove(mutex)
       return False
     try:
       if self._read() != dead:  # changed since we looked: someone else is taking over
         return False
-      tmp = f"{self.path}.{self.me['token']}"
-      with open(tmp, "w") as f:
-        json.dump(self.me, f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
+      replace_file(self.path, json.dumps(self.me))
       holder = dead[0] or {}
       print(
           f"took over the lock of {self.workdir} from a run that is no longer running ({describe(holder)})",
@@ -229,7 +237,29 @@ class WorkdirLock:
       )
       return True
     finally:
-      os.remove(mutex)
+      self._remove(mutex)
+
+  def _create_mutex(self, path: str) -> bool:
+    if self.remote:
+      return storage.create_exclusive(path, "")
+    try:
+      os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+      return False
+    return True
+
+  def _remove(self, path: str) -> None:
+    if self.remote:
+      storage.remove(path)
+    else:
+      os.remove(path)
+
+  def _mtime(self, path: str) -> float:
+    return storage.modified_time(path) if self.remote else os.stat(path).st_mtime
+
+  def _clock(self) -> float:
+    """Now, by the clock lock times are measured with (an object store's own: a probe's time)."""
+    return check_writable(self.workdir) if self.remote else time.time()
 
   def _acquire_here(self) -> str | None:
     """Takes the lock (process 0); None, or why it cannot."""
@@ -279,8 +309,11 @@ class WorkdirLock:
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
-      with contextlib.suppress(OSError):
-        os.utime(self.path)  # no times: the file system's clock, as readers compare against it
+      with contextlib.suppress(OSError, UserError):
+        if self.remote:  # rewritten: an object's time changes only with its contents
+          storage.write_whole(self.path, json.dumps(self.me))
+        else:
+          os.utime(self.path)  # no times: the file system's clock, as readers compare against it
 
   def release(self) -> None:
     self._stop.set()
@@ -289,7 +322,7 @@ class WorkdirLock:
     found = self._read()
     if found is not None and found[0] is not None and found[0].get("token") == self.me["token"]:
       with contextlib.suppress(OSError):
-        os.remove(self.path)
+        self._remove(self.path)
 
 
 def _from_process_zero(message: str | None) -> str | None:
@@ -312,7 +345,7 @@ _held: dict[str, WorkdirLock] = {}
 def claim(workdir: str):
   """Holds `workdir` for this run while the block runs (re-entrant within one process: an
   experiment claims its workdir before it trains a tokenizer there, and `fit` claims it again)."""
-  key = os.path.abspath(os.path.expanduser(workdir))
+  key = storage.absolute(workdir)
   if key in _held:
     yield _held[key]
     return

@@ -26,6 +26,7 @@ import shutil
 
 import numpy as np
 
+from bigjax import storage
 from bigjax.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
@@ -286,6 +287,11 @@ def _sentences(documents):
 def open_tokenizer(spec: str, workdir: str | None, documents=None):
   """The tokenizer `spec` names. SentencePiece loads WORKDIR/tokenizer.model, or trains it on
   `documents` (a callable returning an iterable of byte strings) when it is not there yet."""
+  if workdir and storage.is_remote(workdir) and spec != "bytes":
+    raise UserError(
+        f"--tokenizer={spec} keeps its files in the workdir, which is not supported on {workdir} "
+        "yet; use a local --workdir (or --tokenizer=bytes)"
+    )
   if spec.startswith("hf:"):
     return _open_hf_tokenizer(spec[len("hf:") :], workdir, training=documents is not None)
   vocab = parse(spec)

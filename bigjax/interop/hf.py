@@ -39,6 +39,7 @@ import safetensors
 from jax.experimental import multihost_utils
 
 from bigjax import sharding
+from bigjax import storage
 from bigjax import workdir as workdir_lib
 from bigjax.errors import UserError
 from bigjax.nn import conv
@@ -72,7 +73,8 @@ _BUFFER_SUFFIXES = (
 
 
 def is_hf_directory(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, CONFIG))
+  # Hugging Face directories are read from the local disk (safetensors are memory-mapped).
+  return not storage.is_remote(directory) and os.path.isfile(os.path.join(directory, CONFIG))
 
 
 def read_config(directory: str) -> dict:
