@@ -79,10 +79,14 @@ DATASET = flags.DEFINE_string(
     "dataset",
     None,
     "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
-    "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE).",
+    "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE), "
+    "jsonl:GLOB (a JSON object per line; .gz, .zst too), parquet:GLOB (a row each).",
 )
 DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "TFDS data directory (default ~/tensorflow_datasets)."
+    "data_dir",
+    None,
+    "TFDS data directory (default ~/tensorflow_datasets); its bigjax_index/ keeps the row indexes "
+    "of JSON Lines files in folders bigjax cannot write to.",
 )
 TRAIN_SPLIT = flags.DEFINE_string(
     "train_split", "train", "Split to train on, in TFDS syntax (train[:90%])."
@@ -474,7 +478,12 @@ _RUN_RESOURCES = contextlib.ExitStack()
 
 def check_remote_paths() -> None:
   """--workdir, --export_dir and --init_from on an object store (gs://) answer within
-  storage.REACH_TIMEOUT_S: a write to the first two, a read of the third."""
+  storage.REACH_TIMEOUT_S: a write to the first two, a read of the third. --data_dir is local."""
+  if DATA_DIR.value and storage.is_remote(DATA_DIR.value):
+    raise UserError(
+        f"--data_dir={DATA_DIR.value}: data sets are read from a local disk; copy the prepared "
+        "data there first (gcloud storage cp -r) and pass that directory"
+    )
   for flag, writes in ((WORKDIR, True), (EXPORT_DIR, True), (INIT_FROM, False)):
     if flag.value and storage.is_remote(flag.value):
       try:

@@ -206,6 +206,14 @@ def test_an_unreachable_bucket_is_one_line_in_seconds(tmp_path, data_dir):
   assert time.monotonic() - started < 60
 
 
+def test_a_gs_data_dir_is_refused_in_one_line(tmp_path):
+  process = _cli(*TINY_RUN, f"--workdir={tmp_path}", f"--data_dir=gs://{BUCKET}/tfds", env={})
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 1 and "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: --data_dir=gs://{BUCKET}/tfds: data sets are read from a local")
+
+
 def test_a_tokenizer_that_keeps_files_in_a_gs_workdir_is_refused_in_one_line(data_dir, gcs):
   process = _cli(
       *TINY_RUN,
