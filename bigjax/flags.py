@@ -476,15 +476,26 @@ def compute_dtype() -> str:
 _RUN_RESOURCES = contextlib.ExitStack()
 
 
+def local_data_dir() -> str | None:
+  """--data_dir, or for one on a bucket its local copy of --dataset's files (made or completed on
+  first use, on every host): TFDS's ArrayRecord reader takes local files only, and a local disk
+  is where a training loop's reads should come from anyway."""
+  if not (DATA_DIR.value and storage.is_remote(DATA_DIR.value)):
+    return DATA_DIR.value
+  remote = DATA_DIR.value.rstrip("/")
+  local = os.path.join(storage.local_cache_root(), "data", remote.replace("://", "/", 1))
+  # NAME[/CONFIG][:VERSION]: the data set's directory (own files, `textfiles:...`, have none)
+  name = DATASET.value.partition(":")[0]
+  source = f"{remote}/{name}"
+  if DATASET.value and storage.is_dir(source):
+    storage.local_mirror(source, os.path.join(local, name), progress=metrics.console)
+  return local
+
+
 def check_remote_paths() -> None:
   """--workdir, --export_dir and --init_from on an object store (gs://) answer within
-  storage.REACH_TIMEOUT_S: a write to the first two, a read of the third. --data_dir is local."""
-  if DATA_DIR.value and storage.is_remote(DATA_DIR.value):
-    raise UserError(
-        f"--data_dir={DATA_DIR.value}: data sets are read from a local disk; copy the prepared "
-        "data there first (gcloud storage cp -r) and pass that directory"
-    )
-  for flag, writes in ((WORKDIR, True), (EXPORT_DIR, True), (INIT_FROM, False)):
+  storage.REACH_TIMEOUT_S: a write to the first two, a read of the third and of --data_dir."""
+  for flag, writes in ((WORKDIR, True), (EXPORT_DIR, True), (INIT_FROM, False), (DATA_DIR, False)):
     if flag.value and storage.is_remote(flag.value):
       try:
         storage.check_reachable(flag.value, write=writes)
@@ -515,7 +526,7 @@ def experiment() -> run_lib.Experiment:
       config=train_config(),
       optim=optim_config(),
       dataset=DATASET.value,
-      data_dir=DATA_DIR.value,
+      data_dir=local_data_dir(),
       losses=loss_config(),
       run_config=run_config(lora_lib.base_of(model)),
   )

@@ -158,3 +158,44 @@ def _fsspec(path: str):
 
   filesystem, name = fsspec.core.url_to_fs(path)
   return filesystem, name
+
+
+def local_cache_root() -> str:
+  """Where copies of remote data live on this host (BIGJAX_CACHE_DIR, else ~/.cache/bigjax)."""
+  return os.path.expanduser(os.environ.get("BIGJAX_CACHE_DIR", "~/.cache/bigjax"))
+
+
+def local_mirror(remote_dir: str, local_dir: str, progress=print) -> int:
+  """Copies every file under `remote_dir` into `local_dir` that is not there yet with the same
+  size (a copy cut short by a crash is redone: each file lands under its name only once whole).
+  Readers that take only local files (ArrayRecord's) then read the local copy. Returns the bytes
+  copied."""
+  files = list(_remote_files(epath.Path(remote_dir)))
+  copied = 0
+  for source, size in files:
+    target = os.path.join(local_dir, os.path.relpath(str(source), remote_dir))
+    if os.path.exists(target) and os.path.getsize(target) == size:
+      continue
+    if not copied:
+      total = sum(size for _, size in files)
+      progress(
+          f"copying {remote_dir} to {local_dir} ({len(files)} files, {total / 2**20:,.1f} MiB)"
+      )
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.partial"
+    with source.open("rb") as reader, open(partial, "wb") as writer:
+      while chunk := reader.read(1 << 24):
+        writer.write(chunk)
+    os.replace(partial, target)
+    copied += size
+  return copied
+
+
+def _remote_files(directory):
+  """(path, bytes) of every file under an epath directory, one listing per level (GCS lists no
+  `**`)."""
+  for path in directory.iterdir():
+    if path.is_dir():
+      yield from _remote_files(path)
+    else:
+      yield path, path.stat().length
