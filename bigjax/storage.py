@@ -58,6 +58,12 @@ def write_whole(path: str, text: str) -> None:
   epath.Path(path).write_text(text)
 
 
+def write_whole_bytes(path: str, data: bytes) -> None:
+  """write_whole for bytes."""
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(data)
+
+
 def create_exclusive(path: str, text: str) -> bool:
   """Writes `path` only if it does not exist yet, atomically (GCS's if-generation-match=0);
   whether this call created it."""
@@ -181,14 +187,19 @@ def local_mirror(remote_dir: str, local_dir: str, progress=print) -> int:
       progress(
           f"copying {remote_dir} to {local_dir} ({len(files)} files, {total / 2**20:,.1f} MiB)"
       )
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = f"{target}.partial"
-    with source.open("rb") as reader, open(partial, "wb") as writer:
-      while chunk := reader.read(1 << 24):
-        writer.write(chunk)
-    os.replace(partial, target)
+    copy_to_local(str(source), target)
     copied += size
   return copied
+
+
+def copy_to_local(source: str, target: str) -> None:
+  """A remote file copied to the local `target`, which appears only once whole."""
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  partial = f"{target}.partial"
+  with epath.Path(source).open("rb") as reader, open(partial, "wb") as writer:
+    while chunk := reader.read(1 << 24):
+      writer.write(chunk)
+  os.replace(partial, target)
 
 
 def _remote_files(directory):

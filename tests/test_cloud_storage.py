@@ -240,14 +240,27 @@ for root, _, files in os.walk(source):
   assert "copying" not in again and "step 2/2" in again
 
 
-def test_a_tokenizer_that_keeps_files_in_a_gs_workdir_is_refused_in_one_line(data_dir, gcs):
-  process = _cli(
-      *TINY_RUN,
-      f"--data_dir={data_dir}",
-      f"--workdir=gs://{BUCKET}/spm",
-      "--tokenizer=spm:512",
-      env=gcs,
+def test_a_sentencepiece_model_trained_for_a_gs_workdir_is_kept_in_the_bucket(
+    tmp_path, data_dir, gcs
+):
+  """The model a run trains goes up to the bucket; a run on another host (here: an empty cache)
+  fetches that one rather than training its own."""
+  workdir = f"gs://{BUCKET}/spm"
+  # A small corpus (the README's lines), so that training the model takes a second
+  run = [*TINY_RUN, f"--data_dir={data_dir}", f"--workdir={workdir}", "--tokenizer=spm:512"]
+  run += [f"--dataset=textlines:{REPO}/README.md"]
+  first, _ = _finish(
+      _cli(*run, "--num_steps=1", env={**gcs, "BIGJAX_CACHE_DIR": str(tmp_path / "host_a")})
   )
-  _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 1 and "Traceback" not in stderr
-  assert "--tokenizer=spm:512 keeps its files in the workdir" in stderr.strip().splitlines()[-1]
+  assert "step 1/1" in first
+  kept = _python(
+      gcs,
+      "import sys; from etils import epath; print(len(epath.Path(sys.argv[1]).read_bytes()))",
+      f"{workdir}/tokenizer.model",
+  )
+  evaluated, _ = _finish(
+      _cli(*run, "--mode=eval", env={**gcs, "BIGJAX_CACHE_DIR": str(tmp_path / "host_b")})
+  )
+  assert "eval_loss" in evaluated
+  fetched = tmp_path / "host_b" / "workdirs" / "gs" / BUCKET / "spm" / "tokenizer.model"
+  assert fetched.stat().st_size == int(kept)

@@ -286,32 +286,80 @@ def _sentences(documents):
 
 def open_tokenizer(spec: str, workdir: str | None, documents=None):
   """The tokenizer `spec` names. SentencePiece loads WORKDIR/tokenizer.model, or trains it on
-  `documents` (a callable returning an iterable of byte strings) when it is not there yet."""
-  if workdir and storage.is_remote(workdir) and spec != "bytes":
-    raise UserError(
-        f"--tokenizer={spec} keeps its files in the workdir, which is not supported on {workdir} "
-        "yet; use a local --workdir (or --tokenizer=bytes)"
+  `documents` (a callable returning an iterable of byte strings) when it is not there yet. A
+  workdir on a bucket keeps its tokenizer files there too, used through a local copy."""
+  if workdir and storage.is_remote(workdir):
+    return _open_through_local_copy(spec, workdir, documents)
+  return _open_in(spec, workdir, documents, shown=workdir, copy=None)
+
+
+class _BucketCopy:
+  """A bucket workdir's tokenizer files in a local folder: SentencePiece and tokenizers read and
+  write local files only."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.local = os.path.join(
+        storage.local_cache_root(), "workdirs", workdir.replace("://", "/", 1)
     )
+
+  def fetch(self) -> None:
+    """The bucket's files down; a local file the bucket no longer has goes (a replaced workdir)."""
+    os.makedirs(self.local, exist_ok=True)
+    for name in (MODEL_FILE, HF_FILE):
+      remote, here = os.path.join(self.workdir, name), os.path.join(self.local, name)
+      if storage.exists(remote):
+        storage.copy_to_local(remote, here)
+      elif os.path.exists(here):
+        os.remove(here)
+
+  def publish(self) -> None:
+    """What a run added locally up to the bucket (process 0)."""
+    for name in (MODEL_FILE, HF_FILE):
+      here, remote = os.path.join(self.local, name), os.path.join(self.workdir, name)
+      if os.path.exists(here) and not storage.exists(remote):
+        with open(here, "rb") as f:
+          storage.write_whole_bytes(remote, f.read())
+
+
+def _open_through_local_copy(spec: str, workdir: str, documents):
+  """open_tokenizer on a bucket workdir: its files fetched first; a model a training run makes is
+  published by process 0 before the other processes fetch it again."""
+  import jax
+
+  copy = _BucketCopy(workdir)
+  copy.fetch()
+  tokenizer = _open_in(spec, copy.local, documents, shown=workdir, copy=copy)
+  if jax.process_index() == 0:
+    copy.publish()  # a Hugging Face tokenizer.json a training run keeps
+  return tokenizer
+
+
+def _open_in(spec: str, workdir: str | None, documents, shown: str | None, copy):
+  """open_tokenizer on a local `workdir`, naming `shown` in its messages; `copy` (a _BucketCopy)
+  publishes a model trained there before the other processes read it."""
   if spec.startswith("hf:"):
-    return _open_hf_tokenizer(spec[len("hf:") :], workdir, training=documents is not None)
+    return _open_hf_tokenizer(
+        spec[len("hf:") :], workdir, training=documents is not None, shown=shown
+    )
   vocab = parse(spec)
   path = os.path.join(workdir, MODEL_FILE)
   if os.path.exists(os.path.join(workdir, HF_FILE)):
     raise UserError(
-        f"{workdir} was trained with the Hugging Face tokenizer {HF_FILE} kept there: pass the run's "
+        f"{shown} was trained with the Hugging Face tokenizer {HF_FILE} kept there: pass the run's "
         "--tokenizer=hf:DIR"
     )
   if vocab is None:
     if os.path.exists(path):
       raise UserError(
-          f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+          f"{shown} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
           "--tokenizer=spm:VOCAB"
       )
     return ByteTokenizer()
   if not os.path.exists(path):
     if documents is None:
-      raise UserError(f"no SentencePiece model in {workdir}; train with --tokenizer={spec} first")
-    _train_on_process_zero(documents, vocab, path)
+      raise UserError(f"no SentencePiece model in {shown}; train with --tokenizer={spec} first")
+    _train_on_process_zero(documents, vocab, path, copy)
   tokenizer = SentencePieceTokenizer(path)
   if tokenizer.vocab_size != vocab:
     raise UserError(
@@ -320,20 +368,22 @@ def open_tokenizer(spec: str, workdir: str | None, documents=None):
   return tokenizer
 
 
-def _open_hf_tokenizer(directory: str, workdir: str, training: bool) -> HuggingFaceTokenizer:
+def _open_hf_tokenizer(
+    directory: str, workdir: str, training: bool, shown: str | None = None
+) -> HuggingFaceTokenizer:
   """The tokenizer in `directory`, which must be the one a workdir was trained with: a training run
   keeps a copy of its tokenizer.json, and every later run compares against it."""
   tokenizer = HuggingFaceTokenizer(directory)
   if os.path.exists(os.path.join(workdir, MODEL_FILE)):
     raise UserError(
-        f"{workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
+        f"{shown or workdir} was trained with the SentencePiece model {MODEL_FILE}: pass the run's "
         "--tokenizer=spm:VOCAB"
     )
   kept = os.path.join(workdir, HF_FILE)
   if os.path.exists(kept):
     if not filecmp.cmp(kept, tokenizer.path, shallow=False):
       raise UserError(
-          f"{tokenizer.path} differs from the {HF_FILE} that {workdir} was trained with: its ids "
+          f"{tokenizer.path} differs from the {HF_FILE} that {shown or workdir} was trained with: its ids "
           f"would mean other text; pass --tokenizer=hf:DIR of that tokenizer, or use a new --workdir"
       )
   elif training:
@@ -346,9 +396,9 @@ def _open_hf_tokenizer(directory: str, workdir: str, training: bool) -> HuggingF
   return tokenizer
 
 
-def _train_on_process_zero(documents, vocab: int, path: str) -> None:
-  """Process 0 trains and writes; every process then reads the same file (the workdir is shared,
-  as the checkpoints need)."""
+def _train_on_process_zero(documents, vocab: int, path: str, copy=None) -> None:
+  """Process 0 trains and writes (and publishes it to the bucket of `copy`); every process then
+  reads the same file (the workdir is shared, as the checkpoints need)."""
   import jax
 
   if jax.process_index() == 0:
@@ -356,7 +406,11 @@ def _train_on_process_zero(documents, vocab: int, path: str) -> None:
     train_sentencepiece(documents(), vocab, tmp)
     os.replace(tmp, path)  # a run killed mid-training never leaves a model that looks finished
     os.remove(tmp[: -len(".model")] + ".vocab")
+    if copy is not None:
+      copy.publish()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("bigjax tokenizer trained")
+    if copy is not None and jax.process_index() != 0:  # another host: its own local copy
+      copy.fetch()
