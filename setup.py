@@ -32,6 +32,8 @@ setuptools.setup(
         "sentencepiece>=0.2.0,<0.3",  # --tokenizer=spm:VOCAB (tested with 0.2.3)
         "tokenizers>=0.22,<1",  # --tokenizer=hf:DIR (tested with 0.23.3)
         "safetensors>=0.8",  # Hugging Face weights (bigjax.interop.hf); 0.8 reads bfloat16 into numpy
+        "pyarrow>=17,<27",  # --dataset=parquet:GLOB (tested with 26.0.1)
+        "zstandard>=0.22,<1",  # --dataset=jsonl: files compressed with zstd (tested with 0.25.0)
     ],
     extras_require={
         # torch first and pinned: 2.13.0 is the CPU build on these machines (a bare "torch" pulls a

@@ -2,12 +2,15 @@
 
   python -m benchmarks.data                    # the tiny Transformer's data (transformer_tiny.flags)
   python -m benchmarks.data --flagfile=experiments/configs/transformer_tiny.flags --bench_workers=0,2
+  python -m benchmarks.data --dataset='jsonl:/data/corpus/*.jsonl.zst'   # or parquet:GLOB, any source
 
 For each worker count in --bench_workers it iterates the real training loader (the same windows,
 shuffle, batching and reading ahead as a run) for --bench_seconds after a warm-up and counts
 batches; a token is a predicted target (seq_len per window). It then times --bench_steps real
 train steps of the flagfile's model on one batch placed on the devices, and prints how many times
-the step's consumption the loader delivers. One JSON line at the end holds every figure.
+the step's consumption the loader delivers. One JSON line at the end holds every figure. Language
+model windows are slices of the split tokenized once when it is opened, so the figures hardly
+depend on the source's format; benchmarks/data_memory.py reads JSON Lines and Parquet row by row.
 """
 
 import json

@@ -101,12 +101,9 @@ class ImageFolder:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict:
-    image = decode_image(self.paths[index])
-    if image.shape != self.shape:
-      raise UserError(
-          f"image {self.paths[index]} is {image.shape[:2]} with {image.shape[2]} channel(s) but "
-          f"{self.paths[0]} is {self.shape[:2]} with {self.shape[2]}; resize the images to one size"
-      )
+    image = check_image_shape(
+        decode_image(self.paths[index]), self.shape, f"image {self.paths[index]}", self.paths[0]
+    )
     return {
         "image": image,
         "label": np.int64(self.labels[index]),
@@ -128,10 +125,12 @@ class Subset:
     return self.source[int(self.indices[index])]
 
 
-def decode_image(path: str) -> np.ndarray:
-  """[H, W, C] uint8: grey images keep one channel, anything else becomes RGB."""
-  from PIL import Image  # only image folders need Pillow
+def decode_image(path, name: str | None = None) -> np.ndarray:
+  """[H, W, C] uint8 from an image file's path or an open binary file (`name` says where its
+  bytes come from in the error): grey images keep one channel, anything else becomes RGB."""
+  from PIL import Image  # only image data sets need Pillow
 
+  name = name or path
   try:
     with Image.open(path) as image:
       image = image if image.mode in ("L", "RGB") else image.convert("RGB")
@@ -139,39 +138,64 @@ def decode_image(path: str) -> np.ndarray:
   # Pillow's decoders report damaged bytes as any of OSError, SyntaxError, ValueError, EOFError,
   # zlib.error, struct.error...: whatever decoding one file raises is that file's fault.
   except Exception as e:  # noqa: BLE001
-    reason = " ".join(str(e).replace(repr(path), "").replace(path, "").split()) or "no detail"
+    reason = " ".join(str(e).replace(repr(name), "").replace(name, "").split()) or "no detail"
     raise UserError(
-        f"{path} is not a readable image ({type(e).__name__}: {reason}); " "remove or replace it"
+        f"{name} is not a readable image ({type(e).__name__}: {reason}); remove or replace it"
     ) from None
   return array[..., None] if array.ndim == 2 else array
+
+
+def check_image_shape(image: np.ndarray, shape: tuple[int, ...], name: str, first: str):
+  """`image`, when it has the first image's `shape`: a batch stacks images of one shape."""
+  if image.shape != shape:
+    raise UserError(
+        f"{name} is {image.shape[:2]} with {image.shape[2]} channel(s) but {first} is "
+        f"{shape[:2]} with {shape[2]}; resize the images to one size"
+    )
+  return image
 
 
 def open_split(spec: str, split: str):
   """`split` (TFDS syntax) of `textfiles:GLOB`, `textlines:GLOB` or `imagefolder:DIR`."""
   kind, _, where = spec.partition(":")
   source, keys = _OPENERS[kind](spec, os.path.expanduser(where))
-  in_validation = np.array([is_validation(k) for k in keys], dtype=bool)
-  indices = {"train": np.flatnonzero(~in_validation), "validation": np.flatnonzero(in_validation)}
+  return select_split(spec, source, hash_splits([zlib.crc32(k) for k in keys]), split)
+
+
+def hash_splits(crc32s) -> dict[str, np.ndarray]:
+  """The examples of each split by the CRC32 of their keys: validation where it is 0 mod 20."""
+  in_validation = np.asarray(crc32s, np.int64) % VALIDATION_BUCKETS == 0
+  return {"train": np.flatnonzero(~in_validation), "validation": np.flatnonzero(in_validation)}
+
+
+HASH_RULE = "validation takes the ~5% whose key hashes to it"
+
+
+def select_split(
+    spec: str, source, indices: dict[str, np.ndarray], split: str, rule: str = HASH_RULE
+) -> "Subset":
+  """The examples of `split`, in TFDS's syntax over `indices` (each split's examples of `source`);
+  `rule` says in errors how examples were given their split."""
   sizes = {name: types.SimpleNamespace(num_examples=len(ix)) for name, ix in indices.items()}
+  counts = [f"{name} ({len(ix):,})" for name, ix in indices.items()]
   try:
     instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
   except ValueError as e:
     raise UserError(
         f"--dataset={spec}: bad split {split!r} ({' '.join(str(e).split())}); its splits are "
-        f"train ({len(indices['train']):,}) and validation ({len(indices['validation']):,})"
+        f"{', '.join(counts[:-1])}{' and ' if len(counts) > 1 else ''}{counts[-1]}"
     ) from None
   chosen = np.concatenate([indices[i.splitname][i.from_ : i.to] for i in instructions])
   if not len(chosen):
     raise UserError(
-        f"--dataset={spec}: split {split!r} is empty ({len(indices['train']):,} train, "
-        f"{len(indices['validation']):,} validation documents; validation takes the ~5% whose key "
-        "hashes to it); add files, or split train yourself: --train_split=train[:90%] "
-        "--eval_split=train[90%:]"
+        f"--dataset={spec}: split {split!r} is empty "
+        f"({', '.join(f'{len(ix):,} {name}' for name, ix in indices.items())} examples; {rule}); "
+        "add files, or split train yourself: --train_split=train[:90%] --eval_split=train[90%:]"
     )
   return Subset(source, chosen)
 
 
-def _glob(spec: str, pattern: str) -> tuple[list[str], str]:
+def glob_files(spec: str, pattern: str) -> tuple[list[str], str]:
   """The files matching `pattern`, sorted, each real file once, and the directory their keys are
   relative to."""
   root, segments = _split_pattern(pattern)
@@ -283,12 +307,12 @@ def _first_of_each_file(paths: list[str]) -> list[str]:
 
 
 def _open_text_files(spec: str, pattern: str):
-  paths, root = _glob(spec, pattern)
+  paths, root = glob_files(spec, pattern)
   return TextFiles(tuple(paths)), [os.path.relpath(p, root or os.curdir).encode() for p in paths]
 
 
 def _open_text_lines(spec: str, pattern: str):
-  paths, _ = _glob(spec, pattern)
+  paths, _ = glob_files(spec, pattern)
   chunks, starts, stops, names, offset = [], [], [], [], 0
   for path in paths:
     with open(path, "rb") as f:

@@ -1,5 +1,6 @@
 """Opens a data set split for random access (len, getitem -> dict of numpy): bigjax's own offline
-builders, any TFDS data set prepared in ArrayRecord form, or the user's own files (see files.py)."""
+builders, any TFDS data set prepared in ArrayRecord form, or the user's own files (see files.py,
+formats.py)."""
 
 import difflib
 import json
@@ -15,6 +16,7 @@ from tensorflow_datasets.core import constants as tfds_constants
 from bigjax import private_apis
 from bigjax.data import digits
 from bigjax.data import files
+from bigjax.data import formats
 from bigjax.data import python_text
 from bigjax.data import synthetic
 from bigjax.errors import UserError
@@ -33,10 +35,14 @@ def load_source(name: str, split: str, data_dir: str | None = None):
   """A random-access source for `split` of data set `name`.
 
   `name` is `NAME[/CONFIG][:VERSION]` for TFDS, or `textfiles:GLOB`, `textlines:GLOB`,
-  `imagefolder:DIR` for the user's own files. `split` takes TFDS's syntax (`train[:90%]`,
-  `train[10:20]+validation`). Local builders are prepared into `data_dir` on first use (seconds);
-  any other TFDS name must already be prepared there in ArrayRecord form: nothing is downloaded.
+  `imagefolder:DIR`, `jsonl:GLOB`, `parquet:GLOB` for the user's own files. `split` takes TFDS's
+  syntax (`train[:90%]`, `train[10:20]+validation`). Local builders are prepared into `data_dir` on
+  first use (seconds); any other TFDS name must already be prepared there in ArrayRecord form:
+  nothing is downloaded. JSON Lines indexes that cannot be kept beside their files go to
+  `data_dir/bigjax_index`.
   """
+  if formats.is_format_spec(name):
+    return formats.open_split(name, split, index_cache(data_dir))
   if files.is_files_spec(name):
     return files.open_split(name, split)
   builder = open_builder(name, data_dir)
@@ -52,7 +58,14 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     ) from None
 
 
+def index_cache(data_dir: str | None) -> str:
+  """Where the row indexes of JSON Lines files that sit in read-only folders are kept."""
+  return os.path.join(_root(data_dir), "bigjax_index")
+
+
 def split_names(name: str, data_dir: str | None = None) -> list[str]:
+  if formats.is_format_spec(name):
+    return formats.split_names(name)
   if files.is_files_spec(name):
     return list(files.SPLITS)
   return list(open_builder(name, data_dir).info.splits)
@@ -71,7 +84,10 @@ def default_eval_split(name: str, data_dir: str | None = None) -> str:
 
 
 def num_classes(name: str, label_key: str, data_dir: str | None = None) -> int | None:
-  """How many classes the label feature has, where the data set says (a ClassLabel, an image folder)."""
+  """How many classes the label feature has, where the data set says (a ClassLabel, an image folder,
+  a Parquet column of integers)."""
+  if formats.is_format_spec(name):
+    return formats.num_classes(name, label_key)
   if files.is_files_spec(name):
     return files.num_classes(name)
   feature = open_builder(name, data_dir).info.features[label_key]
@@ -79,6 +95,8 @@ def num_classes(name: str, label_key: str, data_dir: str | None = None) -> int |
 
 
 def feature_names(name: str, data_dir: str | None = None) -> set[str]:
+  if formats.is_format_spec(name):
+    return formats.feature_names(name, index_cache(data_dir))
   if files.is_files_spec(name):
     return files.feature_names(name)
   return set(open_builder(name, data_dir).info.features.keys())
