@@ -417,9 +417,8 @@ def attention_implementation(workload: Workload) -> str:
   """The implementation bigjax.ops.attention picks for this workload's self-attention."""
   cfg = workload.model.config
   batch, length = workload.batch["tokens"][:, :-1].shape
-  head_dim = cfg.head_dim or cfg.embed_dim // cfg.num_heads
-  q_shape = (batch, length, cfg.num_heads, head_dim)
-  k_shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim)
+  q_shape = (batch, length, cfg.num_heads, cfg.resolved_head_dim)
+  k_shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, cfg.resolved_head_dim)
   segment_ids = workload.batch.get("segment_ids")
   mask = attention_ops.Mask(segment_ids_BT=None if segment_ids is None else segment_ids[:, :-1])
   return attention_ops.implementation(q_shape, k_shape, cfg.compute_dtype, mask)

@@ -51,17 +51,15 @@ def read_text(path: str) -> str:
   return epath.Path(path).read_text()
 
 
-def write_whole(path: str, text: str) -> None:
+def write_whole(path: str, data: str | bytes) -> None:
   """A remote file written as one object: readers see the old object or the new one, never a part.
   (Local files go through bigjax.workdir.replace_file, with its temporary file and fsync.)"""
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_text(text)
-
-
-def write_whole_bytes(path: str, data: bytes) -> None:
-  """write_whole for bytes."""
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(data)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if isinstance(data, bytes):
+    target.write_bytes(data)
+  else:
+    target.write_text(data)
 
 
 def create_exclusive(path: str, text: str) -> bool:
@@ -101,10 +99,7 @@ def tree_bytes(directory: str) -> int:
         for root, _, files in os.walk(directory)
         for name in files
     )
-  total = 0
-  for path in epath.Path(directory).iterdir():  # epath refuses `**` on GCS: one level at a time
-    total += tree_bytes(str(path)) if path.is_dir() else path.stat().length
-  return total
+  return sum(size for _, size in _remote_files(epath.Path(directory)))
 
 
 def check_reachable(

@@ -386,6 +386,20 @@ def compile_steps(
   )
 
 
+def compile_run_steps(config: TrainConfig, model, tx, task, example_batch, mesh, rng) -> Compiled:
+  """compile_steps with the run's gradient accumulation and XLA options."""
+  return compile_steps(
+      model=model,
+      tx=tx,
+      task=task,
+      example_batch=example_batch,
+      mesh=mesh,
+      rng=rng,
+      grad_accum=config.grad_accum,
+      xla_options=config.xla_options,
+  )
+
+
 def fit(
     *,
     model,
@@ -427,16 +441,7 @@ def fit(
       example_batch = jax.tree.map(lambda x: x[:1], train_data[0])
       rng = jax.random.PRNGKey(config.seed)
       with mesh_context(mesh):
-        steps = compile_steps(
-            model=model,
-            tx=tx,
-            task=task,
-            example_batch=example_batch,
-            mesh=mesh,
-            rng=rng,
-            grad_accum=config.grad_accum,
-            xla_options=config.xla_options,
-        )
+        steps = compile_run_steps(config, model, tx, task, example_batch, mesh, rng)
         state, start, train_iter = _restore_or_init(
             steps, rng, ckpt, train_data, config, model, mesh
         )
@@ -600,16 +605,7 @@ def compile_report(*, model, task, tx, example_batch, config: TrainConfig, mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum)
   rng = jax.random.PRNGKey(config.seed)
   with mesh_context(mesh):
-    steps = compile_steps(
-        model=model,
-        tx=tx,
-        task=task,
-        example_batch=example_batch,
-        mesh=mesh,
-        rng=rng,
-        grad_accum=config.grad_accum,
-        xla_options=config.xla_options,
-    )
+    steps = compile_run_steps(config, model, tx, task, example_batch, mesh, rng)
     abstract_state = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = jax.tree.map(
@@ -678,15 +674,7 @@ def load_checkpoint(*, model, task, tx, example_batch, config: TrainConfig, mesh
     raise missing
   ckpt = checkpoint.Checkpointer(directory, every=0, read_only=True)
   rng = jax.random.PRNGKey(config.seed)
-  steps = compile_steps(
-      model=model,
-      tx=tx,
-      task=task,
-      example_batch=example_batch,
-      mesh=mesh,
-      rng=rng,
-      xla_options=config.xla_options,
-  )
+  steps = compile_run_steps(config, model, tx, task, example_batch, mesh, rng)
   state, step, unreadable = ckpt.restore_newest_readable(
       checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings), set_aside=False
   )
@@ -722,15 +710,7 @@ def evaluate_checkpoint(*, model, task, tx, eval_data: Sequence, config: TrainCo
   with mesh_context(mesh):
     if config.init_from and not checkpoint.saved_steps(config.workdir):
       rng = jax.random.PRNGKey(config.seed)
-      steps = compile_steps(
-          model=model,
-          tx=tx,
-          task=task,
-          example_batch=example_batch,
-          mesh=mesh,
-          rng=rng,
-          xla_options=config.xla_options,
-      )
+      steps = compile_run_steps(config, model, tx, task, example_batch, mesh, rng)
       state, step = _fresh_state(steps, rng, config, model, mesh), 0
     else:
       state, step, steps = load_checkpoint(

@@ -319,7 +319,7 @@ class _BucketCopy:
       here, remote = os.path.join(self.local, name), os.path.join(self.workdir, name)
       if os.path.exists(here) and not storage.exists(remote):
         with open(here, "rb") as f:
-          storage.write_whole_bytes(remote, f.read())
+          storage.write_whole(remote, f.read())
 
 
 def _open_through_local_copy(spec: str, workdir: str, documents):
