@@ -34,6 +34,7 @@ setuptools.setup(
         "safetensors>=0.8",  # Hugging Face weights (bigjax.interop.hf); 0.8 reads bfloat16 into numpy
         "pyarrow>=17,<27",  # --dataset=parquet:GLOB (tested with 26.0.1)
         "zstandard>=0.22,<1",  # --dataset=jsonl: files compressed with zstd (tested with 0.25.0)
+        "sacrebleu>=2.4,<3",  # experiments.seq2seq's BLEU and chrF (tested with 2.6.0)
     ],
     extras_require={
         # torch first and pinned: 2.13.0 is the CPU build on these machines (a bare "torch" pulls a

@@ -9,6 +9,7 @@ touching the core:
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from bigjax.interop import hf
 from bigjax.nn import conv
 from bigjax.nn import mlp
 from bigjax.nn import recurrent
+from bigjax.nn import seq2seq
 from bigjax.nn import transformer
 
 _PRESETS: dict[str, Callable[..., nn.Module]] = {}
@@ -289,6 +291,45 @@ register("llama3-8b")(
             rotary_base=500_000.0,
             layer_norm_epsilon=1e-5,
             tie_embeddings=False,
+        )
+    )
+)
+
+# Encoder-decoders (bigjax.nn.seq2seq). Byte-level, trained in minutes on a 2-core CPU
+# (experiments/configs/seq2seq_tiny.flags): 2 + 2 blocks of width 128.
+_seq2seq = functools.partial(_preset, seq2seq.TransformerSeq2Seq, seq2seq.Seq2SeqConfig)
+register("seq2seq-tiny")(
+    _seq2seq(
+        dict(
+            vocab_size=256,
+            num_layers=2,
+            embed_dim=128,
+            num_heads=4,
+            mlp_dim=512,
+            max_len=64,
+            position="learned",
+        )
+    )
+)
+
+# The base model of Vaswani et al. 2017 (6 + 6 layers, width 512, 8 heads, MLP 2048, sinusoidal
+# positions, one shared 37,000-id vocabulary tied to the output), pre-norm as today's
+# implementations are (flax's wmt example, fairseq's transformer_wmt_en_de with normalize_before).
+register("transformer-base-wmt")(
+    _seq2seq(
+        dict(
+            vocab_size=37_000,
+            num_layers=6,
+            embed_dim=512,
+            num_heads=8,
+            mlp_dim=2048,
+            max_len=256,
+            position="sinusoidal",
+            activation="relu",
+            dropout_rate=0.1,
+            scale_embeddings=True,
+            tie_embeddings=True,
+            share_embeddings=True,
         )
     )
 )

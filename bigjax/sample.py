@@ -1,6 +1,7 @@
-"""Autoregressive sampling from any language model with a decode interface (`decoder`: a KV cache
-for TransformerLM, the carried state for RNNLM), in one jitted loop. Temperature, top-k and top-p
-(nucleus) filtering."""
+"""Autoregressive sampling from any model with a decode interface (`decoder`: a KV cache for
+TransformerLM and TransformerSeq2Seq, the carried state for the recurrent models), in one jitted
+loop: language models continue a prompt (generate), encoder-decoders translate a source.
+Temperature, top-k and top-p (nucleus) filtering."""
 
 import dataclasses
 import functools
@@ -93,17 +94,41 @@ def generate(
         f"prompt ({prompt_len}) + new tokens ({num_tokens}) exceed the model's max_len={max_len}"
     )
   start, step = _decoder(model)
-  logits_BV, carry = start(params, prompt_BP)
+  new_BN = _sampled_tokens(start, step, params, prompt_BP, rng, prompt_len, num_tokens, cfg)
+  return jnp.concatenate([prompt_BP, new_BN], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "cfg"))
+def translate(
+    model: nn.Module,
+    params,
+    source,
+    rng,
+    *,
+    num_tokens: int,
+    cfg: SamplingConfig = SamplingConfig(),
+):
+  """An encoder-decoder's `num_tokens` sampled target tokens [B, num_tokens] for `source`
+  (inputs_BS, input_lengths_B), from its start token on; tokens after an end token are what the
+  model sampled there (cut at the first one). bigjax.beam searches instead."""
+  start, step = _decoder(model)
+  return _sampled_tokens(start, step, params, source, rng, 1, num_tokens, cfg)
+
+
+def _sampled_tokens(start, step, params, source, rng, first_position, num_tokens, cfg):
+  """[B, num_tokens] tokens chosen one at a time after `start(params, source)`, the first fed at
+  decoder position `first_position`."""
+  logits_BV, carry = start(params, source)
 
   def body(state, index):
     logits_BV, carry, rng = state
     rng, key = jax.random.split(rng)
     tokens_B = choose_tokens(logits_BV, key, cfg)
-    logits_BV, carry = step(params, carry, tokens_B[:, None], prompt_len + index)
+    logits_BV, carry = step(params, carry, tokens_B[:, None], first_position + index)
     return (logits_BV, carry, rng), tokens_B
 
   _, new_NB = jax.lax.scan(body, (logits_BV, carry, rng), jnp.arange(num_tokens))
-  return jnp.concatenate([prompt_BP, new_NB.T], axis=1)
+  return new_NB.T
 
 
 def generate_text(

@@ -245,3 +245,59 @@ class Classification:
   def metrics(self, sums) -> dict[str, float]:
     count = max(float(sums["count"]), 1.0)
     return {**_loss_metrics(sums, count), "accuracy": float(sums["correct"]) / count}
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceToSequence:
+  """Targets given sources, for encoder-decoders (bigjax.nn.seq2seq, recurrent.RNNSeq2Seq) on
+  {"inputs": [B, S], "input_lengths": [B], "targets": [B, T+1], "loss_mask": [B, T]} and optional
+  {"weights": [B]}: the decoder reads targets[:, :-1] and predicts targets[:, 1:] where the loss
+  mask is 1 (the target tokens and the end token).
+
+  Exact match is the fraction of examples whose every target token and end token is the argmax
+  given the true prefix, which is exactly when greedy decoding reproduces the target.
+  """
+
+  unit: str = "tokens"
+  losses: Losses = Losses()
+  higher_is_better: ClassVar[frozenset[str]] = frozenset({"accuracy", "exact_match"})
+
+  def init(self, model, rng, batch):
+    return model.init(
+        {"params": rng, "dropout": rng},
+        batch["inputs"],
+        batch["input_lengths"],
+        batch["targets"][:, :-1],
+    )
+
+  def loss_sums(self, model, variables, batch, *, rngs=None, train: bool = False):
+    decoder_inputs_BT, targets_BT = batch["targets"][:, :-1], batch["targets"][:, 1:]
+    weights_B = batch.get("weights", jnp.ones(targets_BT.shape[:1])).astype(jnp.float32)
+    loss_mask_BT = batch["loss_mask"].astype(jnp.float32)
+    weights_BT = weights_B[:, None] * loss_mask_BT
+    logits_BTV = model.apply(
+        variables,
+        batch["inputs"],
+        batch["input_lengths"],
+        decoder_inputs_BT,
+        train=train,
+        rngs=rngs,
+    )
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
+    sums = {
+        **_cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.losses),
+        "correct": jnp.sum(correct_BT * weights_BT),
+        "count": jnp.sum(weights_BT),
+        "exact": jnp.sum(all_right_B * weights_B),
+        "examples": jnp.sum(weights_B),
+    }
+    return sums, {}
+
+  def metrics(self, sums) -> dict[str, float]:
+    count = max(float(sums["count"]), 1.0)
+    return {
+        **_loss_metrics(sums, count),
+        "accuracy": float(sums["correct"]) / count,
+        "exact_match": float(sums["exact"]) / max(float(sums["examples"]), 1.0),
+    }

@@ -3,13 +3,15 @@ builder to write and nothing to prepare:
 
   textfiles:GLOB    one document per file:           {"text": bytes, "name": bytes}
   textlines:GLOB    one document per non-empty line: {"text": bytes (no newline), "name": bytes}
+  textpairs:GLOB    one (source, target) pair per non-empty line, split at its first tab:
+                    {"inputs": bytes, "targets": bytes, "name": bytes}
   imagefolder:DIR   DIR/CLASS/IMAGE, one sub-folder per class (sorted names are labels 0, 1, ...):
                     {"image": uint8 [H, W, C], "label": int64, "name": bytes}
 
 GLOB is a shell pattern (`**` recurses; quote it). Splits are `train` and `validation`: a document
 goes to validation when the CRC32 of its key is 0 mod 20 (about 5%). The key of a file is its path
 below the pattern's fixed directory, so a file keeps its split as others come and go; the key of a
-line is the line itself, so a repeated line never sits on both sides. TFDS's split syntax works on
+line (or pair) is the line itself, so a repeated line never sits on both sides. TFDS's split syntax works on
 top (`train[:50%]`, `train+validation`).
 
 Links are followed, but never into a folder that holds them (a link loop adds nothing), and each
@@ -44,7 +46,9 @@ def is_files_spec(name: str) -> bool:
 
 
 def feature_names(spec: str) -> set[str]:
-  return {"image", "label", "name"} if spec.startswith("imagefolder:") else {"text", "name"}
+  if spec.startswith("imagefolder:"):
+    return {"image", "label", "name"}
+  return {"inputs", "targets", "name"} if spec.startswith("textpairs:") else {"text", "name"}
 
 
 def num_classes(spec: str) -> int | None:
@@ -80,12 +84,28 @@ class TextLines:
   starts: np.ndarray
   stops: np.ndarray
   names: tuple[bytes, ...]  # the file of each line
+  line_numbers: np.ndarray  # each line's number in its file, from 1
 
   def __len__(self) -> int:
     return len(self.starts)
 
   def __getitem__(self, index: int) -> dict:
     return {"text": self.buffer[self.starts[index] : self.stops[index]], "name": self.names[index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPairs:
+  """One (source, target) pair per line of `lines`, split at the line's first tab."""
+
+  lines: TextLines
+
+  def __len__(self) -> int:
+    return len(self.lines)
+
+  def __getitem__(self, index: int) -> dict:
+    line = self.lines[index]
+    inputs, _, targets = line["text"].partition(b"\t")
+    return {"inputs": inputs, "targets": targets.rstrip(b"\r\n"), "name": line["name"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,15 +333,17 @@ def _open_text_files(spec: str, pattern: str):
 
 def _open_text_lines(spec: str, pattern: str):
   paths, _ = glob_files(spec, pattern)
-  chunks, starts, stops, names, offset = [], [], [], [], 0
+  chunks, starts, stops, names, numbers, offset = [], [], [], [], [], 0
   for path in paths:
     with open(path, "rb") as f:
       data = f.read()
-    for line in _LINE.finditer(data):  # \n, \r\n and \r all end a line; blank lines are no document
+    # \n, \r\n and \r all end a line; blank lines are no document
+    for number, line in enumerate(_LINE.finditer(data), 1):
       if line.group().strip():
         starts.append(offset + line.start())
         stops.append(offset + line.end())
         names.append(path.encode())
+        numbers.append(number)
     chunks.append(data)
     offset += len(data)
   if not starts:
@@ -329,9 +351,35 @@ def _open_text_lines(spec: str, pattern: str):
         f"--dataset={spec}: the {len(paths)} file(s) matching {pattern!r} hold no non-blank line"
     )
   source = TextLines(
-      b"".join(chunks), np.array(starts, np.int64), np.array(stops, np.int64), tuple(names)
+      b"".join(chunks),
+      np.array(starts, np.int64),
+      np.array(stops, np.int64),
+      tuple(names),
+      np.array(numbers, np.int64),
   )
   return source, [source[i]["text"] for i in range(len(source))]
+
+
+def _open_text_pairs(spec: str, pattern: str):
+  """Every line checked when the files are opened, so that a bad line stops the run before its
+  first step rather than when a batch reaches it."""
+  lines, keys = _open_text_lines(spec, pattern)
+  for i, line in enumerate(keys):
+    inputs, tab, targets = line.partition(b"\t")
+    problem = None
+    if not tab:
+      problem = "has no tab between the source and the target"
+    elif not inputs.strip():
+      problem = "has an empty source (nothing before its tab)"
+    elif not targets.strip():
+      problem = "has an empty target (nothing after its tab)"
+    if problem:
+      where = f"{lines.names[i].decode(errors='replace')}:{lines.line_numbers[i]}"
+      raise UserError(
+          f"--dataset={spec}: line {where} {problem}; each line is SOURCE<tab>TARGET: "
+          f"{line[:60].decode(errors='replace')!r}"
+      )
+  return TextPairs(lines), keys
 
 
 def _open_image_folder(spec: str, directory: str):
@@ -389,5 +437,6 @@ _LINE = re.compile(rb"[^\r\n]+")
 _OPENERS = {
     "textfiles": _open_text_files,
     "textlines": _open_text_lines,
+    "textpairs": _open_text_pairs,
     "imagefolder": _open_image_folder,
 }

@@ -34,6 +34,7 @@ HF_FILE = "tokenizer.json"
 HF_CONFIG = "tokenizer_config.json"
 # End-of-sequence tokens of the common families, for a directory without tokenizer_config.json.
 _HF_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+SPM_EOS_ID = 1  # the end id of the SentencePiece models bigjax trains (after unk, 0)
 TRAIN_BYTES = 200_000_000  # enough for a good vocabulary; more only slows training down
 _META = "\u2581"
 _SENTENCE_BYTES = 4096  # SentencePiece skips longer training "sentences"; documents are cut to this
@@ -255,7 +256,7 @@ def train_sentencepiece(documents, vocab_size: int, model_path: str) -> Sentence
         max_sentence_length=_SENTENCE_BYTES,
         unk_id=0,
         bos_id=-1,
-        eos_id=1,
+        eos_id=SPM_EOS_ID,
         pad_id=-1,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,

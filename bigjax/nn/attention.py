@@ -67,7 +67,9 @@ class _Einsum(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention with H query heads sharing G key/value heads (G = H is multi-head, G = 1 multi-query).
+  """Attention with H query heads sharing G key/value heads (G = H is multi-head, G = 1 multi-query):
+  self-attention, or with `cross_attention` queries from one sequence and keys and values from
+  another (an encoder's output).
 
   Attributes:
     num_heads: query heads H.
@@ -82,6 +84,8 @@ class MultiHeadAttention(nn.Module):
     cache_len: keys and values the KV cache holds when called with `decode=True`.
     implementation: the attention kernel (one of IMPLEMENTATIONS); None lets
       bigjax.ops.attention pick it for the platform and inputs.
+    cross_attention: keys and values come from the call's `kv_BSD`, not from `x_BTD`; positions
+      (rotary) and causality do not apply across the two sequences.
   """
 
   num_heads: int
@@ -95,6 +99,7 @@ class MultiHeadAttention(nn.Module):
   rotary_scaling: position.Llama3Scaling | None = None
   cache_len: int = 2048
   implementation: str | None = None
+  cross_attention: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
@@ -107,6 +112,7 @@ class MultiHeadAttention(nn.Module):
       mask=None,
       positions_BT=None,
       *,
+      kv_BSD=None,
       causal: bool = False,
       train: bool = False,
       decode: bool = False,
@@ -117,15 +123,19 @@ class MultiHeadAttention(nn.Module):
     queries attend causally to everything cached so far (`mask` and `causal` are then ignored);
     rotary positions then default to the tokens' places after what is cached. The cache holds
     `cache_len` positions: decode no further (a traced index cannot be checked inside jit, and
-    `bigjax.sample` stops there)."""
+    `bigjax.sample` stops there).
+
+    Cross-attention takes the keys' sequence as `kv_BSD` and its padding in `mask` (a Mask with
+    valid_BS). When decoding, the keys and values computed from `kv_BSD` are kept in the cache
+    and later calls pass kv_BSD=None to reuse them: the encoder's side is projected once."""
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={self.num_heads}")
 
-    def project(name, heads, heads_axis):
+    def project(name, heads, heads_axis, inputs_BTD):
       return _Einsum(
           "btd,dhk->bthk",
-          (x_BTD.shape[-1], heads, self.head_dim),
+          (inputs_BTD.shape[-1], heads, self.head_dim),
           ("embed", heads_axis, "head_dim"),
           (heads_axis, "head_dim"),
           self.use_bias,
@@ -133,13 +143,17 @@ class MultiHeadAttention(nn.Module):
           self.dtype,
           self.param_dtype,
           name=name,
-      )(x_BTD)
+      )(inputs_BTD)
 
-    q_BTHK = project("query", self.num_heads, "heads")
-    k_BTGK = project("key", num_kv_heads, "kv_heads")
-    v_BTGK = project("value", num_kv_heads, "kv_heads")
+    q_BTHK = project("query", self.num_heads, "heads", x_BTD)
     if self.qk_norm_epsilon is not None:
       q_BTHK = self._head_norm("query_norm")(q_BTHK)
+    if self.cross_attention:
+      k_BSGK, v_BSGK = self._cross_keys_and_values(project, num_kv_heads, kv_BSD, decode)
+      return self._attend(q_BTHK, k_BSGK, v_BSGK, mask, x_BTD.shape[-1], train=train)
+    k_BTGK = project("key", num_kv_heads, "kv_heads", x_BTD)
+    v_BTGK = project("value", num_kv_heads, "kv_heads", x_BTD)
+    if self.qk_norm_epsilon is not None:
       k_BTGK = self._head_norm("key_norm")(k_BTGK)
     if self.rotary_base is not None:
       if positions_BT is None:
@@ -148,29 +162,53 @@ class MultiHeadAttention(nn.Module):
       k_BTGK = position.apply_rotary(k_BTGK, positions_BT, self.rotary_base, self.rotary_scaling)
 
     width = x_BTD.shape[-1]
-    if not (decode or (train and self.dropout_rate > 0.0)):
+    if not decode:
+      return self._attend(q_BTHK, k_BTGK, v_BTGK, mask, width, causal=causal, train=train)
+    # Decoding works heads-first, keys and values from the cache.
+    q_BHTK, k_BGSK, v_BGSK = (x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK))
+    k_BGSK, v_BGSK, mask_B1TS, causal = self._extend_cache(k_BGSK, v_BGSK)
+    out_BHTK = ops.grouped_attention(
+        q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype
+    )
+    return self._output(out_BHTK.transpose(0, 2, 1, 3), width)
+
+  def _attend(self, q_BTHK, k_BSGK, v_BSGK, mask, width: int, *, causal=False, train=False):
+    """The attention of every query at once, and the output projection."""
+    if not (train and self.dropout_rate > 0.0):
       out_BTHK = ops.attention(
           q_BTHK,
-          k_BTGK,
-          v_BTGK,
+          k_BSGK,
+          v_BSGK,
           mask,
           causal=causal,
           dtype=self.dtype,
           implementation_name=self.implementation,
       )
       return self._output(out_BTHK, width)
-    # Decoding (keys and values from the cache) and attention dropout work heads-first.
-    q_BHTK, k_BGSK, v_BGSK = (x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BTGK, v_BTGK))
-    if decode:
-      k_BGSK, v_BGSK, mask_B1TS, causal = self._extend_cache(k_BGSK, v_BGSK)
-      out_BHTK = ops.grouped_attention(
-          q_BHTK, k_BGSK, v_BGSK, mask_B1TS, causal=causal, dtype=self.dtype
-      )
-    else:  # dropout on the probabilities, under plain autodiff
-      probs_BGRTS = ops.probabilities(q_BHTK, k_BGSK, ops.as_mask(mask).dense(), causal=causal)
-      probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
-      out_BHTK = ops.attend(probs_BGRTS, v_BGSK, self.dtype)
+    # Dropout on the probabilities, heads-first under plain autodiff.
+    q_BHTK, k_BGSK, v_BGSK = (x.transpose(0, 2, 1, 3) for x in (q_BTHK, k_BSGK, v_BSGK))
+    probs_BGRTS = ops.probabilities(q_BHTK, k_BGSK, ops.as_mask(mask).dense(), causal=causal)
+    probs_BGRTS = nn.Dropout(self.dropout_rate)(probs_BGRTS, deterministic=False)
+    out_BHTK = ops.attend(probs_BGRTS, v_BGSK, self.dtype)
     return self._output(out_BHTK.transpose(0, 2, 1, 3), width)
+
+  def _cross_keys_and_values(self, project, num_kv_heads: int, kv_BSD, decode: bool):
+    """The other sequence's keys and values: projected from kv_BSD, or in decoding taken from the
+    cache that the call which gave kv_BSD filled."""
+    if kv_BSD is None:
+      if not (decode and self.has_variable("cache", "cross_key")):
+        raise ValueError(
+            "cross-attention needs kv_BSD, except when decoding after a call that gave it"
+        )
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    k_BSGK = project("key", num_kv_heads, "kv_heads", kv_BSD)
+    v_BSGK = project("value", num_kv_heads, "kv_heads", kv_BSD)
+    if self.qk_norm_epsilon is not None:
+      k_BSGK = self._head_norm("key_norm")(k_BSGK)
+    if decode:
+      self.put_variable("cache", "cross_key", k_BSGK)
+      self.put_variable("cache", "cross_value", v_BSGK)
+    return k_BSGK, v_BSGK
 
   def _head_norm(self, name: str) -> norm.RMSNorm:
     return norm.RMSNorm(

@@ -253,9 +253,12 @@ def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
   )
 
 
-def make_attention(cfg: TransformerConfig, name: str = "attn") -> attention.MultiHeadAttention:
-  """Self-attention as the config describes it, with a KV cache of max_len positions."""
-  rotary = cfg.position == "rotary"
+def make_attention(
+    cfg: TransformerConfig, name: str = "attn", *, cross: bool = False
+) -> attention.MultiHeadAttention:
+  """Self-attention as the config describes it, with a KV cache of max_len positions; with
+  `cross`, attention to another sequence (no rotary across the two)."""
+  rotary = cfg.position == "rotary" and not cross
   return attention.MultiHeadAttention(
       num_heads=cfg.num_heads,
       head_dim=cfg.resolved_head_dim,
@@ -268,6 +271,7 @@ def make_attention(cfg: TransformerConfig, name: str = "attn") -> attention.Mult
       rotary_scaling=cfg.rotary_scaling if rotary else None,
       cache_len=cfg.max_len,
       implementation=None if cfg.attention == "auto" else cfg.attention,
+      cross_attention=cross,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.storage_dtype,
       out_kernel_init=_residual_init(cfg),
@@ -352,36 +356,43 @@ def apply_blocks(
     causal: bool,
     train: bool,
     decode: bool,
+    num_layers: int | None = None,
+    block_cls: type[nn.Module] | None = None,
+    cross=None,
 ):
-  """Runs `cfg.num_layers` blocks of type `cfg.block` (call inside a compact method): as block_0,
-  block_1, ..., or with `cfg.scan_layers` as one scanned block "blocks" whose parameters (and KV
-  caches) have a leading layers axis, which compiles one block instead of num_layers. `cfg.remat`
-  wraps each block in jax.checkpoint with the named policy."""
-  block_cls = _BLOCKS[cfg.block]
+  """Runs `num_layers` (default cfg.num_layers) blocks of type `block_cls` (default: the one
+  cfg.block names) inside a compact method: as block_0, block_1, ..., or with `cfg.scan_layers` as
+  one scanned block "blocks" whose parameters (and KV caches) have a leading layers axis, which
+  compiles one block instead of num_layers. `cfg.remat` wraps each block in jax.checkpoint with
+  the named policy. `cross`, when given, reaches every block as its `cross` argument (an
+  encoder-decoder's encoder output and source mask)."""
+  block_cls = block_cls or _BLOCKS[cfg.block]
+  num_layers = num_layers or cfg.num_layers
 
-  def block(module, x_BTD, mask, positions_BT):
-    return module(x_BTD, mask, positions_BT, causal=causal, train=train, decode=decode)
+  def block(module, x_BTD, mask, positions_BT, cross):
+    extra = {} if cross is None else {"cross": cross}
+    return module(x_BTD, mask, positions_BT, causal=causal, train=train, decode=decode, **extra)
 
   policy = REMAT_POLICIES[cfg.remat]
   if cfg.remat != "none":
     # Under scan the loop already stops XLA from merging recomputation into the forward pass.
     block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
-    for i in range(cfg.num_layers):
-      x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask, positions_BT)
+    for i in range(num_layers):
+      x_BTD = block(block_cls(cfg, name=f"block_{i}"), x_BTD, mask, positions_BT, cross)
     return x_BTD
   scanned = nn.scan(
-      lambda module, x_BTD, mask, positions_BT: (
-          block(module, x_BTD, mask, positions_BT),
+      lambda module, x_BTD, mask, positions_BT, cross: (
+          block(module, x_BTD, mask, positions_BT, cross),
           None,
       ),
       variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast),
-      length=cfg.num_layers,
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      length=num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
-  x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask, positions_BT)
+  x_BTD, _ = scanned(block_cls(cfg, name="blocks"), x_BTD, mask, positions_BT, cross)
   return x_BTD
 
 
@@ -441,56 +452,69 @@ class TransformerLM(nn.Module):
       raise ValueError(f"sequence length {length} exceeds the model's max_len={cfg.max_len}")
     if positions_BT is None:
       positions_BT = jnp.arange(length)[None, :]
-    embed = nn.Embed(
-        cfg.vocab_size,
-        cfg.embed_dim,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.storage_dtype,
-        name="token_embed",
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=0.02), ("vocab", "embed")
-        ),
-    )
-    x_BTD = embed(tokens_BT)
-    if cfg.position == "learned":
-      x_BTD += position.LearnedPositions(
-          cfg.max_len,
-          cfg.embed_dim,
-          dtype=cfg.compute_dtype,
-          param_dtype=cfg.storage_dtype,
-          name="position_embed",
-      )(positions_BT)
-    elif cfg.position == "sinusoidal":
-      x_BTD += position.SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(
-          positions_BT
-      )
+    embed = make_token_embed(cfg, cfg.vocab_size, "token_embed")
+    x_BTD = add_positions(cfg, embed(tokens_BT), positions_BT, cfg.max_len)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=not train)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
     # Kept as its parts: fused attention kernels take segment ids, not a [T, T] array.
     mask = attention.Mask(segment_ids_BT=segment_ids_BT, valid_BS=valid_BT)
     x_BTD = apply_blocks(cfg, x_BTD, mask, positions_BT, causal=True, train=train, decode=decode)
-    x_BTD = make_norm(cfg, "ln_final")(x_BTD)
+    return output_logits(cfg, make_norm(cfg, "ln_final")(x_BTD), embed)
 
-    if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum(
-          "btd,vd->btv",
-          x_BTD,
-          embed.embedding.astype(x_BTD.dtype),
-          preferred_element_type=jnp.float32,
-      )
-    else:
-      logits_BTV = nn.Dense(
-          cfg.vocab_size,
-          use_bias=False,
-          dtype=jnp.float32,
-          param_dtype=cfg.storage_dtype,
-          name="head",
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal(stddev=0.02), ("embed", "vocab")
-          ),
-      )(x_BTD)
-    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+
+# The embedding and output parts a language model and an encoder-decoder share (call them inside a
+# compact method; the names are the parameters' names).
+
+
+def make_token_embed(cfg: TransformerConfig, vocab_size: int, name: str) -> nn.Embed:
+  return nn.Embed(
+      vocab_size,
+      cfg.embed_dim,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      name=name,
+      embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+      ),
+  )
+
+
+def add_positions(cfg: TransformerConfig, x_BTD, positions_BT, max_len: int, name="position_embed"):
+  """x plus the config's absolute position embeddings (learned or sinusoidal); rotary positions
+  are applied in attention instead."""
+  if cfg.position == "learned":
+    return x_BTD + position.LearnedPositions(
+        max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name=name
+    )(positions_BT)
+  if cfg.position == "sinusoidal":
+    return x_BTD + position.SinusoidalPositions(max_len, cfg.embed_dim, dtype=cfg.compute_dtype)(
+        positions_BT
+    )
+  return x_BTD
+
+
+def output_logits(cfg: TransformerConfig, x_BTD, embed: nn.Embed):
+  """float32 logits [B, T, vocab]: through the token embedding when tie_embeddings, else a head."""
+  if cfg.tie_embeddings:
+    logits_BTV = jnp.einsum(
+        "btd,vd->btv",
+        x_BTD,
+        embed.embedding.astype(x_BTD.dtype),
+        preferred_element_type=jnp.float32,
+    )
+  else:
+    logits_BTV = nn.Dense(
+        embed.num_embeddings,
+        use_bias=False,
+        dtype=jnp.float32,
+        param_dtype=cfg.storage_dtype,
+        name="head",
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=0.02), ("embed", "vocab")
+        ),
+    )(x_BTD)
+  return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
 
 
 @dataclasses.dataclass(frozen=True)
