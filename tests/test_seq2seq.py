@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bigjax import beam
 from bigjax import models
+from bigjax import sample
 from bigjax import tasks
 from bigjax.errors import UserError
 from bigjax.nn import attention
 from bigjax.nn import seq2seq
+from tests.test_beam import EOS
+from tests.test_beam import V
+from tests.test_beam import _every_hypothesis
 from tests.test_sharding import run_steps
 
 VOCAB = 16
@@ -224,3 +229,89 @@ def test_presets_build_and_the_base_model_has_its_size():
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
   # 6 + 6 blocks of width 512 and a shared, tied 37,000-id table: 63.1 M (the paper rounds to 65 M).
   assert count == 63_084_544
+
+
+# Beam search over an encoder-decoder's decode interface (bigjax/beam.py; tests/test_beam.py holds
+# it to greedy decoding and exhaustive search on language models).
+
+
+def _peaky(model, inputs, lengths, decoder_inputs, seed):
+  """Parameters drawn large (std 2), so that distributions are peaky and far from ties."""
+  shapes = nn.unbox(
+      jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs, lengths, decoder_inputs)
+  )
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 2.0, x.shape), x.dtype), shapes)["params"]
+
+
+def _small_vocab_model():
+  model = _model(vocab_size=V, eos_id=EOS, num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32)
+  inputs = jnp.asarray([[2, 3, 0, 2, 3], [3, 2, 2, 0, 0]], jnp.int32)
+  lengths = jnp.asarray([5, 3], jnp.int32)
+  return model, inputs, lengths, _peaky(model, inputs, lengths, inputs[:, :3], seed=5)
+
+
+def test_beam_of_one_translates_as_greedy_decoding():
+  model, inputs, lengths, params = _small_vocab_model()
+  start, step = model.decoder(model)
+  tokens_BWN, lengths_BW, _ = beam.beam_search(
+      start,
+      step,
+      params,
+      (inputs, lengths),
+      first_position=1,
+      num_tokens=8,
+      eos_id=EOS,
+      cfg=beam.BeamConfig(beam_size=1, length_penalty=0.0),
+  )
+  greedy_BN = sample.translate(
+      model,
+      params,
+      (inputs, lengths),
+      jax.random.PRNGKey(0),
+      num_tokens=8,
+      cfg=sample.SamplingConfig(temperature=0),
+  )
+  for row in range(2):
+    n = int(lengths_BW[row, 0])
+    np.testing.assert_array_equal(tokens_BWN[row, 0, :n], greedy_BN[row, :n])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_a_wide_beam_returns_the_best_translation_of_an_exhaustive_search(length_penalty):
+  model, inputs, lengths, params = _small_vocab_model()
+  num_tokens = 3
+  hyps_HN, hyp_lengths_H = _every_hypothesis(num_tokens)
+  start, step = model.decoder(model)
+  tokens_BWN, lengths_BW, scores_BW = beam.beam_search(
+      start,
+      step,
+      params,
+      (inputs, lengths),
+      first_position=1,
+      num_tokens=num_tokens,
+      eos_id=EOS,
+      cfg=beam.BeamConfig(beam_size=(V - 1) ** (num_tokens - 1) + 1, length_penalty=length_penalty),
+  )
+  hyp_count = len(hyps_HN)
+  for row in range(2):
+    # The reference: every hypothesis scored from one teacher-forced pass of the whole model.
+    decoder_inputs = np.concatenate([np.full((hyp_count, 1), EOS), hyps_HN[:, :-1]], 1)
+    log_probs = jax.nn.log_softmax(
+        model.apply(
+            {"params": params},
+            jnp.repeat(inputs[row : row + 1], hyp_count, 0),
+            jnp.repeat(lengths[row : row + 1], hyp_count, 0),
+            jnp.asarray(decoder_inputs, jnp.int32),
+        )
+    )
+    token_logp = np.take_along_axis(np.asarray(log_probs, np.float64), hyps_HN[..., None], -1)[
+        ..., 0
+    ]
+    log_prob_H = np.sum(token_logp * (np.arange(num_tokens) < hyp_lengths_H[:, None]), 1)
+    want_H = beam.sequence_score(log_prob_H, hyp_lengths_H, length_penalty)
+    best = np.argsort(-want_H, kind="stable")[: tokens_BWN.shape[1]]
+    np.testing.assert_array_equal(tokens_BWN[row, 0], hyps_HN[best[0]])
+    # Logits of these large weights reach the hundreds: the cached and the full pass sum in other
+    # orders, which moves float32 log-probabilities by up to ~1e-4.
+    np.testing.assert_allclose(scores_BW[row], want_H[best], rtol=1e-4, atol=1e-4)

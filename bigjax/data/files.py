@@ -337,8 +337,10 @@ def _open_text_lines(spec: str, pattern: str):
   for path in paths:
     with open(path, "rb") as f:
       data = f.read()
-    # \n, \r\n and \r all end a line; blank lines are no document
-    for number, line in enumerate(_LINE.finditer(data), 1):
+    number, end = 1, 0  # \n, \r\n and \r all end a line; blank lines are no document
+    for line in _LINE.finditer(data):
+      number += _line_breaks(data[end : line.start()])
+      end = line.end()
       if line.group().strip():
         starts.append(offset + line.start())
         stops.append(offset + line.end())
@@ -358,6 +360,11 @@ def _open_text_lines(spec: str, pattern: str):
       np.array(numbers, np.int64),
   )
   return source, [source[i]["text"] for i in range(len(source))]
+
+
+def _line_breaks(text: bytes) -> int:
+  """How many lines `text` ends: \r\n counts once."""
+  return text.count(b"\r") + text.count(b"\n") - text.count(b"\r\n")
 
 
 def _open_text_pairs(spec: str, pattern: str):

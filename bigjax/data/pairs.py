@@ -121,3 +121,6 @@ class PairExamples:
   def reference(self, index: int) -> str:
     """Example `index`'s target text, as it was written (what BLEU compares against)."""
     return lm.as_bytes(self.source[index][self.keys[1]]).decode("utf-8", errors="replace")
+
+  def source_text(self, index: int) -> str:
+    return lm.as_bytes(self.source[index][self.keys[0]]).decode("utf-8", errors="replace")
