@@ -10,7 +10,9 @@ import pytest
 import sacrebleu
 import tensorflow_datasets as tfds
 
+from bigjax import beam
 from bigjax import metrics
+from bigjax import models
 from bigjax.data import files
 from bigjax.data import pairs
 from bigjax.data import sources
@@ -91,6 +93,33 @@ def test_a_textpairs_corpus_trains_and_reports_bleu_as_sacrebleu_computes_it(tmp
   )
   assert sampled.returncode == 0, sampled.stderr
   assert "step 200 checkpoint, beam 2" in sampled.stdout
+  # An export loads as the model that wrote those translations.
+  export = tmp_path / "export"
+  exported = _seq2seq(
+      *TINY,
+      f"--dataset=textpairs:{corpus}",
+      f"--workdir={workdir}",
+      "--mode=export",
+      f"--export_dir={export}",
+  )
+  assert exported.returncode == 0, exported.stderr
+  model, variables = models.load(str(export))
+  source = np.frombuffer(rows[0]["source"].encode(), np.uint8).astype(np.int32)
+  inputs = np.zeros((1, 40), np.int32)
+  inputs[0, : len(source)] = source
+  start, step = model.decoder(model)
+  tokens, lengths, _ = beam.beam_search(
+      start,
+      step,
+      variables["params"],
+      (inputs, np.array([len(source)], np.int32)),
+      first_position=1,
+      num_tokens=40,
+      eos_id=0,
+      cfg=beam.BeamConfig(2, 0.6),
+  )
+  best = np.asarray(tokens)[0, 0, : int(lengths[0, 0]) - 1]
+  assert bytes(best.astype(np.uint8)).decode() == rows[0]["hypothesis"]
 
 
 def test_separate_tokenizers_train_a_sentencepiece_target_side(tmp_path):
