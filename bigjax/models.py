@@ -334,6 +334,25 @@ register("transformer-base-wmt")(
     )
 )
 
+# The RNN encoder-decoder with attention (recurrent.RNNSeq2Seq): a bidirectional LSTM encoder, an LSTM
+# decoder attending (Bahdanau's additive scores, Luong's attentional state) over the encoder's states;
+# 510,336 parameters byte-level (experiments/configs/lstm_attention_tiny.flags).
+register("lstm-attention-tiny")(
+    _preset(
+        recurrent.RNNSeq2Seq,
+        recurrent.RNNSeq2SeqConfig,
+        dict(
+            cell="lstm",
+            vocab_size=256,
+            embed_dim=64,
+            hidden_size=128,
+            bidirectional=True,
+            attention="additive",
+            max_len=64,
+        ),
+    )
+)
+
 # Image classifiers. CPU presets default to scikit-learn's 8x8 digits; the published architectures
 # default to ImageNet (224x224x3, 1000 classes), where their parameter counts are the papers'.
 register("mlp")(

@@ -244,15 +244,21 @@ def _peaky(model, inputs, lengths, decoder_inputs, seed):
   return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 2.0, x.shape), x.dtype), shapes)["params"]
 
 
-def _small_vocab_model():
-  model = _model(vocab_size=V, eos_id=EOS, num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32)
+def _small_vocab_model(kind: str):
+  if kind == "rnn":
+    model = models.create(
+        "lstm-attention-tiny", vocab_size=V, eos_id=EOS, embed_dim=8, hidden_size=16
+    )
+  else:
+    model = _model(vocab_size=V, eos_id=EOS, num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32)
   inputs = jnp.asarray([[2, 3, 0, 2, 3], [3, 2, 2, 0, 0]], jnp.int32)
   lengths = jnp.asarray([5, 3], jnp.int32)
   return model, inputs, lengths, _peaky(model, inputs, lengths, inputs[:, :3], seed=5)
 
 
-def test_beam_of_one_translates_as_greedy_decoding():
-  model, inputs, lengths, params = _small_vocab_model()
+@pytest.mark.parametrize("kind", ["transformer", "rnn"])
+def test_beam_of_one_translates_as_greedy_decoding(kind):
+  model, inputs, lengths, params = _small_vocab_model(kind)
   start, step = model.decoder(model)
   tokens_BWN, lengths_BW, _ = beam.beam_search(
       start,
@@ -277,9 +283,11 @@ def test_beam_of_one_translates_as_greedy_decoding():
     np.testing.assert_array_equal(tokens_BWN[row, 0, :n], greedy_BN[row, :n])
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_a_wide_beam_returns_the_best_translation_of_an_exhaustive_search(length_penalty):
-  model, inputs, lengths, params = _small_vocab_model()
+@pytest.mark.parametrize(
+    "kind, length_penalty", [("transformer", 0.0), ("transformer", 1.0), ("rnn", 0.6)]
+)
+def test_a_wide_beam_returns_the_best_translation_of_an_exhaustive_search(kind, length_penalty):
+  model, inputs, lengths, params = _small_vocab_model(kind)
   num_tokens = 3
   hyps_HN, hyp_lengths_H = _every_hypothesis(num_tokens)
   start, step = model.decoder(model)

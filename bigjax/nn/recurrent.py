@@ -507,3 +507,284 @@ class RNNClassifier(nn.Module):
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
     )(pooled)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RNNSeq2SeqConfig(RNNConfig):
+  """An RNN encoder-decoder with global attention. The RNNConfig fields set both RNNs, except that
+  `bidirectional` applies to the encoder only (the decoder reads left to right) and
+  `decoder_layers` may give the decoder its own depth; max_len bounds the decoder inputs T and
+  max_source_len the source S."""
+
+  vocab_size: int  # the target side's
+  source_vocab_size: int | None = None  # None: vocab_size
+  embed_dim: int
+  share_embeddings: bool = True  # one table for both sides; needs equal vocabularies
+  eos_id: int = 0  # the decoder's start token and every target's end
+  max_source_len: int | None = None  # None: max_len
+  # "additive": v^T tanh(W_q h_t + W_k e_s + b) (Bahdanau et al. 2015); "dot": h_t^T W e_s
+  # (Luong et al. 2015's "general" score).
+  attention: Literal["additive", "dot"] = "additive"
+  attention_dim: int | None = None  # the additive score's width; None: hidden_size
+  decoder_layers: int | None = None  # None: num_layers
+
+  def __post_init__(self):
+    super().__post_init__()
+    checks.positive_int(self, "vocab_size")
+    checks.optional_positive_int(self, "source_vocab_size")
+    checks.positive_int(self, "embed_dim")
+    checks.boolean(self, "share_embeddings")
+    checks.nonnegative_int(self, "eos_id")
+    checks.optional_positive_int(self, "max_source_len")
+    checks.one_of(self, "attention", ("additive", "dot"))
+    checks.optional_positive_int(self, "attention_dim")
+    checks.optional_positive_int(self, "decoder_layers")
+    if self.eos_id >= self.vocab_size:
+      checks.fail(
+          self,
+          f"eos_id={self.eos_id} must be below vocab_size={self.vocab_size} "
+          "(the end token is a target token)",
+      )
+    if self.share_embeddings and self.resolved_source_vocab_size != self.vocab_size:
+      checks.fail(
+          self,
+          f"share_embeddings=True needs source_vocab_size={self.source_vocab_size} == "
+          f"vocab_size={self.vocab_size}; set share_embeddings=False or make them equal",
+      )
+    if self.attention == "dot" and self.attention_dim is not None:
+      checks.fail(
+          self,
+          f"attention_dim={self.attention_dim} sets the additive score's width; attention='dot' "
+          "has none (leave attention_dim=None)",
+      )
+
+  @property
+  def resolved_source_vocab_size(self) -> int:
+    return self.vocab_size if self.source_vocab_size is None else self.source_vocab_size
+
+  @property
+  def resolved_max_source_len(self) -> int:
+    return self.max_len if self.max_source_len is None else self.max_source_len
+
+  @property
+  def resolved_attention_dim(self) -> int:
+    return self.hidden_size if self.attention_dim is None else self.attention_dim
+
+  @property
+  def resolved_decoder_layers(self) -> int:
+    return self.num_layers if self.decoder_layers is None else self.decoder_layers
+
+  def check_source_length(self, length: int) -> None:
+    if length > self.resolved_max_source_len:
+      raise UserError(
+          f"source length {length} exceeds the model's max_source_len="
+          f"{self.resolved_max_source_len}; raise max_source_len or shorten the inputs"
+      )
+
+  def check_length(self, length: int) -> None:
+    if length > self.max_len:
+      raise UserError(
+          f"decoder input length {length} exceeds the model's max_len={self.max_len}; "
+          "raise max_len or shorten the targets"
+      )
+
+
+class RNNSeq2Seq(nn.Module):
+  """An RNN encoder-decoder with global attention (Luong et al. 2015), without input feeding, so
+  that a teacher-forced pass runs the decoder RNN over the whole target at once.
+
+  The encoder (bidirectional if configured) reads the embedded source into states e_BSE (E = H,
+  or 2H when bidirectional). Each decoder layer starts from tanh(W e_final + b), e_final being
+  the top encoder layer's final output (both directions' concatenated): the projection has a
+  slice for every part of the cell's carry (an LSTM's c and h), so any registered cell works.
+  The decoder RNN reads the embedded decoder inputs into h_BTH; each h_t attends over the real
+  source positions only (a padded position's weight is exactly 0), giving the context c_t; the
+  attentional state tanh(W_c [c_t; h_t] + b_c), after dropout, gives float32 logits [B, T, V].
+
+  With `return_state=True` it also returns the decoding state: the encoder states, their keys
+  projection (computed once per source), the source lengths and the decoder RNN's carries, each
+  with the batch on axis 0. Given back as `state`, decoding continues from there without the
+  source (pass None for it): that is what `decoder` does.
+  """
+
+  config: RNNSeq2SeqConfig
+  is_seq2seq: ClassVar[bool] = True
+
+  def setup(self):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def embed(vocab_size, name):
+      return nn.Embed(
+          vocab_size,
+          cfg.embed_dim,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          name=name,
+          embedding_init=nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=0.1), ("vocab", "embed")
+          ),
+      )
+
+    def dense(features, name, *, use_bias=True, out_axis="mlp", out_dtype=dtype):
+      return nn.Dense(
+          features,
+          use_bias=use_bias,
+          dtype=out_dtype,
+          param_dtype=param_dtype,
+          name=name,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("embed" if out_axis == "mlp" else "mlp", out_axis)
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+      )
+
+    self.token_embed = embed(cfg.vocab_size, "token_embed")  # the target side's, or both's
+    if not cfg.share_embeddings:
+      self.source_embed = embed(cfg.resolved_source_vocab_size, "source_embed")
+    self.encoder_rnn = cfg.stack("encoder_rnn")
+    self.decoder_rnn = RecurrentStack(
+        cfg.cell,
+        cfg.hidden_size,
+        cfg.resolved_decoder_layers,
+        False,
+        cfg.dropout_rate,
+        cfg.forget_bias,
+        dtype,
+        param_dtype,
+        name="decoder_rnn",
+    )
+    width = sum(int(np.prod(part.shape[1:])) for part in jax.tree.leaves(self._carry_template()))
+    self.bridges = [
+        dense(width, f"bridge_layer{layer}") for layer in range(cfg.resolved_decoder_layers)
+    ]
+    if cfg.attention == "additive":
+      attention_dim = cfg.resolved_attention_dim
+      self.attention_query = dense(attention_dim, "attention_query", use_bias=False)
+      self.attention_key = dense(attention_dim, "attention_key")
+      self.attention_v = self.param(
+          "attention_v",
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=attention_dim**-0.5), ("mlp",)
+          ),
+          (attention_dim,),
+          param_dtype,
+      )
+    else:
+      # h^T b would shift every source position's score equally: a bias has no effect.
+      self.attention_key = dense(cfg.hidden_size, "attention_key", use_bias=False)
+    self.attention_out = dense(cfg.hidden_size, "attention_out")
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.head = dense(cfg.vocab_size, "head", out_axis="vocab", out_dtype=jnp.float32)
+
+  @nn.nowrap
+  def decoder(self, apply_model: nn.Module):
+    """The seq2seq decode interface: (start, step) running `apply_model` (this model, or a wrapper
+    that computes as it does, such as a Lora: both go through its __call__), the decoding state
+    (see the class docstring) as the carry. start(params, (inputs_BS, input_lengths_B)) encodes
+    the source and feeds eos_id; step(params, carry, tokens_B1, position) feeds tokens_B1 (the
+    position is in the carried RNN state)."""
+    eos_id = self.config.eos_id
+
+    def start(params, source):
+      inputs_BS, input_lengths_B = source
+      start_B1 = jnp.full((inputs_BS.shape[0], 1), eos_id, jnp.int32)
+      logits_B1V, state = apply_model.apply(
+          {"params": params}, inputs_BS, input_lengths_B, start_B1, return_state=True
+      )
+      return logits_B1V[:, -1], state
+
+    def step(params, state, tokens_B1, position):
+      del position  # the state carries it
+      logits_B1V, state = apply_model.apply(
+          {"params": params}, None, None, tokens_B1, state=state, return_state=True
+      )
+      return logits_B1V[:, -1], state
+
+    return start, step
+
+  def __call__(
+      self,
+      inputs_BS,
+      input_lengths_B,
+      decoder_inputs_BT,
+      *,
+      state=None,
+      return_state: bool = False,
+      train: bool = False,
+  ):
+    """Float32 logits [B, T, V] for the decoder inputs (a start token, then target tokens) given
+    the source (None: every position real), and the decoding state with `return_state`."""
+    if state is None:
+      state = self.encode(inputs_BS, input_lengths_B, train=train)
+    logits_BTV, state = self.decode(state, decoder_inputs_BT, train=train)
+    return (logits_BTV, state) if return_state else logits_BTV
+
+  def encode(self, inputs_BS, input_lengths_B=None, *, train: bool = False):
+    """The decoding state before the first decoder input."""
+    cfg = self.config
+    batch, length = inputs_BS.shape
+    cfg.check_source_length(length)
+    if input_lengths_B is None:
+      input_lengths_B = jnp.full((batch,), length, jnp.int32)
+    embed = self.token_embed if cfg.share_embeddings else self.source_embed
+    x_BSD = self.dropout(embed(inputs_BS), deterministic=not train)
+    memory_BSE, carries = self.encoder_rnn(x_BSD, input_lengths_B, train=train)
+    # The top layer's final state in each direction: forward at the true end, backward at the start.
+    output = get_cell(cfg.cell).output
+    directions = 2 if cfg.bidirectional else 1
+    final_BF = jnp.concatenate([output(c) for c in carries[-directions:]], axis=-1)
+    return {
+        "memory": memory_BSE,
+        "keys": self.attention_key(memory_BSE),
+        "lengths": jnp.asarray(input_lengths_B, jnp.int32),
+        "rnn": tuple(self._initial_carry(bridge, final_BF) for bridge in self.bridges),
+    }
+
+  @nn.nowrap
+  def _carry_template(self):
+    """One example's carry of the cell, as shapes: the bridge projects to each of its parts."""
+    cfg = self.config
+    cell = get_cell(cfg.cell)
+    return jax.eval_shape(lambda: cell.zero_carry(1, cfg.hidden_size, jnp.dtype(cfg.dtype)))
+
+  def _initial_carry(self, bridge: nn.Module, final_BF):
+    template = self._carry_template()
+    structure, parts = jax.tree.structure(template), jax.tree.leaves(template)
+    projected_BW = jnp.tanh(bridge(final_BF))
+    sizes = [int(np.prod(part.shape[1:])) for part in parts]
+    pieces = jnp.split(projected_BW, np.cumsum(sizes)[:-1], axis=-1)
+    leaves = [
+        piece.reshape((final_BF.shape[0],) + part.shape[1:]).astype(part.dtype)
+        for piece, part in zip(pieces, parts, strict=True)
+    ]
+    return jax.tree.unflatten(structure, leaves)
+
+  def decode(self, state, decoder_inputs_BT, *, train: bool = False):
+    """(float32 logits [B, T, V], the state after them) for decoder inputs fed after `state`."""
+    cfg = self.config
+    cfg.check_length(decoder_inputs_BT.shape[1])
+    y_BTD = self.dropout(self.token_embed(decoder_inputs_BT), deterministic=not train)
+    h_BTH, carries = self.decoder_rnn(y_BTD, None, state["rnn"], train=train)
+    memory_BSE, keys_BSK = state["memory"], state["keys"]
+    if cfg.attention == "additive":
+      query_BTK = self.attention_query(h_BTH)
+      hidden_BTSK = jnp.tanh(query_BTK[:, :, None, :] + keys_BSK[:, None, :, :])
+      scores_BTS = jnp.einsum(
+          "btsk,k->bts",
+          hidden_BTSK,
+          self.attention_v.astype(hidden_BTSK.dtype),
+          preferred_element_type=jnp.float32,
+      )
+    else:
+      scores_BTS = jnp.einsum("bth,bsh->bts", h_BTH, keys_BSK, preferred_element_type=jnp.float32)
+    valid_B1S = (jnp.arange(memory_BSE.shape[1])[None, :] < state["lengths"][:, None])[:, None]
+    # The most negative float32 underflows exp to 0: a padded position's weight is exactly 0, and
+    # so is its gradient, while a source with no real position (a filler row) gets a uniform
+    # softmax rather than NaN.
+    masked_BTS = jnp.where(valid_B1S, scores_BTS, float(jnp.finfo(jnp.float32).min))
+    weights_BTS = jax.nn.softmax(masked_BTS, axis=-1)
+    context_BTE = jnp.einsum("bts,bse->bte", weights_BTS.astype(memory_BSE.dtype), memory_BSE)
+    attended_BTH = jnp.tanh(self.attention_out(jnp.concatenate([context_BTE, h_BTH], axis=-1)))
+    attended_BTH = self.dropout(attended_BTH, deterministic=not train)
+    return self.head(attended_BTH), {**state, "rnn": carries}
