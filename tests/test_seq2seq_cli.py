@@ -4,6 +4,7 @@ tokenizers; a TFDS translation set read by its supervised keys; bad input as one
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -224,3 +225,30 @@ def test_bad_flags_are_one_line_errors(tmp_path):
       "bad.tsv:2 has no tab",
   )
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_the_rnn_with_attention_resumes_to_the_uninterrupted_losses(tmp_path):
+  corpus = _write_corpus(tmp_path, lines=200)
+  rnn = [
+      "--model=lstm-attention-tiny",
+      "--model_override=embed_dim=16",
+      "--model_override=hidden_size=32",
+      f"--dataset=textpairs:{corpus}",
+      "--batch_size=16",
+      "--log_every=1",
+      "--eval_every=6",
+      "--checkpoint_every=3",
+      "--decode_examples=4",
+  ]
+  whole, parts = tmp_path / "whole", tmp_path / "parts"
+  assert _seq2seq(*rnn, f"--workdir={whole}", "--num_steps=6").returncode == 0
+  # As if the run had been killed after its step-3 checkpoint: that checkpoint alone survives.
+  shutil.copytree(whole, parts)
+  shutil.rmtree(parts / "checkpoints" / "6")
+  resumed = _seq2seq(*rnn, f"--workdir={parts}", "--num_steps=6")
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step 3" in resumed.stdout
+  want, got = (metrics.read_jsonl(str(w / "metrics.jsonl")) for w in (whole, parts))
+  assert [r["step"] for r in got] == list(range(1, 7))
+  for key in ("train_loss", "grad_norm", "data_fingerprint", "eval_exact_match"):
+    assert [r.get(key) for r in got] == [r.get(key) for r in want], key
