@@ -80,7 +80,9 @@ DATASET = flags.DEFINE_string(
     None,
     "TFDS NAME[/CONFIG][:VERSION], or your own files: textfiles:GLOB "
     "(a document per file), textlines:GLOB (per line), imagefolder:DIR (DIR/CLASS/IMAGE), "
-    "jsonl:GLOB (a JSON object per line; .gz, .zst too), parquet:GLOB (a row each).",
+    "jsonl:GLOB (a JSON object per line; .gz, .zst too), parquet:GLOB (a row each); or a weighted "
+    "mixture of those: mix:SOURCE@WEIGHT,SOURCE@WEIGHT,... (each item split at its last @; no "
+    "comma inside a source).",
 )
 DATA_DIR = flags.DEFINE_string(
     "data_dir",

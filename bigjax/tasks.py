@@ -101,7 +101,9 @@ def checked_sums(task, sums) -> dict:
 def higher_is_better(task, metric: str) -> bool:
   """Whether `metric` ("eval_accuracy", "train_loss", "accuracy") is better higher for `task`."""
   name = metric.removeprefix("eval_").removeprefix("train_")
-  return name in getattr(task, "higher_is_better", frozenset())
+  better = getattr(task, "higher_is_better", frozenset())
+  # A mixture source's own metric (accuracy_0_digits) goes the way of the metric it is one of
+  return name in better or any(name.startswith(f"{m}_") for m in better)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,35 @@ def _cross_entropy_sums(logits_NV, labels_N, weights_N, losses: Losses) -> dict:
   return {**sums, "objective": jnp.sum(objective_N * weights_N)}
 
 
+def _source_sums(names: tuple[str, ...], source_B, logits_BxV, labels_Bx, weights_Bx, correct_Bx):
+  """Loss, correct predictions and count summed over each mixture source's examples, as
+  VALUE@NAME: sums that add up over batches and devices like the others. x: any further axes."""
+  # The loss's own cross-entropy, computed again in the same program: XLA computes it once.
+  plain_Bx = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxV.astype(jnp.float32), labels_Bx
+  )
+  one_hot_BS = jax.nn.one_hot(source_B, len(names), dtype=jnp.float32)
+  by_source = lambda x: jnp.reshape(x, (x.shape[0], -1)).sum(axis=1) @ one_hot_BS
+  totals_S = {
+      "loss": by_source(plain_Bx * weights_Bx),
+      "correct": by_source(correct_Bx * weights_Bx),
+      "count": by_source(weights_Bx),
+  }
+  return {f"{key}@{name}": totals_S[key][s] for key in totals_S for s, name in enumerate(names)}
+
+
+def _source_metrics(names: tuple[str, ...], sums) -> dict[str, float]:
+  """Loss and accuracy of each source that the sums hold examples of (a source can miss a short
+  interval)."""
+  out = {}
+  for name in names:
+    count = float(sums[f"count@{name}"])
+    if count > 0:
+      out[f"loss_{name}"] = float(sums[f"loss@{name}"]) / count
+      out[f"accuracy_{name}"] = float(sums[f"correct@{name}"]) / count
+  return out
+
+
 def _loss_metrics(sums, count: float) -> dict[str, float]:
   out = {"loss": float(sums["loss"]) / count}
   if "log_z_squared" in sums:
@@ -158,10 +189,13 @@ class LanguageModelling:
     bytes_per_token: when set, evaluation also reports bits per byte (1.0 for byte-level models).
     token_bytes: bytes of text each token id stands for (a tokenizer's `token_bytes`); when set,
       bits per byte divide by the bytes the evaluated targets actually hold, exact for any tokenizer.
+    sources: the names of a mixture's sources (bigjax.data.mixture), whose batches carry
+      {"source_id": [B]}: loss and accuracy are also reported per source, as loss_NAME.
   """
 
   bytes_per_token: float | None = 1.0
   token_bytes: tuple[int, ...] | None = None
+  sources: tuple[str, ...] = ()
   unit: str = "tokens"
   losses: Losses = Losses()
   higher_is_better: ClassVar[frozenset[str]] = frozenset({"accuracy", "exact_match"})
@@ -195,6 +229,12 @@ class LanguageModelling:
       # Exact match: every target token right, which is also what greedy decoding would produce.
       all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
       sums.update(exact=jnp.sum(all_right_B * weights_B), examples=jnp.sum(weights_B))
+    if self.sources:
+      sums.update(
+          _source_sums(
+              self.sources, batch["source_id"], logits_BTV, targets_BT, weights_BT, correct_BT
+          )
+      )
     return sums, {}
 
   def metrics(self, sums) -> dict[str, float]:
@@ -210,7 +250,7 @@ class LanguageModelling:
       out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
     if "exact" in sums:
       out["exact_match"] = float(sums["exact"]) / max(float(sums["examples"]), 1.0)
-    return out
+    return {**out, **_source_metrics(self.sources, sums)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,11 +258,12 @@ class Classification:
   """Softmax cross-entropy on {"image": [B, ...], "label": [B]}, optional {"weights": [B]}.
 
   Models with batch normalisation update their `batch_stats` in training and use the running
-  averages in evaluation.
+  averages in evaluation. `sources`: as LanguageModelling's.
   """
 
   unit: str = "images"
   losses: Losses = Losses()
+  sources: tuple[str, ...] = ()
   higher_is_better: ClassVar[frozenset[str]] = frozenset({"accuracy"})
 
   def init(self, model, rng, batch):
@@ -240,11 +281,19 @@ class Classification:
         "correct": jnp.sum(correct_B * weights_B),
         "count": jnp.sum(weights_B),
     }
+    if self.sources:
+      sums.update(
+          _source_sums(self.sources, batch["source_id"], logits_BC, labels_B, weights_B, correct_B)
+      )
     return sums, dict(new_model_state)
 
   def metrics(self, sums) -> dict[str, float]:
     count = max(float(sums["count"]), 1.0)
-    return {**_loss_metrics(sums, count), "accuracy": float(sums["correct"]) / count}
+    return {
+        **_loss_metrics(sums, count),
+        "accuracy": float(sums["correct"]) / count,
+        **_source_metrics(self.sources, sums),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

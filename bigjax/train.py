@@ -490,6 +490,7 @@ def fit(
               learning_rate,
               stop,
               profile,
+              getattr(train_data, "seen", None),  # a bigjax.data Loader's; None for other data
           )
     finally:
       ckpt.close()
@@ -859,10 +860,14 @@ def _train_loop(
     learning_rate,
     stop: "_StopSignals",
     profile: "_ProfileTrace",
+    seen: Callable[[int], dict[str, int]] | None = None,
 ):
   """The loop proper. Metrics of step n are fetched after step n+1 is dispatched, so the host never
   waits for the device except at evaluation and checkpoint steps. A non-finite or diverged loss
-  stops the run before anything is saved from that step on."""
+  stops the run before anything is saved from that step on. Records of log and eval steps hold
+  `data_fingerprint`, the CRC32 of the batch this process fed (bigjax.metrics.fingerprint), and
+  `seen(step)`: what the data says the first `step` batches held (a mixture's tokens per source,
+  derived from the step, so a resumed run logs what an unbroken one does)."""
   is_log_step = lambda s: s % config.log_every == 0 or s == config.num_steps
   is_eval_step = lambda s: eval_data is not None and (
       s % config.eval_every == 0 or s == config.num_steps
@@ -898,7 +903,7 @@ def _train_loop(
     log.step(step, mean_loss, float(step_metrics["sums"]["count"]))
     return step_metrics
 
-  def write(step, step_metrics, evals):
+  def write(step, step_metrics, evals, fingerprint):
     nonlocal interval_sums, record
     rates = speed.rate()
     record = {"step": step, **{f"train_{k}": v for k, v in task.metrics(interval_sums).items()}}
@@ -907,6 +912,9 @@ def _train_loop(
       record["learning_rate"] = float(learning_rate(step - 1))
     if rates is not None:  # the first step (compilation) is not timed
       record.update(steps_per_sec=rates[0], **{f"{task.unit}_per_sec": rates[1]})
+    record.update(seen(step) if seen is not None else {})
+    if fingerprint is not None:
+      record["data_fingerprint"] = fingerprint
     record.update(evals)
     log.write(record)
     interval_sums = None
@@ -916,7 +924,12 @@ def _train_loop(
   run_start = time.perf_counter()
   for step in range(start + 1, config.num_steps + 1):
     profile.before(step, state)  # on the run's first step the trace holds the compilation too
-    batch = sharding.host_to_global(next(train_iter), mesh)
+    host_batch = next(train_iter)
+    # Only where a record is written: hashing an image batch every step would cost time.
+    fingerprint = (
+        metrics_lib.fingerprint(host_batch) if is_log_step(step) or is_eval_step(step) else None
+    )
+    batch = sharding.host_to_global(host_batch, mesh)
     if step == start + 1:  # compile ahead of time, to report the cost before the first step runs
       step_fn = step_fn.lower(state, batch).compile()
       flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
@@ -927,15 +940,15 @@ def _train_loop(
     state, step_metrics = step_fn(state, batch)
     profile.after(step, (state, step_metrics))
     if pending is not None:  # the previous step's metrics: ready by now, so this rarely waits
-      previous, previous_metrics = pending
+      previous, previous_metrics, previous_fingerprint = pending
       fetched = fetch(previous, previous_metrics)
       if is_log_step(previous):
-        write(previous, fetched, {})
+        write(previous, fetched, {}, previous_fingerprint)
       pending = None
     last = step == config.num_steps or stop.received is not None
     save = ckpt.should_save(step) or last
     if not (save or is_eval_step(step)):
-      pending = (step, step_metrics)
+      pending = (step, step_metrics, fingerprint)
       continue
     fetched = fetch(step, step_metrics)  # before saving: a NaN state is never checkpointed
     speed.pause()
@@ -948,7 +961,7 @@ def _train_loop(
       ckpt.save(step, state, train_iter, metrics=evals)
     speed.resume()
     if is_log_step(step) or evals or last:
-      write(step, fetched, evals)
+      write(step, fetched, evals, fingerprint)
     if evals:
       key = next(iter(evals))
       better = (lambda a, b: a > b) if tasks.higher_is_better(task, key) else (lambda a, b: a < b)

@@ -10,6 +10,7 @@ from bigjax import run as bigjax_run
 from bigjax import metrics
 from bigjax import tasks
 from bigjax.data import images
+from bigjax.data import mixture
 from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.errors import UserError
@@ -24,22 +25,30 @@ CROP_PADDING = flags.DEFINE_integer(
 
 
 def fit_classifier(exp: bigjax_run.Experiment) -> dict:
-  """Image classification on the experiment's data set."""
+  """Image classification on the experiment's data set, or each source of a mixture
+  (bigjax.data.mixture)."""
   keys = {"image_key": bigjax_flags.IMAGE_KEY.value, "label_key": bigjax_flags.LABEL_KEY.value}
-  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
-      exp.dataset, exp.data_dir
+  parts = mixture.parse(exp.dataset)
+  eval_splits = mixture.eval_splits(parts, bigjax_flags.EVAL_SPLIT.value, exp.data_dir)
+  mixture.common_kind(parts, exp.data_dir, keys["image_key"])
+  train_source = mixture.open_mixed(
+      parts,
+      lambda p: images.open_split(p.spec, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys),
+      unit="images",
   )
-  train_source = images.open_split(
-      exp.dataset, bigjax_flags.TRAIN_SPLIT.value, exp.data_dir, **keys
+  eval_source = mixture.open_mixed(
+      parts, lambda p: images.open_split(p.spec, eval_splits[p], exp.data_dir, **keys)
   )
-  eval_source = images.open_split(exp.dataset, eval_split, exp.data_dir, **keys)
-  metrics.console(f"{exp.dataset}: {len(train_source):,} train / {len(eval_source):,} eval images")
-  check_num_classes(exp, keys["label_key"])
+  for part, train_part, eval_part in zip(
+      parts, mixture.members(train_source), mixture.members(eval_source)
+  ):
+    metrics.console(f"{part.label()}: {len(train_part):,} train / {len(eval_part):,} eval images")
+  check_num_classes(exp, parts, keys["label_key"])
   augment = images.Augment(flip=FLIP.value, crop_padding=CROP_PADDING.value)
   workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
   return bigjax_run.run(
       exp,
-      task=tasks.Classification(),
+      task=tasks.Classification(sources=tuple(p.name for p in parts if p.name)),
       train_data=images.train_batches(
           train_source, exp.config.batch_size, exp.config.seed, augment, workers=workers, **keys
       ),
@@ -49,9 +58,12 @@ def fit_classifier(exp: bigjax_run.Experiment) -> dict:
   )
 
 
-def check_num_classes(exp: bigjax_run.Experiment, label_key: str) -> None:
+def check_num_classes(
+    exp: bigjax_run.Experiment, parts: tuple[mixture.Source, ...], label_key: str
+) -> None:
   """Labels past the model's last output would train on garbage: stop with the fix instead."""
-  classes = sources.num_classes(exp.dataset, label_key, exp.data_dir)
+  known = mixture.each(parts, lambda p: sources.num_classes(p.spec, label_key, exp.data_dir))
+  classes = max((c for c in known if c), default=None)
   outputs = getattr(getattr(exp.base_model, "config", None), "num_classes", None)
   if classes and outputs and classes > outputs:
     raise UserError(

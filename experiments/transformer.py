@@ -18,6 +18,7 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
+from bigjax.data import mixture
 from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.data import tokenizers
@@ -98,43 +99,75 @@ def sample_language_model(exp: bigjax_run.Experiment) -> list[str]:
 
 
 def fit_language_model(exp: bigjax_run.Experiment) -> dict:
-  """Language modelling on the experiment's text data set (bytes or SentencePiece tokens), or on
-  its (inputs, targets) pairs with the loss on the targets only; --mode picks training,
-  evaluation or sampling."""
+  """Language modelling on the experiment's data set or mixture; --mode picks training, evaluation
+  or sampling."""
   lm_inputs.check_seq_len(exp.base_model, SEQ_LEN.value)
   if exp.run_config.mode == "sample":
     return {"samples": sample_language_model(exp)}
+  task, train_data, eval_data = language_model_data(exp)
+  return bigjax_run.run(exp, task=task, train_data=train_data, eval_data=eval_data)
+
+
+def language_model_data(exp: bigjax_run.Experiment):
+  """(task, training Loader, eval batches) for the experiment's data set, or each source of a
+  mixture (bigjax.data.mixture): text in windows of bytes or SentencePiece tokens, or (inputs,
+  targets) pairs with the loss on the targets only."""
+  parts = mixture.parse(exp.dataset)
   train_split = bigjax_flags.TRAIN_SPLIT.value
-  eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
-      exp.dataset, exp.data_dir
-  )
-  workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
-  if lm.is_prompt_target(exp.dataset, exp.data_dir):
+  eval_splits = mixture.eval_splits(parts, bigjax_flags.EVAL_SPLIT.value, exp.data_dir)
+  kind = mixture.common_kind(parts, exp.data_dir, bigjax_flags.IMAGE_KEY.value)
+  names = tuple(p.name for p in parts if p.name)
+  if kind == "(inputs, targets) pairs":
     if TOKENIZER.value != "bytes":
       raise UserError(
           f"{exp.dataset} holds (inputs, targets) pairs, which are byte-level; drop --tokenizer"
       )
     lm_inputs.check_vocab(exp.base_model, tokenizers.ByteTokenizer())
-    train_pairs = lm.open_prompt_targets(exp.dataset, train_split, SEQ_LEN.value, exp.data_dir)
-    eval_pairs = lm.open_prompt_targets(exp.dataset, eval_split, SEQ_LEN.value, exp.data_dir)
+    task = tasks.LanguageModelling(bytes_per_token=None, sources=names)
+    open_split = lambda p, split: lm.open_prompt_targets(p.spec, split, SEQ_LEN.value, exp.data_dir)
+    size = lambda pairs: f"{len(pairs):,}"
+    what = "pairs"
+  else:
+    tokenizer = open_tokenizer(exp, train_split, parts)
+    lm_inputs.check_vocab(exp.base_model, tokenizer)
+    task = tasks.LanguageModelling(
+        token_bytes=tuple(int(b) for b in tokenizer.token_bytes), sources=names
+    )
+    segments = document_segments(exp)
+    open_split = lambda p, split: lm.open_windows(
+        p.spec,
+        split,
+        SEQ_LEN.value,
+        exp.data_dir,
+        tokenizer,
+        bigjax_flags.TEXT_KEY.value,
+        segments=segments,
+    )
+    size = lambda windows: f"{len(windows.stream):,}"
+    what = f"tokens ({tokenizer.name})"
+  train = mixture.open_mixed(
+      parts, lambda p: open_split(p, train_split), unit="tokens", per_example=SEQ_LEN.value
+  )
+  evaluation = mixture.open_mixed(parts, lambda p: open_split(p, eval_splits[p]))
+  for part, train_part, eval_part in zip(
+      parts, mixture.members(train), mixture.members(evaluation)
+  ):
     metrics.console(
-        f"{exp.dataset}: {len(train_pairs):,} train / {len(eval_pairs):,} {eval_split} pairs"
+        f"{part.label()}: {size(train_part)} {train_split} / {size(eval_part)} "
+        f"{eval_splits[part]} {what}"
     )
-    return bigjax_run.run(
-        exp,
-        task=tasks.LanguageModelling(bytes_per_token=None),
-        train_data=pipeline.train_batches(
-            train_pairs, exp.config.batch_size, exp.config.seed, workers=workers
-        ),
-        eval_data=pipeline.eval_batches(
-            eval_pairs, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value
-        ),
-    )
-  tokenizer = open_tokenizer(exp, train_split)
-  lm_inputs.check_vocab(exp.base_model, tokenizer)
-  # Segment ids for the models that declare they keep attention inside a document with them.
+  workers = pipeline.workers(bigjax_flags.DATA_WORKERS.value)
+  return (
+      task,
+      pipeline.train_batches(train, exp.config.batch_size, exp.config.seed, workers=workers),
+      pipeline.eval_batches(evaluation, exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value),
+  )
+
+
+def document_segments(exp: bigjax_run.Experiment) -> bool:
+  """Whether windows carry segment ids: for the models that declare they keep attention inside a
+  document with them."""
   declared = lm_inputs.takes_segment_ids(exp.base_model)
-  segments = DOCUMENT_MASKS.value and bool(declared)
   if DOCUMENT_MASKS.value and declared is None:
     metrics.console(
         f"note: {type(exp.base_model).__name__} does not declare takes_segment_ids, so documents "
@@ -142,43 +175,24 @@ def fit_language_model(exp: bigjax_run.Experiment) -> dict:
         f"and positions_BT (as TransformerLM does), or False (or pass --nodocument_masks) to say "
         f"that is intended"
     )
-  windows = {
-      split: lm.open_windows(
-          exp.dataset,
-          split,
-          SEQ_LEN.value,
-          exp.data_dir,
-          tokenizer,
-          bigjax_flags.TEXT_KEY.value,
-          segments=segments,
-      )
-      for split in (train_split, eval_split)
-  }
-  metrics.console(
-      f"{exp.dataset}: {len(windows[train_split].stream):,} {train_split} / "
-      f"{len(windows[eval_split].stream):,} {eval_split} tokens ({tokenizer.name})"
-  )
-  return bigjax_run.run(
-      exp,
-      task=tasks.LanguageModelling(token_bytes=tuple(int(b) for b in tokenizer.token_bytes)),
-      train_data=pipeline.train_batches(
-          windows[train_split], exp.config.batch_size, exp.config.seed, workers=workers
-      ),
-      eval_data=pipeline.eval_batches(
-          windows[eval_split], exp.config.batch_size, bigjax_flags.EVAL_BATCHES.value
-      ),
-  )
+  return DOCUMENT_MASKS.value and bool(declared)
 
 
-def open_tokenizer(exp: bigjax_run.Experiment, train_split: str):
-  """--tokenizer, trained on the training split's text the first time a workdir needs it."""
+def open_tokenizer(exp: bigjax_run.Experiment, train_split: str, parts: tuple[mixture.Source, ...]):
+  """--tokenizer, trained on the training split's text (every source's, for a mixture) the first
+  time a workdir needs it."""
 
   def training_text():
-    source = sources.load_source(exp.dataset, train_split, exp.data_dir)
-    field = lm.pick_text_key(
-        sources.feature_names(exp.dataset, exp.data_dir), bigjax_flags.TEXT_KEY.value, exp.dataset
-    )
-    return lm.documents(source, field)
+    for source, field in mixture.each(
+        parts,
+        lambda p: (
+            sources.load_source(p.spec, train_split, exp.data_dir),
+            lm.pick_text_key(
+                sources.feature_names(p.spec, exp.data_dir), bigjax_flags.TEXT_KEY.value, p.spec
+            ),
+        ),
+    ):
+      yield from lm.documents(source, field)
 
   return tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir, training_text)
 

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from bigjax.data import mixture
 from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.errors import UserError
@@ -35,6 +36,11 @@ class Augment:
     return image
 
 
+def _image(example: dict, image_key: str) -> np.ndarray:
+  image = np.asarray(example[image_key])
+  return image[..., None] if image.ndim == 2 else image
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   """Picks and converts one example's image and label (feature names are the data set's)."""
@@ -44,9 +50,7 @@ class Example:
   augment: Augment | None = None
 
   def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-    image = np.asarray(example[self.image_key])
-    if image.ndim == 2:
-      image = image[..., None]
+    image = _image(example, self.image_key)
     if self.augment is not None and rng is not None:
       image = self.augment(image, rng)
     return {"image": standardize(image), "label": np.int32(example[self.label_key])}
@@ -79,7 +83,26 @@ def train_batches(
     workers: int = 0,
 ):
   example = Example(image_key=image_key, label_key=label_key, augment=augment)
+  check_one_shape(source, image_key)
   return pipeline.train_batches(source, global_batch_size, seed, transform=example, workers=workers)
+
+
+def check_one_shape(source, image_key: str) -> None:
+  """A mixture's sources give images of one shape (a batch is one array)."""
+  if not isinstance(source, mixture.Mixture):
+    return
+  first = None  # (part, shape)
+  for part, member in zip(source.parts, source.sources):
+    if not len(member):  # the pipeline says so
+      continue
+    shape = _image(member[0], image_key).shape
+    if first is None:
+      first = (part, shape)
+    elif shape != first[1]:
+      raise UserError(
+          f"{part.label()} has images of shape {shape} but {first[0].label()} has {first[1]}; a "
+          "mixture's images must have one shape: resize them"
+      )
 
 
 def eval_batches(

@@ -156,8 +156,3 @@ def open_prompt_targets(
     dataset: str, split: str, seq_len: int, data_dir: str | None
 ) -> PromptTargets:
   return PromptTargets(sources.load_source(dataset, split, data_dir), seq_len)
-
-
-def is_prompt_target(dataset: str, data_dir: str | None) -> bool:
-  """Whether the data set holds {"inputs", "targets"} pairs rather than running text."""
-  return {"inputs", "targets"} <= sources.feature_names(dataset, data_dir)

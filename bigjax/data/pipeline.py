@@ -2,14 +2,17 @@
 ahead by worker processes (Loader), and padded evaluation batches."""
 
 import dataclasses
+import functools
 import gc
 import os
+from collections.abc import Callable
 
 import grain
 import jax
 import numpy as np
 
 from bigjax import private_apis
+from bigjax.data import mixture
 from bigjax.errors import UserError
 
 
@@ -29,22 +32,42 @@ def train_batches(
   rows of each global batch, which are the rows its devices hold: the global batches, and so the
   losses, do not depend on how many processes share the work. `transform(example, rng)` runs per
   example with a numpy Generator seeded from (seed, position), so augmentation is as reproducible
-  as the order. See Loader for reading ahead in `workers` processes.
+  as the order. A mixture.Mixture is mixed here, before the rows are cut (see mixture.py). See
+  Loader for reading ahead in `workers` processes.
   """
   batch_size = per_process_batch(global_batch_size)
-  ds = grain.MapDataset.source(source)
-  if len(ds) < global_batch_size:
-    raise UserError(
-        f"only {len(ds)} training examples, fewer than one batch of {global_batch_size}; "
-        "lower --batch_size"
-    )
-  ds = ds.shuffle(seed=seed).repeat()
-  if transform is not None:
-    ds = ds.random_map(transform, seed=seed)
+  if isinstance(source, mixture.Mixture):
+    ds = _mixed(source, seed, transform)
+    seen = functools.partial(source.seen, batch_size=global_batch_size)
+  else:
+    if len(source) < global_batch_size:
+      raise UserError(
+          f"only {len(source)} training examples, fewer than one batch of {global_batch_size}; "
+          "lower --batch_size"
+      )
+    ds = _endless(source, seed, transform)
+    seen = None
   # Global batch t is local batches t * P ... t * P + P - 1; process p keeps the p-th of them.
   return Loader(
-      ds.batch(batch_size, drop_remainder=True)[jax.process_index() :: jax.process_count()], workers
+      ds.batch(batch_size, drop_remainder=True)[jax.process_index() :: jax.process_count()],
+      workers,
+      seen,
   )
+
+
+def _endless(source, seed: int, transform) -> grain.MapDataset:
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  return ds if transform is None else ds.random_map(transform, seed=seed)
+
+
+def _mixed(mix: "mixture.Mixture", seed: int, transform) -> grain.MapDataset:
+  """Each source endless in its own order, tagged with its position, interleaved by weight."""
+  parts = []
+  for i, (part, source) in enumerate(zip(mix.parts, mix.sources)):
+    if not len(source):
+      raise UserError(f"{part.label()} has no training examples")
+    parts.append(_endless(source, mixture.source_seed(seed, i), transform).map(mixture.Tag(i)))
+  return grain.MapDataset.select_from_datasets(parts, mix.interleave)
 
 
 # Batches read ahead by the threads of each reading process: enough to hide a slow example, small
@@ -74,6 +97,9 @@ class Loader:
 
   batches: grain.MapDataset
   workers: int = 0
+  # seen(n): what the first n global batches hold, by name (a mixture's tokens or images per
+  # source), which fit logs with each record
+  seen: Callable[[int], dict[str, int]] | None = None
 
   def __getitem__(self, index: int):
     return self.batches[index]
@@ -160,19 +186,24 @@ def eval_batches(
 ) -> list[dict]:
   """Fixed evaluation batches with a `weights` entry: every example once, or a fixed random sample
   of `max_batches` batches. The last batch is filled with weight-0 copies of an example, so that
-  nothing is dropped and every batch has one shape (one compilation)."""
+  nothing is dropped and every batch has one shape (one compilation). A mixture.Mixture is its
+  sources one after the other, each tagged and sampled (`max_batches` each) on its own."""
   batch_size = per_process_batch(global_batch_size)
-  ds = grain.MapDataset.source(source)
-  if max_batches > 0 and max_batches * global_batch_size < len(ds):
-    ds = ds.shuffle(seed=0)[
-        : max_batches * global_batch_size
-    ]  # a sample, not the first (often sorted) ones
+  if isinstance(source, mixture.Mixture):
+    parts = []
+    for i, (part, member) in enumerate(zip(source.parts, source.sources)):
+      if not len(member):
+        raise UserError(f"{part.label()} has no evaluation examples; choose another --eval_split")
+      examples = _eval_examples(member, global_batch_size, max_batches, transform)
+      parts.append(examples.map(mixture.Tag(i)))
+    ds = grain.MapDataset.concatenate(parts)
+  else:
+    ds = _eval_examples(source, global_batch_size, max_batches, transform)
   # Every process runs the same number of eval steps, so each pads to the largest share.
   num_batches = -(-len(ds) // global_batch_size)
-  ds = ds[jax.process_index() :: jax.process_count()]
-  if transform is not None:
-    ds = ds.map(transform)
-  examples = [dict(ex, weights=np.float32(1.0)) for ex in ds]
+  examples = [
+      dict(ex, weights=np.float32(1.0)) for ex in ds[jax.process_index() :: jax.process_count()]
+  ]
   filler = dict(examples[0], weights=np.float32(0.0))
   examples += [filler] * (num_batches * batch_size - len(examples))
   return [
@@ -182,3 +213,11 @@ def eval_batches(
       }
       for i in range(num_batches)
   ]
+
+
+def _eval_examples(source, global_batch_size: int, max_batches: int, transform) -> grain.MapDataset:
+  ds = grain.MapDataset.source(source)
+  if max_batches > 0 and max_batches * global_batch_size < len(ds):
+    # a sample, not the first (often sorted) ones
+    ds = ds.shuffle(seed=0)[: max_batches * global_batch_size]
+  return ds if transform is None else ds.map(transform)
