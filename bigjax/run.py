@@ -19,6 +19,7 @@ from bigjax import config_checks as checks
 from bigjax import metrics
 from bigjax import models
 from bigjax import optim
+from bigjax import sharding
 from bigjax import tasks
 from bigjax import train
 from bigjax import workdir as workdir_lib
@@ -134,6 +135,22 @@ def run(exp: Experiment, *, task, train_data, eval_data) -> dict:
       mesh=exp.mesh,
       on_start=lambda: _save_flags(exp),
   )
+
+
+def decoding_params(exp: Experiment, task, example_batch) -> tuple[Any, int]:
+  """(parameters, step) of the newest checkpoint in the workdir, on one device, for sampling and
+  decoding (the parameter average with --eval_with_ema, as evaluation uses)."""
+  one_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
+  with train.mesh_context(one_device):
+    state, step, _ = train.load_checkpoint(
+        model=exp.model,
+        task=task,
+        tx=exp.tx,
+        example_batch=example_batch,
+        config=exp.config,
+        mesh=one_device,
+    )
+  return train.evaluated_state(state, exp.config).params, step
 
 
 def _save_flags(exp: Experiment) -> None:

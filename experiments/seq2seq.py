@@ -20,10 +20,8 @@ from bigjax import flags as bigjax_flags
 from bigjax import metrics
 from bigjax import run as bigjax_run
 from bigjax import sample
-from bigjax import sharding
 from bigjax import storage
 from bigjax import tasks
-from bigjax import train
 from bigjax.data import lm
 from bigjax.data import pairs
 from bigjax.data import pipeline
@@ -230,25 +228,35 @@ def fit_seq2seq(exp: bigjax_run.Experiment, beam_cfg: beam.BeamConfig) -> dict:
 
 
 def _load_params(exp: bigjax_run.Experiment, examples: pairs.PairExamples):
-  """The newest checkpoint's parameters (or --init_from's model before there is one) on one device."""
   example_batch = {k: v[None] for k, v in examples[0].items()}
-  single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
-  with train.mesh_context(single_device):
-    state, step, _ = train.load_checkpoint(
-        model=exp.model,
-        task=tasks.SequenceToSequence(),
-        tx=exp.tx,
-        example_batch=example_batch,
-        config=exp.config,
-        mesh=single_device,
-    )
-  return train.evaluated_state(state, exp.config).params, step
+  return bigjax_run.decoding_params(exp, tasks.SequenceToSequence(), example_batch)
+
+
+def _beams(model, decoder, params, source, num_tokens: int, beam_cfg) -> list[list[np.ndarray]]:
+  """Each source row's hypotheses, best first, as target tokens without the end token."""
+  start, step = decoder
+  eos = model.config.eos_id
+  tokens_BWN, lengths_BW, _ = beam.beam_search(
+      start,
+      step,
+      params,
+      source,
+      first_position=1,
+      num_tokens=num_tokens,
+      eos_id=eos,
+      cfg=beam_cfg,
+  )
+  tokens_BWN, lengths_BW = np.asarray(tokens_BWN), np.asarray(lengths_BW)
+  rows = []
+  for tokens_WN, lengths_W in zip(tokens_BWN, lengths_BW):
+    hypotheses = [t[:n] for t, n in zip(tokens_WN, lengths_W)]
+    rows.append([h[:-1] if len(h) and h[-1] == eos else h for h in hypotheses])
+  return rows
 
 
 def decode_batches(model, params, examples: pairs.PairExamples, indices, batch_size: int, beam_cfg):
   """The best hypothesis' target tokens (end token dropped) for each example in `indices`."""
-  start, step = model.decoder(model)  # once: beam_search compiles for these two functions
-  eos = model.config.eos_id
+  decoder = model.decoder(model)  # once: beam_search compiles for these two functions
   decoded = []
   for first in range(0, len(indices), batch_size):
     chunk = list(indices[first : first + batch_size])
@@ -257,20 +265,8 @@ def decode_batches(model, params, examples: pairs.PairExamples, indices, batch_s
         np.stack([r["inputs"] for r in rows]),
         np.stack([r["input_lengths"] for r in rows]),
     )
-    tokens_BWN, lengths_BW, _ = beam.beam_search(
-        start,
-        step,
-        params,
-        source,
-        first_position=1,
-        num_tokens=examples.target_len,
-        eos_id=eos,
-        cfg=beam_cfg,
-    )
-    tokens_BWN, lengths_BW = np.asarray(tokens_BWN), np.asarray(lengths_BW)
-    for row in range(len(chunk)):
-      best = tokens_BWN[row, 0, : lengths_BW[row, 0]]
-      decoded.append(best[:-1] if len(best) and best[-1] == eos else best)
+    beams = _beams(model, decoder, params, source, examples.target_len, beam_cfg)
+    decoded += [hypotheses[0] for hypotheses in beams[: len(chunk)]]
   return decoded
 
 
@@ -339,27 +335,14 @@ def translate_prompt(exp: bigjax_run.Experiment, tokenizer_pair, examples, beam_
         f"the prompt has {len(tokens)} tokens, more than --source_len={examples.source_len}"
     )
   params, step = _load_params(exp, examples)
-  num = lm_experiment.NUM_SAMPLES.value
+  # One row for beam search, which returns its beams; a row per sample for sampling.
+  num = 1 if beam_cfg.beam_size > 1 else lm_experiment.NUM_SAMPLES.value
   inputs = np.zeros((num, examples.source_len), np.int32)
   inputs[:, : len(tokens)] = tokens
   source = (inputs, np.full((num,), len(tokens), np.int32))
-  eos = exp.base_model.config.eos_id
   if beam_cfg.beam_size > 1:
-    start, step_fn = exp.model.decoder(exp.model)
-    tokens_BWN, lengths_BW, scores_BW = beam.beam_search(
-        start,
-        step_fn,
-        params,
-        source,
-        first_position=1,
-        num_tokens=examples.target_len,
-        eos_id=eos,
-        cfg=beam_cfg,
-    )
-    rows = [
-        np.asarray(tokens_BWN)[0, w, : np.asarray(lengths_BW)[0, w]]
-        for w in range(beam_cfg.beam_size)
-    ]
+    decoder = exp.model.decoder(exp.model)
+    rows = _beams(exp.model, decoder, params, source, examples.target_len, beam_cfg)[0]
     how = f"beam {beam_cfg.beam_size}"
   else:
     cfg = sample.SamplingConfig(
@@ -375,13 +358,10 @@ def translate_prompt(exp: bigjax_run.Experiment, tokenizer_pair, examples, beam_
         num_tokens=examples.target_len,
         cfg=cfg,
     )
-    rows = list(np.asarray(sampled))
+    eos = exp.base_model.config.eos_id
+    rows = [row[: (list(row) + [eos]).index(eos)] for row in np.asarray(sampled)]
     how = str(cfg)
-  texts = []
-  for row in rows:
-    ends = np.flatnonzero(row == eos)
-    row = row[: ends[0]] if len(ends) else row
-    texts.append(target_tok.decode(row).decode("utf-8", errors="replace"))
+  texts = [target_tok.decode(row).decode("utf-8", errors="replace") for row in rows]
   metrics.console(f"step {step} checkpoint, {how}: {lm_experiment.PROMPT.value!r} ->")
   for text in texts:
     metrics.console("-" * 40 + "\n" + text)

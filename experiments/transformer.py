@@ -14,9 +14,7 @@ from bigjax import run as bigjax_run
 from bigjax import lm_inputs
 from bigjax import metrics
 from bigjax import sample
-from bigjax import sharding
 from bigjax import tasks
-from bigjax import train
 from bigjax.data import lm
 from bigjax.data import mixture
 from bigjax.data import pipeline
@@ -72,20 +70,11 @@ def sample_language_model(exp: bigjax_run.Experiment) -> list[str]:
   # Before the checkpoint: none is needed
   lm_inputs.check_sample_length(exp.base_model, len(prompt), NUM_TOKENS.value)
   example_batch = {"tokens": np.zeros((1, SEQ_LEN.value + 1), np.int32)}
-  single_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
-  with train.mesh_context(single_device):
-    state, step, _ = train.load_checkpoint(
-        model=exp.model,
-        task=tasks.LanguageModelling(),
-        tx=exp.tx,
-        example_batch=example_batch,
-        config=exp.config,
-        mesh=single_device,
-    )
+  params, step = bigjax_run.decoding_params(exp, tasks.LanguageModelling(), example_batch)
   prompts = np.tile(prompt.astype(np.int32)[None], (NUM_SAMPLES.value, 1))
   rows = sample.generate(
       exp.model,
-      state.params,
+      params,
       prompts,
       jax.random.PRNGKey(exp.config.seed),
       num_tokens=NUM_TOKENS.value,
