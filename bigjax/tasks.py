@@ -173,6 +173,13 @@ def _source_metrics(names: tuple[str, ...], sums) -> dict[str, float]:
   return out
 
 
+def _exact_match_sums(correct_BT, loss_mask_BT, weights_B) -> dict:
+  """Examples whose every target token (where the loss mask is 1) is the argmax given the true
+  prefix, which is exactly when greedy decoding produces the targets; and the examples counted."""
+  all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
+  return {"exact": jnp.sum(all_right_B * weights_B), "examples": jnp.sum(weights_B)}
+
+
 def _loss_metrics(sums, count: float) -> dict[str, float]:
   out = {"loss": float(sums["loss"]) / count}
   if "log_z_squared" in sums:
@@ -226,9 +233,7 @@ class LanguageModelling:
     if self.token_bytes is not None:
       sums["bytes"] = jnp.sum(jnp.asarray(self.token_bytes, jnp.float32)[targets_BT] * weights_BT)
     if "loss_mask" in batch:
-      # Exact match: every target token right, which is also what greedy decoding would produce.
-      all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
-      sums.update(exact=jnp.sum(all_right_B * weights_B), examples=jnp.sum(weights_B))
+      sums.update(_exact_match_sums(correct_BT, loss_mask_BT, weights_B))
     if self.sources:
       sums.update(
           _source_sums(
@@ -333,13 +338,11 @@ class SequenceToSequence:
         rngs=rngs,
     )
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    all_right_B = jnp.all((correct_BT > 0) | (loss_mask_BT == 0), axis=1).astype(jnp.float32)
     sums = {
         **_cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.losses),
         "correct": jnp.sum(correct_BT * weights_BT),
         "count": jnp.sum(weights_BT),
-        "exact": jnp.sum(all_right_B * weights_B),
-        "examples": jnp.sum(weights_B),
+        **_exact_match_sums(correct_BT, loss_mask_BT, weights_B),
     }
     return sums, {}
 
