@@ -18,6 +18,7 @@ from absl import flags
 from bigjax import beam
 from bigjax import flags as bigjax_flags
 from bigjax import metrics
+from bigjax import models
 from bigjax import run as bigjax_run
 from bigjax import sample
 from bigjax import storage
@@ -86,6 +87,8 @@ DECODE_EXAMPLES = flags.DEFINE_integer(
 def use_tokenizer_ids() -> None:
   """Sizes the vocabularies and sets the start/end id for --tokenizer and --source_tokenizer (an
   explicit override of the same field wins)."""
+  if bigjax_flags.MODEL.value:  # before its overrides: a preset of another kind has no eos_id
+    check_is_seq2seq(models.create(bigjax_flags.MODEL.value))
   lm_experiment.use_tokenizer_vocab()
   given = {o.partition("=")[0].strip() for o in bigjax_flags.MODEL_OVERRIDES.value}
   added = {"eos_id": _end_id(lm_experiment.TOKENIZER.value)}
@@ -183,17 +186,21 @@ def check_model_fits(exp: bigjax_run.Experiment, tokenizer_pair, examples: pairs
       )
 
 
+def check_is_seq2seq(model) -> None:
+  if not getattr(model, "is_seq2seq", False):
+    raise UserError(
+        f"{type(model).__name__} is not an encoder-decoder; experiments.seq2seq trains "
+        f"seq2seq-tiny, lstm-attention-tiny, transformer-base-wmt or a model whose class sets "
+        f"is_seq2seq"
+    )
+
+
 def beam_config() -> beam.BeamConfig:
   return beam.BeamConfig(beam_size=BEAM_SIZE.value, length_penalty=LENGTH_PENALTY.value)
 
 
 def fit_seq2seq(exp: bigjax_run.Experiment, beam_cfg: beam.BeamConfig) -> dict:
-  if not getattr(exp.base_model, "is_seq2seq", False):
-    raise UserError(
-        f"--model={bigjax_flags.MODEL.value} is a {type(exp.base_model).__name__}, not an "
-        f"encoder-decoder; use seq2seq-tiny, lstm-attention-tiny, transformer-base-wmt or another "
-        f"model whose class sets is_seq2seq"
-    )
+  check_is_seq2seq(exp.base_model)
   train_split = bigjax_flags.TRAIN_SPLIT.value
   eval_split = bigjax_flags.EVAL_SPLIT.value or sources.default_eval_split(
       exp.dataset, exp.data_dir

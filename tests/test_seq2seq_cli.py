@@ -214,6 +214,9 @@ def test_bad_flags_are_one_line_errors(tmp_path):
   common = [*TINY, f"--dataset=textpairs:{corpus}", f"--workdir={tmp_path / 'run'}"]
   _assert_one_line_error(_seq2seq(*common, "--beam_size=0"), 1, "beam_size=0")
   _assert_one_line_error(
+      _seq2seq(*common, "--model=transformer-tiny"), 1, "TransformerLM is not an encoder-decoder"
+  )
+  _assert_one_line_error(
       _seq2seq(*common, "--source_len=80"),
       1,
       "--source_len=80 is longer than the model's max_source_len=40",
