@@ -64,3 +64,20 @@ def cudnn_packed_attention(q_BTHK, k_BTGK, v_BTGK, lengths_BM, offsets_BM1, *, c
       mask_type=mask_type,
       qkv_layout="BTNH",
   )
+
+
+def finish_grain_shared_memory_deletes() -> None:
+  """Waits for the shared-memory batches grain is unlinking in the background (SharedMemoryArray
+  deletes through a thread pool once prefetch starts) and makes later deletes synchronous. A
+  process about to stop on an error would otherwise exit before that pool ran, leaving segments
+  for multiprocessing's resource tracker to warn about after bigjax's one-line error."""
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+
+  arrays = shared_memory_array.SharedMemoryArray
+  pool = arrays._del_thread_pool  # noqa: SLF001
+  if pool is None:
+    return
+  # New deletes now run at once; the queued ones still release the semaphore, which stays.
+  arrays._del_thread_pool = None  # noqa: SLF001
+  pool.close()
+  pool.join()

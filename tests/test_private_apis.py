@@ -55,3 +55,25 @@ def test_grain_reads_its_options_as_absl_flags():
       [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 0, result.stderr
+
+
+def test_grain_unlinks_shared_memory_arrays_through_the_pool_bigjax_drains():
+  from multiprocessing import shared_memory
+
+  import numpy as np
+  from grain._src.python.ipc import shared_memory_array
+
+  arrays = shared_memory_array.SharedMemoryArray
+  arrays.enable_async_del(1)
+  assert arrays._del_thread_pool is not None  # noqa: SLF001
+  batch = arrays((1024,), np.float32)
+  batch.unlink_on_del()
+  name = batch.shm.name
+  del batch  # handed to the pool
+  private_apis.finish_grain_shared_memory_deletes()
+  assert arrays._del_thread_pool is None  # noqa: SLF001  (later deletes synchronous)
+  try:
+    shared_memory.SharedMemory(name=name).close()
+    raise AssertionError(f"shared memory {name} is still there after the pool finished")
+  except FileNotFoundError:
+    pass  # unlinked

@@ -147,6 +147,7 @@ class LoaderIterator(grain.DatasetIterator):
       self.close_reader()
       e.with_traceback(None)
       gc.collect()  # the frames sit in reference cycles
+      private_apis.finish_grain_shared_memory_deletes()  # before the process exits on the error
       raise e from None
     except Exception:
       self.close_reader()
