@@ -694,20 +694,49 @@ def import_modules(names: list[str]) -> None:
 
 def _without_orbax_errors(record) -> bool:
   """Orbax logs each failed save or restore with its traceback from every thread it touched, and
-  raises it too: bigjax turns what it raises into one line (or re-raises what it cannot explain)."""
+  raises it too: bigjax turns what it raises into one line (or re-raises what it cannot explain).
+  The reads that failed beside the raised one end as Orbax tasks whose exception nobody retrieved,
+  which asyncio logs when they are collected."""
+  orbax = f"{os.sep}orbax{os.sep}"
   return not (
-      record.levelno >= python_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+      record.levelno >= python_logging.ERROR
+      and (
+          orbax in record.pathname
+          or (record.name == "asyncio" and _is_an_orbax_task_never_retrieved(record.getMessage()))
+      )
+  )
+
+
+def _is_an_orbax_task_never_retrieved(message: str) -> bool:
+  first, _, future = message.partition("\n")
+  return first == "Task exception was never retrieved" and f"{os.sep}orbax{os.sep}" in future
+
+
+def _is_a_late_wake_up_of_a_closed_loop(unraisable) -> bool:
+  """TensorStore wakes an awaiting asyncio loop through `loop.call_soon_threadsafe` from its own
+  threads when a read finishes; the reads still running after Orbax's restore failed finish after
+  Orbax closed that loop, and TensorStore reports each refused wake-up as unraisable (object None)."""
+  tb = unraisable.exc_traceback
+  return (
+      unraisable.object is None
+      and isinstance(unraisable.exc_value, RuntimeError)
+      and tb is not None
+      and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+      and f"{os.sep}asyncio{os.sep}" in tb.tb_frame.f_code.co_filename
   )
 
 
 def _drop_orbax_coroutine_errors(default_hook):
-  """An unraisable-exception hook that drops Orbax's read coroutines left failing after a restore
-  failed: Orbax raised the first of their errors, which bigjax reports in one line, and Python
-  would otherwise print each one's traceback as the process exits."""
+  """An unraisable-exception hook that drops what a failed Orbax restore leaves behind: its read
+  coroutines left failing, and TensorStore's wake-ups of the event loop Orbax closed. Orbax raised
+  the first error, which bigjax reports in one line; Python would otherwise print a traceback for
+  each of these as the process exits."""
 
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    if _is_a_late_wake_up_of_a_closed_loop(unraisable):
       return
     default_hook(unraisable)
 
@@ -724,6 +753,7 @@ def run(main) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_without_orbax_errors)
+    python_logging.getLogger("asyncio").addFilter(_without_orbax_errors)
     sys.unraisablehook = _drop_orbax_coroutine_errors(sys.unraisablehook)
     try:
       import_modules(IMPORT_MODULES.value)

@@ -265,9 +265,81 @@ def test_orbax_read_coroutines_left_failing_print_nothing_and_others_still_do():
       f"{os.sep}site{os.sep}orbax{os.sep}serialization.py"
   ), coroutine_from("mine.py")
   for obj in (orbax_read, own, None):
-    hook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("read failed"), object=obj))
+    hook(
+        types.SimpleNamespace(
+            exc_type=Exception, exc_value=Exception("read failed"), exc_traceback=None, object=obj
+        )
+    )
   assert [u.object for u in seen] == [own, None]
   orbax_read.close(), own.close()
+
+
+def test_orbax_tasks_failed_and_never_retrieved_log_nothing_and_others_still_do(caplog):
+  """The reads failing beside the one Orbax raised are tasks whose exception nobody retrieves:
+  asyncio logs each with its traceback when it is collected, after bigjax's one line."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from bigjax import flags as bigjax_flags  # pylint: disable=g-import-not-at-top
+
+  def failing_read_from(filename):
+    namespace = {}
+    exec(compile("async def read(): raise ValueError('read failed')", filename, "exec"), namespace)  # pylint: disable=exec-used
+    return namespace["read"]
+
+  asyncio_logger = logging.getLogger("asyncio")
+  asyncio_logger.addFilter(bigjax_flags._without_orbax_errors)  # pylint: disable=protected-access
+  loop = asyncio.new_event_loop()
+  try:
+    for filename in (f"{os.sep}site{os.sep}orbax{os.sep}serialization.py", "mine.py"):
+      task = loop.create_task(failing_read_from(filename)())
+      loop.run_until_complete(asyncio.sleep(0.01))
+      assert task.done()
+      del task
+      gc.collect()
+  finally:
+    loop.close()
+    asyncio_logger.removeFilter(bigjax_flags._without_orbax_errors)  # pylint: disable=protected-access
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and "mine.py" in logged[0], logged
+  assert logged[0].startswith("Task exception was never retrieved")
+
+
+def test_tensorstore_waking_a_closed_event_loop_prints_nothing_and_other_errors_still_do(
+    monkeypatch,
+):
+  """A TensorStore read that finishes after Orbax's failed restore closed the event loop awaiting
+  it: TensorStore's wake-up is refused and reported as unraisable (the CI failure of stop 35)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
+  from bigjax import flags as bigjax_flags  # pylint: disable=g-import-not-at-top
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", bigjax_flags._drop_orbax_coroutine_errors(seen.append))  # pylint: disable=protected-access
+  promise, future = ts.Promise.new()
+  loop = asyncio.new_event_loop()
+
+  async def read():
+    await future
+
+  pending = loop.create_task(read())
+  loop.run_until_complete(asyncio.sleep(0))  # the read now awaits the TensorStore future
+  loop.close()
+  promise.set_result(1)  # its wake-up meets the closed loop
+  try:
+    raise RuntimeError("Event loop is closed")  # the same error raised elsewhere still prints
+  except RuntimeError as e:
+    sys.unraisablehook(
+        types.SimpleNamespace(
+            exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__, object=None
+        )
+    )
+  assert [str(u.exc_value) for u in seen] == ["Event loop is closed"]
+  assert seen[0].exc_traceback.tb_frame.f_code.co_name != "call_soon_threadsafe"
+  pending._log_destroy_pending = False  # pylint: disable=protected-access  # it can never finish
 
 
 # ---- full disk, read-only directories -------------------------------------------------------------------
