@@ -715,7 +715,8 @@ def _is_an_orbax_task_never_retrieved(message: str) -> bool:
 def _is_a_late_wake_up_of_a_closed_loop(unraisable) -> bool:
   """TensorStore wakes an awaiting asyncio loop through `loop.call_soon_threadsafe` from its own
   threads when a read finishes; the reads still running after Orbax's restore failed finish after
-  Orbax closed that loop, and TensorStore reports each refused wake-up as unraisable (object None)."""
+  Orbax closed that loop, and TensorStore reports each refused wake-up as unraisable (object None).
+  """
   tb = unraisable.exc_traceback
   return (
       unraisable.object is None

@@ -147,6 +147,16 @@ def test_forget_gate_bias_starts_at_the_option():
   np.testing.assert_array_equal(np.asarray(bias)[[0, 2, 3]], 0.0)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16_parameters_start_orthogonal_per_gate(cell):
+  layer = recurrent.Recurrent(cell, 16, param_dtype=jnp.bfloat16)
+  params = nn.unbox(layer.init(jax.random.key(0), jnp.zeros((1, 2, 3))))["params"]
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  kernel = np.asarray(params["recurrent_kernel"], np.float32)  # [H, gates, H]
+  for gate in range(kernel.shape[1]):
+    np.testing.assert_allclose(kernel[:, gate] @ kernel[:, gate].T, np.eye(16), atol=0.03)
+
+
 @pytest.mark.parametrize("name", ["lstm-lm", "gru-lm", "lstm-classifier", "bilstm-classifier"])
 def test_recurrent_presets_run(name):
   model = models.create(name)

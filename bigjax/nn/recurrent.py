@@ -257,10 +257,14 @@ class Recurrent(nn.Module):
 
 
 def _orthogonal_per_gate(key, shape, dtype):
-  """An orthogonal [H, H] matrix for each gate: keeps the recurrence's gradient norm stable over time."""
+  """An orthogonal [H, H] matrix for each gate: keeps the recurrence's gradient norm stable over time.
+  Drawn in float32 and cast: the QR behind it has no bfloat16 kernel on the CPU."""
   hidden, gates, _ = shape
   keys = jax.random.split(key, gates)
-  return jnp.stack([nn.initializers.orthogonal()(k, (hidden, hidden), dtype) for k in keys], axis=1)
+  orthogonal = nn.initializers.orthogonal()
+  return jnp.stack([orthogonal(k, (hidden, hidden), jnp.float32) for k in keys], axis=1).astype(
+      dtype
+  )
 
 
 class RecurrentStack(nn.Module):
