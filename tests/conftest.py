@@ -4,10 +4,10 @@ import os
 import shutil
 import tempfile
 
+from tests.cpu_env import xla_flags  # noqa: E402
+
 # Must be set before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole session, every program stored: the suite compiles the same
 # tiny steps again and again (in-process, and in each CLI subprocess, which inherit these through

@@ -12,6 +12,7 @@ from benchmarks import flops
 from benchmarks import throughput
 from bigjax import models
 from bigjax import tasks
+from tests.cpu_env import cpu_env
 
 
 def _forward_flops(model, inputs):
@@ -123,7 +124,7 @@ def test_throughput_ab_of_an_xla_option_runs_end_to_end():
   import sys
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env()
   result = subprocess.run(
       [
           sys.executable,
@@ -200,13 +201,7 @@ def _dry_run(script: str, tmp_path) -> dict:
   site.mkdir()
   (site / "sitecustomize.py").write_text(_WITHOUT_DATA_STACK)
   out = tmp_path / "out"
-  env = dict(
-      os.environ,
-      **{f"BIGJAX_{script.upper()}_DRY_RUN": "1"},
-      OUT=str(out),
-      PYTHONPATH=str(site),
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-  )
+  env = cpu_env(**{f"BIGJAX_{script.upper()}_DRY_RUN": "1"}, OUT=str(out), PYTHONPATH=str(site))
   result = subprocess.run(
       ["bash", os.path.join(repo, "benchmarks", f"{script}.sh")],
       cwd=tmp_path,

@@ -23,6 +23,7 @@ from bigjax import train
 from bigjax.data import lm
 from bigjax.data import pipeline
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -74,7 +75,7 @@ def _command(kind, workdir, data_dir, *extra):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return cpu_env()
 
 
 def _run(kind, workdir, data_dir, *extra):

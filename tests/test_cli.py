@@ -7,15 +7,14 @@ import sys
 import pytest
 
 from bigjax import metrics
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = os.path.join(REPO, "experiments", "configs", "transformer_tiny.flags")
 
 
 def _run(*flags, devices=1):
-  env = dict(
-      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
-  )
+  env = cpu_env(devices)
   return subprocess.run(
       [sys.executable, "-m", "experiments.transformer", *flags],
       cwd=REPO,
@@ -118,7 +117,7 @@ def test_missing_required_flag(tmp_path):
 
 
 def _run_experiment(module, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run(
       [sys.executable, "-m", module, *flags],
       cwd=REPO,
@@ -287,12 +286,7 @@ def fork_lm_without_segments(**overrides):
 
 def test_a_preset_registered_in_a_module_of_your_own_trains_with_import_modules(tmp_path, tiny):
   (tmp_path / "my_presets.py").write_text(_FORK_MODULE)
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=str(tmp_path),
-  )
+  env = cpu_env(PYTHONPATH=str(tmp_path))
   run = lambda *flags: subprocess.run(
       [sys.executable, "-m", "experiments.transformer", *tiny, *flags],
       cwd=REPO,

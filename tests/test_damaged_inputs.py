@@ -19,6 +19,7 @@ from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
 from tests.test_cli import _assert_one_line_error
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_CNN = ["--model=cnn-small", "--batch_size=4", "--log_every=1", "--seed=0"]
@@ -26,12 +27,7 @@ TRAIN_PER_CLASS = 5  # and one validation image per class
 
 
 def _run(module, *flags, cwd=REPO, timeout=300):
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=REPO,
-  )
+  env = cpu_env(PYTHONPATH=REPO)
   return subprocess.run(
       [sys.executable, "-m", module, *flags],
       cwd=cwd,

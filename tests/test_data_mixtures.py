@@ -4,7 +4,6 @@ batches, per-source metrics in metrics.jsonl and TensorBoard, an image mixture t
 experiments.cnn, the loader benchmark on a mixture, and bad specs as one-line errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from tests.test_data_formats import _rows
 from tests.test_data_formats import _write_jsonl
 from tests.test_data_formats import _write_parquet
 from tests.test_scale import _free_port
+from tests.cpu_env import cpu_env
 
 SEQ_LEN = 32
 NUM_STEPS = 12
@@ -198,12 +198,7 @@ def _rows_of(script, tmp_path, mix, data_dir, *flags, devices):
           *flags,
       ],
       cwd=REPO,
-      env=dict(
-          os.environ,
-          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-          JAX_PLATFORMS="cpu",
-          PYTHONPATH=REPO,
-      ),
+      env=cpu_env(devices, PYTHONPATH=REPO),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -286,9 +281,7 @@ def test_a_killed_run_resumes_with_the_batches_of_an_unbroken_one(
   process = subprocess.Popen(
       [sys.executable, "-m", "experiments.transformer", *_mix_run(workdir, mix, data_dir)],
       cwd=REPO,
-      env=dict(
-          os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
-      ),
+      env=cpu_env(),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,

@@ -14,6 +14,7 @@ from bigjax.data import files
 from bigjax.data import lm
 from bigjax.data import sources
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,7 @@ def shapes_dir(tmp_path_factory):
 
 
 def _run(module, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run(
       [sys.executable, "-m", module, *flags],
       cwd=REPO,

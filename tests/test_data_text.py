@@ -19,6 +19,7 @@ from bigjax.data import pipeline
 from bigjax.data import sources
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +112,7 @@ def test_default_workers_leave_a_small_machine_alone():
 
 
 def _run(*flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run(
       [sys.executable, "-m", "experiments.transformer", *flags],
       cwd=REPO,

@@ -16,6 +16,7 @@ import pytest
 
 from bigjax import tasks
 from bigjax.nn import recurrent
+from tests.cpu_env import cpu_env
 from tests.test_cli import TINY_FLAGS
 from tests.test_cli import TINY_RUN
 
@@ -102,12 +103,7 @@ def fork(fork_dir):
 
 
 def _cli(fork_dir, experiment, *flags):
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=str(fork_dir),
-  )
+  env = cpu_env(PYTHONPATH=str(fork_dir))
   result = subprocess.run(
       [sys.executable, "-m", experiment, "--import_modules=my_fork", *flags],
       cwd=REPO,
@@ -201,7 +197,7 @@ def test_a_forks_block_and_task_train_a_transformer_through_the_cli(fork_dir, tm
 
 
 def test_an_unregistered_task_is_a_one_line_error(fork_dir, tmp_path, data_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   result = subprocess.run(
       [
           sys.executable,

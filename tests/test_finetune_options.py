@@ -25,6 +25,7 @@ from bigjax.data import lm
 from bigjax.data import pipeline
 from bigjax.errors import UserError
 from tests.test_cli import _assert_one_line_error
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -326,7 +327,7 @@ def _transformer(workdir, data_dir, *flags):
       "--model_override=mlp_dim=64",
       *flags,
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -30,6 +30,7 @@ from tests.test_hf_interop import _FAMILIES
 from tests.test_hf_interop import _TOKENS_BT
 from tests.test_hf_interop import _reference_logits
 from tests.test_hf_interop import _relative_error
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXPORTED_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")  # llama with Llama 3's rotary scaling
@@ -269,7 +270,7 @@ def test_cli_exports_a_trained_llama_that_transformers_loads(tmp_path, data_dir)
       "--eval_every=2",
       "--checkpoint_every=2",
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   for extra in ([], ["--mode=export", "--export_format=hf", f"--export_dir={tmp_path / 'hf'}"]):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.transformer", *tiny, *extra],

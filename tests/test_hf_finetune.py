@@ -11,9 +11,10 @@ import pytest
 
 from bigjax import metrics
 from bigjax import models
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+_ENV = cpu_env()
 
 
 @pytest.fixture(scope="module")

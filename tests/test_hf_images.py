@@ -24,6 +24,7 @@ from bigjax import models
 from bigjax import sharding
 from bigjax import train
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,7 +270,7 @@ def _cnn(workdir, data_dir, *flags):
       "--log_every=1",
       *flags,
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -14,6 +14,7 @@ import pytest
 from bigjax import metrics
 from bigjax.data import tokenizers
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
@@ -149,7 +150,7 @@ def test_trains_evaluates_and_samples_through_the_cli(tmp_path, hf_tokenizer_dir
       "--data_workers=0",
       "--num_steps=2",
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env()
   trained = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert trained.returncode == 0, trained.stderr
   assert f"(hf:{hf_tokenizer_dir})" in trained.stdout

@@ -6,7 +6,6 @@ asserted here. Run in fresh processes: the settings only reach XLA's threads whe
 before the CPU backend starts, and conftest has started it in this one."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import jax
 import pytest
 
 from bigjax import host_memory
+from tests.cpu_env import cpu_env
 
 # Reports whether the settings were applied, and the page faults of one execution of a program whose
 # temporary buffer (a 64 MiB matmul output, [16384, 1024] float32, and more) is larger than glibc's
@@ -43,12 +43,7 @@ FEW_FAULTS = 100
 
 
 def _run_program(**env_vars) -> dict:
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
-      **env_vars,
-  )
+  env = cpu_env(**env_vars)
   out = subprocess.run(
       [sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=300
   )
@@ -92,7 +87,7 @@ def test_only_cpu_platforms_get_the_settings():
 
 
 def _applied_after(program: str) -> str:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env()
   out = subprocess.run(
       [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300
   )

@@ -23,6 +23,7 @@ from bigjax import metrics
 from bigjax import models
 from bigjax import workdir
 from bigjax.errors import UserError
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -54,7 +55,7 @@ def _command(workdir_path, data_dir, *extra):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return cpu_env()
 
 
 def _run(workdir_path, data_dir, *extra, ok=True):

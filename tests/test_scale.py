@@ -23,6 +23,7 @@ from tests.test_conv import _digits_batch
 from tests.test_sharding import _batch
 from tests.test_sharding import _tiny_model
 from tests.test_sharding import run_steps
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,12 +198,7 @@ def test_unknown_remat_policy_is_named():
 
 
 def _cli(module, *flags, devices, extra_env=None):
-  env = dict(
-      os.environ,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-      **(extra_env or {}),
-  )
+  env = cpu_env(devices, **(extra_env or {}))
   return subprocess.Popen(
       [sys.executable, "-m", module, *flags],
       cwd=REPO,

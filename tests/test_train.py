@@ -12,6 +12,7 @@ from bigjax import tasks
 from bigjax import train
 from bigjax.data import lm
 from bigjax.data import pipeline
+from tests.cpu_env import cpu_env
 
 
 def _fit(
@@ -116,7 +117,7 @@ def test_compilation_cache_lets_a_second_process_skip_compiling(tmp_path):
   import sys
 
   cache = tmp_path / "not" / "yet" / "there"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env()
   hits = [
       subprocess.run(
           [sys.executable, "-c", _CACHE_PROBE, str(cache)],
