@@ -306,6 +306,13 @@ ALLOW_RESTART = flags.DEFINE_bool(
     "them aside (renamed, with the earlier metrics) and train again from step 0; "
     "without it that is an error and nothing is touched.",
 )
+ALLOW_NEW_DATA = flags.DEFINE_bool(
+    "allow_new_data",
+    False,
+    "Resume a checkpoint whose batches came from other data (another --dataset, --seed, "
+    "--batch_size, --seq_len, tokenizer or mixture): its batch position continues on the new "
+    "data; without it that is an error.",
+)
 KEEP_BEST_METRIC = flags.DEFINE_string(
     "keep_best_metric",
     None,
@@ -345,6 +352,7 @@ def train_config() -> train.TrainConfig:
       grad_accum=GRAD_ACCUM.value,
       xla_options=xla_options(),
       allow_restart=ALLOW_RESTART.value,
+      allow_new_data=ALLOW_NEW_DATA.value,
       eval_with_ema=EVAL_WITH_EMA.value,
       profile_steps=profile_steps(),
       wandb=wandb_config(),

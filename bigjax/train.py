@@ -59,6 +59,9 @@ class TrainConfig:
   # when every checkpoint in the workdir is unreadable: set them aside and train from step 0
   # (otherwise that is a one-line error and nothing is touched)
   allow_restart: bool = False
+  # resume a checkpoint whose batches came from other data (its position continues on the new
+  # data); otherwise that is a one-line error
+  allow_new_data: bool = False
   # evaluate the parameter average the optimizer keeps (optim.OptimConfig.ema_decay), not the parameters
   eval_with_ema: bool = False
   # XLA compiler options for the jitted steps; see `platform_xla_options` for which apply where
@@ -526,6 +529,7 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
   abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
   state, start, unreadable = ckpt.restore_newest_readable(abstract, train_iter)
   if state is not None:
+    _check_the_same_data(train_iter, start, ckpt.directory, config)
     metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
     return state, start, train_iter
   if unreadable:
@@ -545,6 +549,27 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
     # The failed restores moved the old one: a restart draws a fresh run's batches
     train_iter = iter(train_data)
   return _fresh_state(steps, rng, config, model, mesh), 0, train_iter
+
+
+def _check_the_same_data(train_iter, step: int, directory: str, config: TrainConfig) -> None:
+  """A resumed run continues the checkpoint's batch position: on other data than the checkpoint
+  was trained on (a changed flag), that silently mixes two runs' data. Iterators that do not
+  know their data (a fork's own) are not checked."""
+  other_data = getattr(train_iter, "restored_from_other_data", None)
+  if other_data is None or not other_data():
+    return
+  if config.allow_new_data:
+    metrics_lib.console(
+        f"step {step} was trained on other data (--allow_new_data): its batch position "
+        "continues on the data these flags read"
+    )
+    return
+  raise UserError(
+      f"checkpoint step {step} in {directory} was trained on other data than these flags read "
+      "(its first batches differ: another --dataset, --seed, --batch_size, --seq_len, tokenizer "
+      f"or mixture); resume with the run's flags (--flagfile={config.workdir}/flags.txt), use a "
+      "new --workdir, or pass --allow_new_data to continue its batch position on the new data"
+  )
 
 
 def _fresh_state(steps, rng, config: TrainConfig, model, mesh):

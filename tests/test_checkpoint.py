@@ -140,7 +140,9 @@ def _copy_of(workdir, tmp_path):
   return shutil.copytree(workdir, tmp_path / "run")
 
 
-@pytest.mark.parametrize("kind", ["transformer", "cnn", "transformer-lora-ema"])
+# The plain transformer's path is the LoRA run's with every parameter trained; the CNN trains every
+# parameter, with batch statistics besides.
+@pytest.mark.parametrize("kind", ["cnn", "transformer-lora-ema"])
 def test_killed_run_resumes_bitwise_equal_to_an_unbroken_one(
     kind, tmp_path, data_dir, finished_run
 ):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bigjax.data import lm
-
+from bigjax.data import mixture
 from bigjax.data import pipeline
 from bigjax.data import python_text
 from bigjax.data import sources
@@ -51,6 +51,43 @@ def test_train_batches_are_seeded_and_resume_from_iterator_state():
   c = iter(pipeline.train_batches(windows, 4, seed=2))
   assert not np.array_equal(next(c)["tokens"], first[0])
   assert first[0].shape == (4, 8) and first[0].dtype == np.int32
+
+
+def test_the_data_identity_holds_what_changes_the_batches_and_not_who_reads_them(monkeypatch):
+  """What a checkpoint saves beside its position, for a resume to refuse other data: the same for
+  every process of any count and for any workers, other for another seed, batch size, example
+  (another --seq_len or data set) or mixture weight."""
+  windows = lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=7)
+
+  def identity(source=windows, batch_size=4, seed=1, workers=0, process=(0, 1)):
+    monkeypatch.setattr(pipeline.jax, "process_index", lambda: process[0])
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: process[1])
+    loader = pipeline.train_batches(source, batch_size, seed=seed, workers=workers)
+    return loader.identity_value, loader[0]["tokens"]
+
+  want, rows = identity()
+  second_of_two, its_rows = identity(process=(1, 2))
+  assert second_of_two == want and not np.array_equal(its_rows, rows[:2])  # other rows, same data
+  assert identity(workers=2)[0] == want
+  assert identity(seed=2)[0] != want
+  assert identity(batch_size=8)[0] != want
+  assert identity(lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=6))[0] != want
+
+  def mixture_of(first_weight):
+    parts = mixture.parse(f"mix:a@{first_weight},b@1")
+    return mixture.Mixture((windows, windows), parts)
+
+  assert identity(mixture_of(1))[0] == identity(mixture_of(1))[0] != identity(mixture_of(3))[0]
+  state = iter(pipeline.train_batches(windows, 4, seed=1)).get_state()
+  assert state["data"] == want
+  other = iter(pipeline.train_batches(windows, 4, seed=2))
+  other.set_state(state)
+  assert other.restored_from_other_data()
+  same = iter(pipeline.train_batches(windows, 4, seed=1))
+  same.set_state(state)
+  assert not same.restored_from_other_data()
+  same.set_state({"next_batch": 3})  # saved before checkpoints held the identity: not checked
+  assert not same.restored_from_other_data()
 
 
 def test_eval_batches_cover_every_window_once_with_padding_weights():

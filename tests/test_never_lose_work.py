@@ -234,6 +234,29 @@ def test_damaged_checkpoints_are_never_trained_on(tmp_path, data_dir):
   assert _losses(tmp_path) == fresh_losses
 
 
+def test_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, data_dir):
+  """A resumed run continues its checkpoint's batch position: on another data set that would mix
+  two runs' data under one step count."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(
+      "\n".join(f"line {i} of a corpus made here, unlike the first" for i in range(400))
+  )
+  workdir = tmp_path / "run"
+  _run(workdir, data_dir, "--num_steps=2")
+  other = (f"--dataset=textlines:{corpus}", "--num_steps=4")
+  refused = _run(workdir, data_dir, *other, ok=False)
+  _assert_one_line_error(refused, "checkpoint step 2 in")
+  assert "was trained on other data than these flags read" in refused.stderr
+  assert "--allow_new_data" in refused.stderr
+  assert _steps(workdir) == [1, 2] and checkpoint.saved_steps(str(workdir)) == [2]  # unchanged
+  allowed = _run(workdir, data_dir, *other, "--allow_new_data")
+  assert "step 2 was trained on other data (--allow_new_data)" in allowed.stdout
+  assert _steps(workdir) == [1, 2, 3, 4]
+  # The checkpoints written since hold the new data's identity: the new flags resume as they are.
+  resumed = _run(workdir, data_dir, f"--dataset=textlines:{corpus}", "--num_steps=6")
+  assert "resumed from step 4" in resumed.stdout and "other data" not in resumed.stdout
+
+
 def test_a_damaged_export_given_to_init_from_is_one_line(tmp_path, data_dir):
   model = models.create("transformer-tiny", num_layers=1, embed_dim=32, mlp_dim=64)
   variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))

@@ -6,11 +6,18 @@ import nbclient
 import nbformat
 import pytest
 
+from tests.cpu_env import xla_flags
+
 COLAB = pathlib.Path(__file__).resolve().parent.parent / "colab"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sharding", "extend", "finetune"])
-def test_notebook_runs_end_to_end(name, tmp_path, data_dir, monkeypatch):
+# The sharding notebook is about meshes: it gets the 8 devices of a TPU host. The others run as on
+# Colab's CPU runtime, on one device (on this CPU, 8 forced devices make each step slower).
+@pytest.mark.parametrize(
+    "name, devices", [("quickstart", 1), ("sharding", 8), ("extend", 1), ("finetune", 1)]
+)
+def test_notebook_runs_end_to_end(name, devices, tmp_path, data_dir, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(devices))
   monkeypatch.setenv("BIGJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # the session's prepared data sets
   # The notebooks' tempfile workdirs, removed with tmp_path

@@ -5,12 +5,14 @@ import dataclasses
 import functools
 import gc
 import os
+import zlib
 from collections.abc import Callable
 
 import grain
 import jax
 import numpy as np
 
+from bigjax import metrics
 from bigjax import private_apis
 from bigjax.data import mixture
 from bigjax.errors import UserError
@@ -36,9 +38,11 @@ def train_batches(
   Loader for reading ahead in `workers` processes.
   """
   batch_size = per_process_batch(global_batch_size)
+  quotas = None
   if isinstance(source, mixture.Mixture):
     ds = _mixed(source, seed, transform)
     seen = functools.partial(source.seen, batch_size=global_batch_size)
+    quotas = source.interleave.quotas
   else:
     if len(source) < global_batch_size:
       raise UserError(
@@ -52,7 +56,25 @@ def train_batches(
       ds.batch(batch_size, drop_remainder=True)[jax.process_index() :: jax.process_count()],
       workers,
       seen,
+      functools.partial(data_identity, ds, global_batch_size, quotas),
   )
+
+
+# How many of the first training examples a checkpoint's data identity covers.
+IDENTITY_EXAMPLES = 16
+
+
+def data_identity(examples: grain.MapDataset, global_batch_size: int, quotas=None) -> str:
+  """A CRC32 of the first examples in training order, the global batch size and a mixture's
+  per-block quotas: what another --dataset, --seed, --batch_size, --seq_len, tokenizer or mixture
+  weight changes, and the same for any number of processes or workers (they cut their rows from
+  these examples)."""
+  crc = zlib.crc32(str(global_batch_size).encode())
+  if quotas is not None:
+    crc = zlib.crc32(np.ascontiguousarray(quotas, np.int64), crc)
+  for i in range(IDENTITY_EXAMPLES):
+    crc = zlib.crc32(metrics.fingerprint(examples[i]).encode(), crc)
+  return f"{crc:08x}"
 
 
 def _endless(source, seed: int, transform) -> grain.MapDataset:
@@ -100,6 +122,13 @@ class Loader:
   # seen(n): what the first n global batches hold, by name (a mixture's tokens or images per
   # source), which fit logs with each record
   seen: Callable[[int], dict[str, int]] | None = None
+  # identity(): the data's identity (data_identity), saved with each checkpoint's position, so
+  # that a run resumed on other data is refused instead of continuing that position on it
+  identity: Callable[[], str] | None = None
+
+  @functools.cached_property
+  def identity_value(self) -> str | None:
+    return None if self.identity is None else self.identity()
 
   def __getitem__(self, index: int):
     return self.batches[index]
@@ -134,6 +163,7 @@ class LoaderIterator(grain.DatasetIterator):
     self._loader = loader
     self._next = 0
     self._reader = None
+    self._restored_identity = None
 
   def __next__(self) -> dict:
     if self._reader is None:
@@ -160,12 +190,21 @@ class LoaderIterator(grain.DatasetIterator):
     return jax.tree.map(np.array, batch)
 
   def get_state(self) -> dict:
-    return {"next_batch": self._next}
+    state = {"next_batch": self._next}
+    if self._loader.identity_value is not None:
+      state["data"] = self._loader.identity_value
+    return state
 
   def set_state(self, state: dict) -> None:
     self.close_reader()
     # next_index: a plain grain iterator's
     self._next = int(state.get("next_batch", state.get("next_index", 0)))
+    self._restored_identity = state.get("data")  # None: saved before bigjax kept it
+
+  def restored_from_other_data(self) -> bool:
+    """Whether the restored state was saved by a run that read other data than this one."""
+    saved, current = self._restored_identity, self._loader.identity_value
+    return saved is not None and current is not None and saved != current
 
   def start_prefetch(self) -> None:
     if self._reader is None:
