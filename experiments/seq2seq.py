@@ -352,11 +352,7 @@ def translate_prompt(exp: bigjax_run.Experiment, tokenizer_pair, examples, beam_
     rows = _beams(exp.model, decoder, params, source, examples.target_len, beam_cfg)[0]
     how = f"beam {beam_cfg.beam_size}"
   else:
-    cfg = sample.SamplingConfig(
-        temperature=lm_experiment.TEMPERATURE.value,
-        top_k=lm_experiment.TOP_K.value,
-        top_p=lm_experiment.TOP_P.value,
-    )
+    cfg = lm_experiment.sampling_config()
     sampled = sample.translate(
         exp.model,
         params,

@@ -59,9 +59,14 @@ TOP_P = flags.DEFINE_float(
 )
 
 
+def sampling_config() -> sample.SamplingConfig:
+  """--temperature, --top_k and --top_p (shared with experiments.seq2seq)."""
+  return sample.SamplingConfig(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
+
+
 def sample_language_model(exp: bigjax_run.Experiment) -> list[str]:
   """Continues --prompt from the newest checkpoint in --workdir and prints each continuation."""
-  cfg = sample.SamplingConfig(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
+  cfg = sampling_config()
   tokenizer = tokenizers.open_tokenizer(TOKENIZER.value, exp.config.workdir)
   prompt = tokenizer.encode(PROMPT.value.encode())
   if not len(prompt):
