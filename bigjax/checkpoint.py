@@ -339,7 +339,9 @@ class Checkpointer:
         )
     return restored["state"]
 
-  def restore_newest_readable(self, abstract_state, data_iterator=None, *, set_aside: bool = True):
+  def restore_newest_readable(
+      self, abstract_state, data_iterator=None, *, set_aside: bool = True, refusal=None
+  ):
     """(state, step, unreadable) from the newest checkpoint that restores and matches its
     fingerprints; (None, 0, unreadable) when none does, where `unreadable` lists (step, reason)
     of every step that failed.
@@ -349,6 +351,8 @@ class Checkpointer:
     steps aside once a good one is found (renamed, so that new saves do not build on them);
     read-only callers (evaluation, export) pass set_aside=False and leave the workdir as it is.
     When no step restores, nothing is moved: the caller decides (see `set_aside_steps`).
+    `refusal(step)`, when given, judges the step that restored before anything is moved: a
+    message (from any process) stops with it as a UserError.
     """
     self.check_some_step_fits(abstract_state)
     unreadable = []
@@ -359,6 +363,11 @@ class Checkpointer:
         restored, error = None, e
       # Every process must take the same step, even when only one of them could not read its shards.
       if _everywhere(error is None):
+        why = None if refusal is None else refusal(step)
+        if not _everywhere(why is None):
+          raise UserError(
+              why or f"another process refused checkpoint step {step} in {self.directory}"
+          )
         for bad, reason in unreadable:
           action = f"moved it to {self._set_aside(bad)}" if set_aside else "left it in place"
           print(

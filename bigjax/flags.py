@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import logging as python_logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -652,9 +653,16 @@ def _run_flags(flag_values: flags.FlagValues) -> list[flags.Flag]:
   return run_flags
 
 
+# Overrides for one rerun, left out of WORKDIR/flags.txt: a rerun through that flagfile would
+# otherwise keep the check they override switched off for good.
+ONE_RUN_FLAGS = ("allow_new_data", "allow_restart")
+
+
 def run_flags_text(flag_values: flags.FlagValues = flags.FLAGS) -> str:
-  """The run's flags (see _run_flags), one line each, as a flagfile takes them."""
-  return "".join(flag.serialize() + "\n" for flag in _run_flags(flag_values))
+  """The run's flags (see _run_flags) but ONE_RUN_FLAGS, one line each, as a flagfile takes them."""
+  return "".join(
+      flag.serialize() + "\n" for flag in _run_flags(flag_values) if flag.name not in ONE_RUN_FLAGS
+  )
 
 
 def run_flag_values(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
@@ -716,8 +724,14 @@ def _without_orbax_errors(record) -> bool:
 
 
 def _is_an_orbax_task_never_retrieved(message: str) -> bool:
+  """asyncio's message names the task's coroutine: `coro=<NAME() done, defined at FILE:LINE>`."""
   first, _, future = message.partition("\n")
-  return first == "Task exception was never retrieved" and f"{os.sep}orbax{os.sep}" in future
+  coroutine = re.search(r"coro=<[^<>]* defined at ([^<>]*)>", future)
+  return (
+      first == "Task exception was never retrieved"
+      and coroutine is not None
+      and f"{os.sep}orbax{os.sep}" in coroutine.group(1)
+  )
 
 
 def _is_a_late_wake_up_of_a_closed_loop(unraisable) -> bool:
@@ -730,6 +744,7 @@ def _is_a_late_wake_up_of_a_closed_loop(unraisable) -> bool:
       unraisable.object is None
       and isinstance(unraisable.exc_value, RuntimeError)
       and tb is not None
+      and str(unraisable.exc_value) == "Event loop is closed"
       and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
       and f"{os.sep}asyncio{os.sep}" in tb.tb_frame.f_code.co_filename
   )

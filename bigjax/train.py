@@ -527,9 +527,10 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
   """(state, start step, train iterator): the newest good checkpoint, or a fresh state."""
   train_iter = iter(train_data)
   abstract = checkpoint.abstract_like(jax.eval_shape(steps.init, rng), steps.shardings)
-  state, start, unreadable = ckpt.restore_newest_readable(abstract, train_iter)
+  state, start, unreadable = ckpt.restore_newest_readable(
+      abstract, train_iter, refusal=_other_data_refusal(train_iter, ckpt.directory, config)
+  )
   if state is not None:
-    _check_the_same_data(train_iter, start, ckpt.directory, config)
     metrics_lib.console(f"resumed from step {start} in {ckpt.directory}")
     return state, start, train_iter
   if unreadable:
@@ -551,25 +552,29 @@ def _restore_or_init(steps, rng, ckpt, train_data, config: TrainConfig, model, m
   return _fresh_state(steps, rng, config, model, mesh), 0, train_iter
 
 
-def _check_the_same_data(train_iter, step: int, directory: str, config: TrainConfig) -> None:
-  """A resumed run continues the checkpoint's batch position: on other data than the checkpoint
-  was trained on (a changed flag), that silently mixes two runs' data. Iterators that do not
-  know their data (a fork's own) are not checked."""
-  other_data = getattr(train_iter, "restored_from_other_data", None)
-  if other_data is None or not other_data():
-    return
-  if config.allow_new_data:
-    metrics_lib.console(
-        f"step {step} was trained on other data (--allow_new_data): its batch position "
-        "continues on the data these flags read"
+def _other_data_refusal(train_iter, directory: str, config: TrainConfig):
+  """refusal(step) for restore_newest_readable: a resumed run continues the checkpoint's batch
+  position, and on other data than the checkpoint was trained on (a changed flag) that silently
+  mixes two runs' data. Iterators that do not know their data (a fork's own) are not judged."""
+
+  def refusal(step: int) -> str | None:
+    difference = getattr(train_iter, "restored_data_difference", lambda: None)()
+    if difference is None:
+      return None
+    if config.allow_new_data:
+      metrics_lib.console(
+          f"step {step} was trained on other data ({difference}); --allow_new_data: its batch "
+          "position continues on the data these flags read"
+      )
+      return None
+    return (
+        f"checkpoint step {step} in {directory} was trained on other data than these flags read "
+        f"({difference}); resume with the run's flags (--flagfile={config.workdir}/flags.txt), "
+        "use a new --workdir, or pass --allow_new_data to continue its batch position on the new "
+        "data"
     )
-    return
-  raise UserError(
-      f"checkpoint step {step} in {directory} was trained on other data than these flags read "
-      "(its first batches differ: another --dataset, --seed, --batch_size, --seq_len, tokenizer "
-      f"or mixture); resume with the run's flags (--flagfile={config.workdir}/flags.txt), use a "
-      "new --workdir, or pass --allow_new_data to continue its batch position on the new data"
-  )
+
+  return refusal
 
 
 def _fresh_state(steps, rng, config: TrainConfig, model, mesh):

@@ -56,38 +56,48 @@ def test_train_batches_are_seeded_and_resume_from_iterator_state():
 def test_the_data_identity_holds_what_changes_the_batches_and_not_who_reads_them(monkeypatch):
   """What a checkpoint saves beside its position, for a resume to refuse other data: the same for
   every process of any count and for any workers, other for another seed, batch size, example
-  (another --seq_len or data set) or mixture weight."""
+  (another --seq_len or data set), mixture weight or mixed source, however small its weight."""
   windows = lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=7)
+  other_windows = lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 241, seq_len=7)
 
-  def identity(source=windows, batch_size=4, seed=1, workers=0, process=(0, 1)):
+  def loader(source=windows, batch_size=4, seed=1, workers=0, process=(0, 1)):
     monkeypatch.setattr(pipeline.jax, "process_index", lambda: process[0])
     monkeypatch.setattr(pipeline.jax, "process_count", lambda: process[1])
-    loader = pipeline.train_batches(source, batch_size, seed=seed, workers=workers)
-    return loader.identity_value, loader[0]["tokens"]
+    return pipeline.train_batches(source, batch_size, seed=seed, workers=workers)
 
-  want, rows = identity()
-  second_of_two, its_rows = identity(process=(1, 2))
-  assert second_of_two == want and not np.array_equal(its_rows, rows[:2])  # other rows, same data
-  assert identity(workers=2)[0] == want
-  assert identity(seed=2)[0] != want
-  assert identity(batch_size=8)[0] != want
-  assert identity(lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=6))[0] != want
+  def difference(saved_loader, resumed_loader):
+    resumed = iter(resumed_loader)
+    resumed.set_state(iter(saved_loader).get_state())
+    return resumed.restored_data_difference()
 
-  def mixture_of(first_weight):
-    parts = mixture.parse(f"mix:a@{first_weight},b@1")
-    return mixture.Mixture((windows, windows), parts)
+  def mixture_of(spec, *sources):
+    return mixture.Mixture(sources, mixture.parse(spec))
 
-  assert identity(mixture_of(1))[0] == identity(mixture_of(1))[0] != identity(mixture_of(3))[0]
-  state = iter(pipeline.train_batches(windows, 4, seed=1)).get_state()
-  assert state["data"] == want
-  other = iter(pipeline.train_batches(windows, 4, seed=2))
-  other.set_state(state)
-  assert other.restored_from_other_data()
-  same = iter(pipeline.train_batches(windows, 4, seed=1))
-  same.set_state(state)
-  assert not same.restored_from_other_data()
-  same.set_state({"next_batch": 3})  # saved before checkpoints held the identity: not checked
-  assert not same.restored_from_other_data()
+  want = loader()
+  second_of_two = loader(process=(1, 2))
+  assert not np.array_equal(second_of_two[0]["tokens"], want[0]["tokens"][:2])  # other rows
+  for same in (second_of_two, loader(workers=2), loader()):
+    assert difference(want, same) is None
+  assert "first training examples differ" in difference(want, loader(seed=2))
+  assert "first training examples differ" in difference(
+      want, loader(lm.TokenWindows(np.arange(1000, dtype=np.uint8) % 251, seq_len=6))
+  )
+  assert difference(want, loader(batch_size=8)) == (
+      "its global batch size was 4, these flags give 8 (--batch_size)"
+  )
+  mixed = loader(mixture_of("mix:a@97,b@3", windows, windows))
+  assert difference(mixed, loader(mixture_of("mix:a@97,b@3", windows, windows))) is None
+  assert "mixture" in difference(mixed, loader(mixture_of("mix:a@90,b@10", windows, windows)))
+  # A 3% source never lands among the first examples of the mixed order; its own are checked.
+  swapped = loader(mixture_of("mix:a@97,b@3", windows, other_windows))
+  assert "a source of its mixture" in difference(mixed, swapped)
+
+  resumed = iter(loader())
+  resumed.set_state({"next_batch": 3})  # saved before checkpoints held the identity: not judged
+  assert resumed.restored_data_difference() is None
+  state = iter(loader(seed=2)).get_state()
+  resumed.set_state({**state, "data": {**state["data"], "version": 0}})  # another version's
+  assert resumed.restored_data_difference() is None
 
 
 def test_eval_batches_cover_every_window_once_with_padding_weights():

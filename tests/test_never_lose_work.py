@@ -246,15 +246,27 @@ def test_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, data_dir):
   other = (f"--dataset=textlines:{corpus}", "--num_steps=4")
   refused = _run(workdir, data_dir, *other, ok=False)
   _assert_one_line_error(refused, "checkpoint step 2 in")
-  assert "was trained on other data than these flags read" in refused.stderr
+  assert "was trained on other data than these flags read (its first training examples differ" in (
+      refused.stderr
+  )
   assert "--allow_new_data" in refused.stderr
   assert _steps(workdir) == [1, 2] and checkpoint.saved_steps(str(workdir)) == [2]  # unchanged
   allowed = _run(workdir, data_dir, *other, "--allow_new_data")
-  assert "step 2 was trained on other data (--allow_new_data)" in allowed.stdout
+  assert "step 2 was trained on other data (its first training examples differ" in allowed.stdout
   assert _steps(workdir) == [1, 2, 3, 4]
+  # A one-run override: the run's flagfile does not carry it on.
+  assert "allow_new_data" not in (workdir / "flags.txt").read_text()
   # The checkpoints written since hold the new data's identity: the new flags resume as they are.
   resumed = _run(workdir, data_dir, f"--dataset=textlines:{corpus}", "--num_steps=6")
   assert "resumed from step 4" in resumed.stdout and "other data" not in resumed.stdout
+  # Steps 4 and 6 damaged: the fall-back to step 2 (the first data's) is refused before either
+  # damaged step is set aside.
+  for step in ("4", "6"):
+    _damage(workdir / "checkpoints" / step)
+  before = _listing(workdir)
+  refused = _run(workdir, data_dir, f"--dataset=textlines:{corpus}", "--num_steps=8", ok=False)
+  _assert_one_line_error(refused, "checkpoint step 2 in")
+  assert _listing(workdir) == before
 
 
 def test_a_damaged_export_given_to_init_from_is_one_line(tmp_path, data_dir):

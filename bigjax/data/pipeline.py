@@ -38,11 +38,12 @@ def train_batches(
   Loader for reading ahead in `workers` processes.
   """
   batch_size = per_process_batch(global_batch_size)
-  quotas = None
   if isinstance(source, mixture.Mixture):
-    ds = _mixed(source, seed, transform)
+    ds, parts = _mixed(source, seed, transform)
     seen = functools.partial(source.seen, batch_size=global_batch_size)
-    quotas = source.interleave.quotas
+    identity = functools.partial(
+        data_identity, ds, global_batch_size, parts, source.interleave.quotas
+    )
   else:
     if len(source) < global_batch_size:
       raise UserError(
@@ -51,30 +52,48 @@ def train_batches(
       )
     ds = _endless(source, seed, transform)
     seen = None
+    identity = functools.partial(data_identity, ds, global_batch_size)
   # Global batch t is local batches t * P ... t * P + P - 1; process p keeps the p-th of them.
   return Loader(
       ds.batch(batch_size, drop_remainder=True)[jax.process_index() :: jax.process_count()],
       workers,
       seen,
-      functools.partial(data_identity, ds, global_batch_size, quotas),
+      identity,
   )
 
 
-# How many of the first training examples a checkpoint's data identity covers.
+# What a checkpoint keeps of its data's identity: the first examples of the training order (and of
+# each mixed source's own order), the global batch size and a mixture's per-block quotas, each on
+# its own so that a refusal can say which changed. IDENTITY_VERSION changes when what is hashed
+# does: an identity of another version is not compared.
 IDENTITY_EXAMPLES = 16
+IDENTITY_EXAMPLES_PER_SOURCE = 4
+IDENTITY_VERSION = 1
 
 
-def data_identity(examples: grain.MapDataset, global_batch_size: int, quotas=None) -> str:
-  """A CRC32 of the first examples in training order, the global batch size and a mixture's
-  per-block quotas: what another --dataset, --seed, --batch_size, --seq_len, tokenizer or mixture
-  weight changes, and the same for any number of processes or workers (they cut their rows from
-  these examples)."""
-  crc = zlib.crc32(str(global_batch_size).encode())
+def data_identity(
+    examples: grain.MapDataset, global_batch_size: int, parts=(), quotas=None
+) -> dict:
+  """The data's identity (see IDENTITY_EXAMPLES): the same for any number of processes or workers,
+  which cut their rows from these examples; other for another --dataset, --seed, --batch_size,
+  --seq_len, tokenizer, mixture weight, or a source of a mixture, however small its weight."""
+
+  def crc(streams_and_counts) -> str:
+    value = 0
+    for stream, count in streams_and_counts:
+      for i in range(count):
+        value = zlib.crc32(metrics.fingerprint(stream[i]).encode(), value)
+    return f"{value:08x}"
+
+  identity = {
+      "version": IDENTITY_VERSION,
+      "batch_size": global_batch_size,
+      "examples": crc([(examples, IDENTITY_EXAMPLES)]),
+  }
   if quotas is not None:
-    crc = zlib.crc32(np.ascontiguousarray(quotas, np.int64), crc)
-  for i in range(IDENTITY_EXAMPLES):
-    crc = zlib.crc32(metrics.fingerprint(examples[i]).encode(), crc)
-  return f"{crc:08x}"
+    identity["quotas"] = [int(q) for q in quotas]
+    identity["sources"] = crc([(part, IDENTITY_EXAMPLES_PER_SOURCE) for part in parts])
+  return identity
 
 
 def _endless(source, seed: int, transform) -> grain.MapDataset:
@@ -82,14 +101,15 @@ def _endless(source, seed: int, transform) -> grain.MapDataset:
   return ds if transform is None else ds.random_map(transform, seed=seed)
 
 
-def _mixed(mix: "mixture.Mixture", seed: int, transform) -> grain.MapDataset:
-  """Each source endless in its own order, tagged with its position, interleaved by weight."""
+def _mixed(mix: "mixture.Mixture", seed: int, transform) -> tuple[grain.MapDataset, list]:
+  """Each source endless in its own order, tagged with its position, interleaved by weight; and
+  those sources' streams."""
   parts = []
   for i, (part, source) in enumerate(zip(mix.parts, mix.sources)):
     if not len(source):
       raise UserError(f"{part.label()} has no training examples")
     parts.append(_endless(source, mixture.source_seed(seed, i), transform).map(mixture.Tag(i)))
-  return grain.MapDataset.select_from_datasets(parts, mix.interleave)
+  return grain.MapDataset.select_from_datasets(parts, mix.interleave), parts
 
 
 # Batches read ahead by the threads of each reading process: enough to hide a slow example, small
@@ -124,10 +144,10 @@ class Loader:
   seen: Callable[[int], dict[str, int]] | None = None
   # identity(): the data's identity (data_identity), saved with each checkpoint's position, so
   # that a run resumed on other data is refused instead of continuing that position on it
-  identity: Callable[[], str] | None = None
+  identity: Callable[[], dict] | None = None
 
   @functools.cached_property
-  def identity_value(self) -> str | None:
+  def identity_value(self) -> dict | None:
     return None if self.identity is None else self.identity()
 
   def __getitem__(self, index: int):
@@ -201,10 +221,31 @@ class LoaderIterator(grain.DatasetIterator):
     self._next = int(state.get("next_batch", state.get("next_index", 0)))
     self._restored_identity = state.get("data")  # None: saved before bigjax kept it
 
-  def restored_from_other_data(self) -> bool:
-    """Whether the restored state was saved by a run that read other data than this one."""
+  def restored_data_difference(self) -> str | None:
+    """How the data the restored state was saved with differs from this run's, in words; None
+    when it is the same, or when either side does not know its data (an identity saved by older
+    bigjax, or of another IDENTITY_VERSION, is not compared)."""
     saved, current = self._restored_identity, self._loader.identity_value
-    return saved is not None and current is not None and saved != current
+    if not isinstance(saved, dict) or current is None:
+      return None
+    if saved.get("version") != current["version"]:
+      return None
+    if saved.get("batch_size") != current["batch_size"]:
+      return (
+          f"its global batch size was {saved.get('batch_size')}, these flags give "
+          f"{current['batch_size']} (--batch_size)"
+      )
+    if saved.get("quotas") != current.get("quotas"):
+      return "its mixture or data set differs: another --dataset or mixture weights"
+    if saved.get("sources") != current.get("sources"):
+      return "the first examples of a source of its mixture differ"
+    if saved.get("examples") != current["examples"]:
+      return (
+          "its first training examples differ: another --dataset, split, --seed, --seq_len, "
+          "tokenizer or preprocessing, or a new version of the data set or of a library that "
+          "reads it"
+      )
+    return None
 
   def start_prefetch(self) -> None:
     if self._reader is None:
