@@ -142,15 +142,22 @@ def decoding_params(exp: Experiment, task, example_batch) -> tuple[Any, int]:
   decoding (the parameter average with --eval_with_ema, as evaluation uses)."""
   one_device = sharding.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
   with train.mesh_context(one_device):
-    state, step, _ = train.load_checkpoint(
-        model=exp.model,
-        task=task,
-        tx=exp.tx,
-        example_batch=example_batch,
-        config=exp.config,
-        mesh=one_device,
-    )
+    state, step = _newest_state(exp, task, example_batch, one_device)
   return train.evaluated_state(state, exp.config).params, step
+
+
+def _newest_state(exp: Experiment, task, example_batch, mesh) -> tuple[Any, int]:
+  """(state, step) of the newest readable checkpoint in the workdir, placed on `mesh` (inside its
+  mesh_context)."""
+  state, step, _ = train.load_checkpoint(
+      model=exp.model,
+      task=task,
+      tx=exp.tx,
+      example_batch=example_batch,
+      config=exp.config,
+      mesh=mesh,
+  )
+  return state, step
 
 
 def _save_flags(exp: Experiment) -> None:
@@ -177,14 +184,7 @@ def _export(exp: Experiment, task, eval_data) -> dict:
     )
   example_batch = jax.tree.map(lambda x: x[:1], eval_data[0])
   with train.mesh_context(exp.mesh):
-    state, step, _ = train.load_checkpoint(
-        model=exp.model,
-        task=task,
-        tx=exp.tx,
-        example_batch=example_batch,
-        config=exp.config,
-        mesh=exp.mesh,
-    )
+    state, step = _newest_state(exp, task, example_batch, exp.mesh)
     if cfg.export_ema:
       state = train.ema_state(state, "--export_ema")
     variables = {"params": _merged_adapters(exp.model, state.params), **state.model_state}
