@@ -5,9 +5,10 @@ Each example is an `inputs` string and its `targets` string (ASCII bytes):
   reverse:  "kqzfa"   -> "afzqk"
   sort:     "kqzfa"   -> "afkqz"
   add:      "123+4567" -> "4690"
-Inputs are 1 to 16 letters (copy, reverse, sort) or two numbers of 1 to 8 digits (add). The data set
-is generated from a fixed seed: 20,000 train and 1,000 test examples per task, the same on every
-machine.
+Inputs are 1 to 16 letters (copy, reverse, sort) or two numbers of 1 to 8 digits (add); the
+letter tasks also come with inputs of 1 to 20 letters as `copy_20`, `reverse_20` and `sort_20`.
+The data set is generated from a fixed seed: 20,000 train and 1,000 test examples per task, the
+same on every machine.
 """
 
 import dataclasses
@@ -16,17 +17,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 MAX_LETTERS = 16
+LONG_LETTERS = 20  # the `_20` configs'
 MAX_DIGITS = 8
 SPLIT_SIZES = {"train": 20_000, "test": 1_000}
 _LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
 
 
-def make_example(task: str, rng: np.random.Generator) -> tuple[bytes, bytes]:
-  """One (inputs, targets) pair of `task`."""
+def make_example(
+    task: str, rng: np.random.Generator, max_letters: int = MAX_LETTERS
+) -> tuple[bytes, bytes]:
+  """One (inputs, targets) pair of `task`; a letter task's inputs hold 1 to `max_letters`."""
   if task == "add":
     a, b = (int(rng.integers(0, 10 ** int(rng.integers(1, MAX_DIGITS + 1)))) for _ in range(2))
     return f"{a}+{b}".encode(), str(a + b).encode()
-  letters = _LETTERS[rng.integers(0, len(_LETTERS), size=int(rng.integers(1, MAX_LETTERS + 1)))]
+  letters = _LETTERS[rng.integers(0, len(_LETTERS), size=int(rng.integers(1, max_letters + 1)))]
   if task == "copy":
     return letters.tobytes(), letters.tobytes()
   if task == "reverse":
@@ -39,16 +43,28 @@ def make_example(task: str, rng: np.random.Generator) -> tuple[bytes, bytes]:
 @dataclasses.dataclass
 class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
+  task: str = ""
+  max_letters: int = MAX_LETTERS
 
 
 class SyntheticSequences(tfds.core.GeneratorBasedBuilder):
   """Copy, reverse, sort and add: choose one as `synthetic_sequences/TASK`."""
 
   VERSION = tfds.core.Version("1.0.0")
+  # The `_20` configs came later under the same version: the first four's examples are unchanged.
   RELEASE_NOTES = {"1.0.0": "copy, reverse, sort, add; 20,000 train and 1,000 test examples each."}
   BUILDER_CONFIGS = [
-      SyntheticConfig(name=task, description=f"the {task} task", seed=i)
+      SyntheticConfig(name=task, description=f"the {task} task", seed=i, task=task)
       for i, task in enumerate(("copy", "reverse", "sort", "add"))
+  ] + [
+      SyntheticConfig(
+          name=f"{task}_{LONG_LETTERS}",
+          description=f"the {task} task on 1 to {LONG_LETTERS} letters",
+          seed=4 + i,
+          task=task,
+          max_letters=LONG_LETTERS,
+      )
+      for i, task in enumerate(("copy", "reverse", "sort"))
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -67,5 +83,6 @@ class SyntheticSequences(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, size: int):
     rng = np.random.default_rng([self.builder_config.seed, list(SPLIT_SIZES).index(split)])
     for i in range(size):
-      inputs, targets = make_example(self.builder_config.name, rng)
+      config = self.builder_config
+      inputs, targets = make_example(config.task, rng, config.max_letters)
       yield i, {"inputs": inputs, "targets": targets}
